@@ -1,0 +1,80 @@
+//! `ack` / `nack`: settle a delivered batch, wholly or message by message.
+
+use serde::{Deserialize, Serialize};
+
+/// Data of an `ack` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckRequest {
+    /// Topic of the batch.
+    pub topic: String,
+    /// Group of the batch.
+    pub group: String,
+    /// The batch being acknowledged.
+    pub batch_id: u64,
+    /// Only these sequence numbers of the batch (absent: the whole batch). Sequence numbers are
+    /// acked even when the batch is no longer known (e.g. after a broker restart).
+    #[serde(default)]
+    pub seqs: Option<Vec<u64>>,
+}
+
+/// Data of a `nack` request: the messages go back to pending at once and are redelivered with a
+/// higher attempt number (or dead-lettered past `max_retries`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NackRequest {
+    /// Topic of the batch.
+    pub topic: String,
+    /// Group of the batch.
+    pub group: String,
+    /// The batch.
+    pub batch_id: u64,
+    /// Only these sequence numbers (absent: every unacked message of the batch).
+    #[serde(default)]
+    pub seqs: Option<Vec<u64>>,
+}
+
+/// What an ack or nack did. Expected outcomes are values, not errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckOutcome {
+    /// Settled now (for an ack: durable under the fsync policy).
+    Settled,
+    /// Every named message was already acked; nothing changed.
+    AlreadyAcked,
+    /// The batch is not in flight (timed out and redelivered, or the broker restarted) and no
+    /// `seqs` were given.
+    UnknownBatch,
+}
+
+/// Reply to `ack` / `nack` request-response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckReply {
+    /// What happened.
+    pub outcome: AckOutcome,
+    /// How many messages changed state.
+    pub count: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        crate::codec::round_trip(&AckRequest {
+            topic: "t".into(),
+            group: "g".into(),
+            batch_id: 1,
+            seqs: Some(vec![1, 2]),
+        });
+        crate::codec::round_trip(&NackRequest {
+            topic: "t".into(),
+            group: "g".into(),
+            batch_id: 1,
+            seqs: None,
+        });
+        crate::codec::round_trip(&AckReply {
+            outcome: AckOutcome::UnknownBatch,
+            count: 0,
+        });
+    }
+}
