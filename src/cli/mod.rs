@@ -1,0 +1,1 @@
+//! CLI client commands (publish, consume, stats).
