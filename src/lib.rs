@@ -1,5 +1,37 @@
-//! Sluice broker library.
+//! Sluice: a persistent message broker on actix actors, RSocket and sled.
+//!
+//! ```text
+//!  client ──TCP/RSocket──▶ ConnectionActor (one per connection, src/session/ pieces)
+//!                             │ publish            │ subscribe/ack/nack        │ admin.*
+//!                             ▼                    ▼                           ▼
+//!                         StoreActor ◀──read── OrchestratorActor (per shard) RegistryActor
+//!                         (sled, group  ──MessagesAppended──▶ │ batches,       (connections,
+//!                          commit, fsync)                     │ timers, DLQ     stats, faults)
+//!                                                             └──DeliverBatch──▶ ConnectionActor
+//! ```
+//!
+//! | module | what |
+//! |---|---|
+//! | [`protocol`] | wire types (crate `sluice-protocol`, no actix/sled) |
+//! | [`config`] | validated configuration (TOML, env, flags) |
+//! | [`server`] | `start(config)`: store, actors, accept loop |
+//! | [`actors`] | connection, registry, orchestrator, store actors (who-sends-what table) |
+//! | [`session`] | the server half of RSocket in plain pieces |
+//! | [`store`] | sled layout, record encoding with CRC, fsync |
+//! | [`cli`] | the client subcommands of the `sluice` binary |
 pub use sluice_protocol as protocol;
 
 #[cfg(feature = "server")]
+pub mod actors;
+#[cfg(feature = "server")]
 pub mod cli;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod session;
+#[cfg(feature = "server")]
+pub mod store;
+#[cfg(feature = "server")]
+pub mod telemetry;

@@ -1,0 +1,989 @@
+//! ConnectionActor: one per client connection; speaks the server half of RSocket itself on
+//! rsocket_rust's frame codec (see `src/session/`), owns the connection's streams, REQUEST_N
+//! credits and liveness, and forwards requests to the store, orchestrators and registry.
+//!
+//! Lifecycle: accepted → waiting for SETUP (closed after `setup_timeout`) → ready → closed when
+//! the peer closes, the socket fails, a frame is malformed, or nothing arrives for the keepalive
+//! lifetime. On stop, every subscription leaves its group (its in-flight batches are redelivered
+//! at once) and the writer drains and drops the socket.
+
+use super::orchestrator::{
+    AckBatch, DeliverBatch, GrantCredits, JoinGroup, LeaveGroup, NackBatch, OrchestratorActor,
+};
+use super::registry::{
+    ConnectionClosed, GetStats, InjectFaultByName, RegisterConnection, RegistryActor,
+    SubscriptionOpened,
+};
+use super::store::{AppendMessages, StoreActor};
+use super::{shard_for, ActorCounters, ConsumerId, InjectFault};
+use crate::config::Config;
+use crate::session::frame::{encode_frame, FrameCodec, FrameError, Inbound};
+use crate::session::streams::{route_of, Partial, RequestKind};
+use crate::session::writer::{spawn_writer, WriterEnd, WriterHandle};
+use actix::prelude::*;
+use bytes::{Bytes, BytesMut};
+use rsocket_rust::frame::{self as rf, Body, Frame};
+use serde::de::DeserializeOwned;
+use sluice_protocol::{
+    check_version, route, AckRequest, ActorStats, ConnectionStats, ErrorCode, FaultReply,
+    FaultRequest, NackRequest, PublishReply, PublishRequest, SetupRequest, SubscribeRequest,
+    WireError, MAX_PRIORITY,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_util::codec::FramedRead;
+
+const ERR_INVALID_SETUP: u32 = 0x001;
+const ERR_UNSUPPORTED_SETUP: u32 = 0x002;
+const ERR_REJECTED_SETUP: u32 = 0x003;
+const ERR_REJECTED_RESUME: u32 = 0x004;
+const ERR_CONNECTION_ERROR: u32 = 0x101;
+const ERR_APPLICATION_ERROR: u32 = 0x201;
+const FLAG_LEASE: u16 = 0x040;
+const FLAG_RESUME_ENABLE: u16 = 0x080;
+
+/// Handles every connection needs.
+#[derive(Clone)]
+pub struct BrokerLinks {
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// The store.
+    pub store: Addr<StoreActor>,
+    /// Orchestrators by shard.
+    pub orchestrators: Arc<Vec<Addr<OrchestratorActor>>>,
+    /// The registry.
+    pub registry: Addr<RegistryActor>,
+}
+
+impl BrokerLinks {
+    fn orchestrator(&self, topic: &str) -> (usize, Addr<OrchestratorActor>) {
+        let shard = shard_for(topic, self.orchestrators.len());
+        (shard, self.orchestrators[shard].clone())
+    }
+}
+
+/// The registry asks the connection to rejoin every subscription served by `shard`.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Rejoin {
+    /// Shard that restarted.
+    pub shard: usize,
+}
+
+/// Stats of this connection.
+#[derive(Message, Debug)]
+#[rtype(result = "(ActorStats, ConnectionStats)")]
+pub struct GetConnectionStats;
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct WriterEnded(WriterEnd);
+
+struct Subscription {
+    topic: String,
+    group: String,
+    shard: usize,
+    req: SubscribeRequest,
+    window: u32,
+    batch_size: u32,
+    /// Credits left from the client's point of view (REQUEST_N total − items sent).
+    credits: u64,
+    joined: bool,
+    /// Credits granted while the join was in progress.
+    pending_credits: u64,
+}
+
+enum StreamState {
+    /// A request-response awaiting its reply.
+    Request,
+    /// A subscribe stream.
+    Subscription(Box<Subscription>),
+}
+
+/// The connection actor.
+pub struct ConnectionActor {
+    id: u64,
+    peer: SocketAddr,
+    links: BrokerLinks,
+    client_id: Option<String>,
+    lifetime: Duration,
+    last_inbound: Instant,
+    connected_at: Instant,
+    out: BytesMut,
+    flush_scheduled: bool,
+    writer: Option<WriterHandle>,
+    streams: HashMap<u32, StreamState>,
+    partials: HashMap<u32, Partial>,
+    partial_bytes: usize,
+    in_flight_batches: u32,
+    closing: bool,
+    counters: ActorCounters,
+}
+
+impl ConnectionActor {
+    /// Starts the actor for an accepted socket on the current arbiter.
+    pub fn start_for(
+        id: u64,
+        stream: TcpStream,
+        peer: SocketAddr,
+        links: BrokerLinks,
+    ) -> Addr<ConnectionActor> {
+        let _ = stream.set_nodelay(true);
+        ConnectionActor::create(move |ctx| {
+            let (r, w) = stream.into_split();
+            ctx.add_stream(FramedRead::with_capacity(
+                r,
+                FrameCodec::new(links.config.max_frame),
+                64 * 1024,
+            ));
+            let addr = ctx.address();
+            let writer = spawn_writer(w, links.config.lifetime, move |end| {
+                addr.do_send(WriterEnded(end))
+            });
+            ConnectionActor {
+                id,
+                peer,
+                lifetime: links.config.lifetime,
+                links,
+                client_id: None,
+                last_inbound: Instant::now(),
+                connected_at: Instant::now(),
+                out: BytesMut::with_capacity(16 * 1024),
+                flush_scheduled: false,
+                writer: Some(writer),
+                streams: HashMap::new(),
+                partials: HashMap::new(),
+                partial_bytes: 0,
+                in_flight_batches: 0,
+                closing: false,
+                counters: ActorCounters::default(),
+            }
+        })
+    }
+
+    fn send_frame(&mut self, frame: &Frame, ctx: &mut Context<Self>) {
+        encode_frame(frame, &mut self.out);
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.notify(Flush);
+        }
+    }
+
+    fn flush(&mut self) {
+        self.flush_scheduled = false;
+        if self.out.is_empty() {
+            return;
+        }
+        let chunk = self.out.split().freeze();
+        if let Some(w) = &self.writer {
+            w.send(chunk);
+        }
+    }
+
+    fn send_error(&mut self, sid: u32, code: u32, text: String, ctx: &mut Context<Self>) {
+        let f = rf::Error::builder(sid, 0)
+            .set_code(code)
+            .set_data(Bytes::from(text))
+            .build();
+        self.send_frame(&f, ctx);
+    }
+
+    /// Sends a connection-level ERROR and closes.
+    fn fail(&mut self, code: u32, err: WireError, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        tracing::info!(conn_id = self.id, peer = %self.peer, error = %err, "closing connection");
+        self.send_error(0, code, err.to_text(), ctx);
+        self.closing = true;
+        ctx.stop();
+    }
+
+    fn reply<T: serde::Serialize>(
+        &mut self,
+        sid: u32,
+        res: Result<T, WireError>,
+        ctx: &mut Context<Self>,
+    ) {
+        if !matches!(self.streams.remove(&sid), Some(StreamState::Request)) {
+            return; // cancelled, or fire-and-forget
+        }
+        match res.and_then(|v| {
+            sluice_protocol::encode(&v)
+                .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))
+        }) {
+            Ok(data) => {
+                let f = rf::Payload::builder(sid, Frame::FLAG_NEXT | Frame::FLAG_COMPLETE)
+                    .set_data(data)
+                    .build();
+                self.send_frame(&f, ctx);
+            }
+            Err(e) => self.send_error(sid, ERR_APPLICATION_ERROR, e.to_text(), ctx),
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) {
+        let sid = frame.get_stream_id();
+        let flag = frame.get_flag();
+        if self.client_id.is_none() {
+            return match frame.get_body() {
+                Body::Setup(s) => self.on_setup(s, flag, ctx),
+                Body::Resume(_) => self.fail(
+                    ERR_REJECTED_RESUME,
+                    WireError::new(ErrorCode::Unsupported, "resumption is not supported"),
+                    ctx,
+                ),
+                _ => self.fail(
+                    ERR_CONNECTION_ERROR,
+                    WireError::new(ErrorCode::NotSetUp, "the first frame must be SETUP"),
+                    ctx,
+                ),
+            };
+        }
+        let follows = flag & Frame::FLAG_FOLLOW != 0;
+        match frame.get_body() {
+            Body::Setup(_) => self.fail(
+                ERR_CONNECTION_ERROR,
+                WireError::new(ErrorCode::MalformedFrame, "a second SETUP"),
+                ctx,
+            ),
+            Body::Resume(_) | Body::ResumeOK(_) => self.fail(
+                ERR_REJECTED_RESUME,
+                WireError::new(ErrorCode::Unsupported, "resumption is not supported"),
+                ctx,
+            ),
+            Body::Lease(_) => self.fail(
+                ERR_CONNECTION_ERROR,
+                WireError::new(ErrorCode::Unsupported, "LEASE is not supported"),
+                ctx,
+            ),
+            Body::Keepalive(k) => {
+                if flag & Frame::FLAG_RESPOND != 0 {
+                    let mut b = rf::Keepalive::builder(0, 0);
+                    if let Some(d) = k.get_data() {
+                        b = b.set_data(d.clone());
+                    }
+                    let f = b.build();
+                    self.send_frame(&f, ctx);
+                }
+            }
+            Body::MetadataPush(_) => {}
+            Body::RequestResponse(r) => {
+                let (d, m) = r.split();
+                self.on_request(sid, RequestKind::Response, m, d, follows, ctx)
+            }
+            Body::RequestFNF(r) => {
+                let (d, m) = r.split();
+                self.on_request(sid, RequestKind::FireAndForget, m, d, follows, ctx)
+            }
+            Body::RequestStream(r) => {
+                let n = r.get_initial_request_n();
+                let (d, m) = r.split();
+                self.on_request(sid, RequestKind::Stream(n), m, d, follows, ctx)
+            }
+            Body::RequestChannel(r) => {
+                let (d, m) = r.split();
+                self.on_request(sid, RequestKind::Channel, m, d, follows, ctx)
+            }
+            Body::Payload(p) => {
+                let (d, m) = p.split();
+                self.on_payload(sid, m, d, follows, ctx)
+            }
+            Body::RequestN(n) => self.on_request_n(sid, n.get_n() as u64),
+            Body::Cancel() => self.end_stream(sid, "cancelled"),
+            Body::Error(e) => {
+                if sid == 0 {
+                    let text = e.get_data_utf8().unwrap_or("").to_string();
+                    tracing::info!(conn_id = self.id, code = e.get_code(), %text, "client sent a connection error");
+                    self.closing = true;
+                    ctx.stop();
+                } else {
+                    self.end_stream(sid, "client error");
+                }
+            }
+        }
+    }
+
+    fn on_setup(&mut self, s: rf::Setup, flag: u16, ctx: &mut Context<Self>) {
+        if flag & FLAG_LEASE != 0 {
+            return self.fail(
+                ERR_UNSUPPORTED_SETUP,
+                WireError::new(ErrorCode::Unsupported, "LEASE is not supported"),
+                ctx,
+            );
+        }
+        if flag & FLAG_RESUME_ENABLE != 0 {
+            return self.fail(
+                ERR_UNSUPPORTED_SETUP,
+                WireError::new(ErrorCode::Unsupported, "resumption is not supported"),
+                ctx,
+            );
+        }
+        let v = s.get_version();
+        if v.get_major() != 1 {
+            return self.fail(
+                ERR_UNSUPPORTED_SETUP,
+                WireError::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "RSocket version {}.{} (need 1.x)",
+                        v.get_major(),
+                        v.get_minor()
+                    ),
+                ),
+                ctx,
+            );
+        }
+        let setup: SetupRequest = match s
+            .get_data()
+            .map(|d| sluice_protocol::decode::<SetupRequest>(d))
+        {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
+                return self.fail(
+                    ERR_REJECTED_SETUP,
+                    WireError::new(ErrorCode::InvalidSetup, format!("SETUP data: {e}")),
+                    ctx,
+                )
+            }
+            None => {
+                return self.fail(
+                    ERR_REJECTED_SETUP,
+                    WireError::new(ErrorCode::InvalidSetup, "SETUP has no data"),
+                    ctx,
+                )
+            }
+        };
+        if let Err(e) = check_version(setup.version) {
+            return self.fail(ERR_REJECTED_SETUP, e, ctx);
+        }
+        if setup.client_id.is_empty() || setup.client_id.len() > 256 {
+            return self.fail(
+                ERR_REJECTED_SETUP,
+                WireError::new(ErrorCode::InvalidSetup, "client_id must be 1..=256 bytes"),
+                ctx,
+            );
+        }
+        let declared = s.get_lifetime();
+        if !declared.is_zero() {
+            self.lifetime = declared.min(self.links.config.lifetime);
+        }
+        tracing::debug!(conn_id = self.id, client_id = %setup.client_id, lifetime = ?self.lifetime, "SETUP accepted");
+        self.client_id = Some(setup.client_id);
+        self.links.registry.do_send(RegisterConnection {
+            conn_id: self.id,
+            addr: ctx.address(),
+        });
+        let every = (self.lifetime / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        ctx.run_interval(every, |act, ctx| {
+            if act.last_inbound.elapsed() > act.lifetime {
+                let life = act.lifetime;
+                act.fail(
+                    ERR_CONNECTION_ERROR,
+                    WireError::new(
+                        ErrorCode::Timeout,
+                        format!("nothing received for the keepalive lifetime ({life:?})"),
+                    ),
+                    ctx,
+                );
+            }
+        });
+    }
+
+    fn on_request(
+        &mut self,
+        sid: u32,
+        kind: RequestKind,
+        m: Option<Bytes>,
+        d: Option<Bytes>,
+        follows: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.streams.contains_key(&sid) || self.partials.contains_key(&sid) {
+            return self.fail(
+                ERR_CONNECTION_ERROR,
+                WireError::new(
+                    ErrorCode::MalformedFrame,
+                    format!("stream {sid} is already in use"),
+                ),
+                ctx,
+            );
+        }
+        if follows {
+            let p = Partial::new(sid, kind, m.as_ref(), d.as_ref());
+            self.partial_bytes += p.len();
+            self.partials.insert(sid, p);
+            return self.check_partial_cap(ctx);
+        }
+        self.dispatch(sid, kind, m, d, ctx);
+    }
+
+    fn check_partial_cap(&mut self, ctx: &mut Context<Self>) {
+        if self.partial_bytes > self.links.config.max_frame {
+            let max = self.links.config.max_frame;
+            self.fail(
+                ERR_CONNECTION_ERROR,
+                WireError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("fragmented request exceeds {max} bytes"),
+                ),
+                ctx,
+            );
+        }
+    }
+
+    fn on_payload(
+        &mut self,
+        sid: u32,
+        m: Option<Bytes>,
+        d: Option<Bytes>,
+        follows: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(p) = self.partials.get_mut(&sid) else {
+            tracing::debug!(
+                conn_id = self.id,
+                sid,
+                "ignoring PAYLOAD from client on a stream without a fragmented request"
+            );
+            return;
+        };
+        let before = p.len();
+        p.extend(m.as_ref(), d.as_ref());
+        self.partial_bytes += p.len() - before;
+        if follows {
+            return self.check_partial_cap(ctx);
+        }
+        if let Some(p) = self.partials.remove(&sid) {
+            self.partial_bytes -= p.len();
+            let kind = p.kind;
+            let (m, d) = p.finish();
+            self.dispatch(sid, kind, m, d, ctx);
+        }
+    }
+
+    fn request_error(
+        &mut self,
+        sid: u32,
+        kind: RequestKind,
+        e: WireError,
+        ctx: &mut Context<Self>,
+    ) {
+        tracing::debug!(conn_id = self.id, sid, error = %e, "request refused");
+        if kind != RequestKind::FireAndForget {
+            self.send_error(sid, ERR_APPLICATION_ERROR, e.to_text(), ctx);
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        sid: u32,
+        kind: RequestKind,
+        m: Option<Bytes>,
+        d: Option<Bytes>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.counters.handled += 1;
+        let route = match route_of(m.as_ref()) {
+            Ok(r) => r,
+            Err(e) => return self.request_error(sid, kind, e, ctx),
+        };
+        let data = d.unwrap_or_default();
+        use RequestKind::*;
+        match (route.as_str(), kind) {
+            (route::PUBLISH, Response | FireAndForget) => self.publish(sid, kind, data, ctx),
+            (route::ACK, Response | FireAndForget) => self.settle(sid, kind, data, true, ctx),
+            (route::NACK, Response | FireAndForget) => self.settle(sid, kind, data, false, ctx),
+            (route::SUBSCRIBE, Stream(n)) => self.subscribe(sid, n as u64, data, ctx),
+            (route::ADMIN_STATS, Response) => {
+                self.streams.insert(sid, StreamState::Request);
+                let f = self.links.registry.send(GetStats);
+                ctx.spawn(f.into_actor(self).map(move |r, act, ctx| {
+                    let r = r.unwrap_or_else(|e| {
+                        Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
+                    });
+                    act.reply(sid, r, ctx)
+                }));
+            }
+            (route::ADMIN_FAULT, Response) => {
+                if !self.links.config.enable_fault_injection {
+                    let e = WireError::new(
+                        ErrorCode::FaultInjectionDisabled,
+                        "start the broker with --enable-fault-injection to use admin.fault",
+                    );
+                    return self.request_error(sid, kind, e, ctx);
+                }
+                let req: FaultRequest = match decode(&data) {
+                    Ok(r) => r,
+                    Err(e) => return self.request_error(sid, kind, e, ctx),
+                };
+                self.streams.insert(sid, StreamState::Request);
+                tracing::warn!(conn_id = self.id, actor = %req.actor, "admin.fault");
+                let f = self
+                    .links
+                    .registry
+                    .send(InjectFaultByName { actor: req.actor });
+                ctx.spawn(f.into_actor(self).map(move |r, act, ctx| {
+                    let r = r
+                        .unwrap_or_else(|e| {
+                            Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
+                        })
+                        .map(|stopped| FaultReply { stopped });
+                    act.reply(sid, r, ctx)
+                }));
+            }
+            (r, _) if route::ALL.contains(&r) => {
+                let e = WireError::new(
+                    ErrorCode::WrongInteraction,
+                    format!("route '{r}' does not take this interaction model ({kind:?})"),
+                );
+                self.request_error(sid, kind, e, ctx)
+            }
+            (r, _) => {
+                let e = WireError::new(ErrorCode::UnknownRoute, format!("no route '{r}'"));
+                self.request_error(sid, kind, e, ctx)
+            }
+        }
+    }
+
+    fn publish(&mut self, sid: u32, kind: RequestKind, data: Bytes, ctx: &mut Context<Self>) {
+        let req: PublishRequest = match decode(&data) {
+            Ok(r) => r,
+            Err(e) => return self.request_error(sid, kind, e, ctx),
+        };
+        if let Err(e) = validate_publish(&req, self.links.config.max_payload) {
+            return self.request_error(sid, kind, e, ctx);
+        }
+        let topic = req.topic.clone();
+        let f = self.links.store.send(AppendMessages {
+            topic: req.topic,
+            messages: req.messages,
+        });
+        if kind == RequestKind::FireAndForget {
+            ctx.spawn(f.into_actor(self).map(|_, _, _| ()));
+            return;
+        }
+        self.streams.insert(sid, StreamState::Request);
+        ctx.spawn(f.into_actor(self).map(move |r, act, ctx| {
+            let r = match r {
+                Ok(Ok((first_seq, last_seq))) => Ok(PublishReply {
+                    topic,
+                    first_seq,
+                    last_seq,
+                }),
+                Ok(Err(e)) => Err(WireError::from(e)),
+                Err(e) => Err(WireError::new(ErrorCode::Unavailable, e.to_string())),
+            };
+            act.reply(sid, r, ctx)
+        }));
+    }
+
+    fn settle(
+        &mut self,
+        sid: u32,
+        kind: RequestKind,
+        data: Bytes,
+        ack: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        let parsed = if ack {
+            decode::<AckRequest>(&data).map(|r| (r.topic, r.group, r.batch_id, r.seqs))
+        } else {
+            decode::<NackRequest>(&data).map(|r| (r.topic, r.group, r.batch_id, r.seqs))
+        };
+        let (topic, group, batch_id, seqs) = match parsed {
+            Ok(p) => p,
+            Err(e) => return self.request_error(sid, kind, e, ctx),
+        };
+        if let Some(s) = &seqs {
+            if s.len() > 1_000_000 {
+                return self.request_error(
+                    sid,
+                    kind,
+                    WireError::new(ErrorCode::InvalidRequest, "too many seqs"),
+                    ctx,
+                );
+            }
+        }
+        let (_, orch) = self.links.orchestrator(&topic);
+        self.in_flight_batches = self.in_flight_batches.saturating_sub(1);
+        type Settled = Result<Result<sluice_protocol::AckReply, WireError>, MailboxError>;
+        let fut: std::pin::Pin<Box<dyn std::future::Future<Output = Settled>>> = if ack {
+            Box::pin(orch.send(AckBatch {
+                topic,
+                group,
+                batch_id,
+                seqs,
+            }))
+        } else {
+            Box::pin(orch.send(NackBatch {
+                topic,
+                group,
+                batch_id,
+                seqs,
+            }))
+        };
+        if kind == RequestKind::FireAndForget {
+            ctx.spawn(fut.into_actor(self).map(|_, _, _| ()));
+            return;
+        }
+        self.streams.insert(sid, StreamState::Request);
+        ctx.spawn(fut.into_actor(self).map(move |r, act, ctx| {
+            let r =
+                r.unwrap_or_else(|e| Err(WireError::new(ErrorCode::Unavailable, e.to_string())));
+            act.reply(sid, r, ctx)
+        }));
+    }
+
+    fn subscribe(&mut self, sid: u32, n: u64, data: Bytes, ctx: &mut Context<Self>) {
+        let kind = RequestKind::Stream(n as u32);
+        let req: SubscribeRequest = match decode(&data) {
+            Ok(r) => r,
+            Err(e) => return self.request_error(sid, kind, e, ctx),
+        };
+        if let Err(e) =
+            validate_name("topic", &req.topic).and_then(|_| validate_name("group", &req.group))
+        {
+            return self.request_error(sid, kind, e, ctx);
+        }
+        let cfg = &self.links.config;
+        let window = req.window.unwrap_or(cfg.window).clamp(1, 1024);
+        let batch_size = req
+            .batch_size
+            .unwrap_or(cfg.batch_size)
+            .clamp(1, cfg.batch_size);
+        let (shard, _) = self.links.orchestrator(&req.topic);
+        let sub = Subscription {
+            topic: req.topic.clone(),
+            group: req.group.clone(),
+            shard,
+            req,
+            window,
+            batch_size,
+            credits: n,
+            joined: false,
+            pending_credits: 0,
+        };
+        self.streams
+            .insert(sid, StreamState::Subscription(Box::new(sub)));
+        self.join(sid, ctx);
+    }
+
+    fn join(&mut self, sid: u32, ctx: &mut Context<Self>) {
+        let Some(StreamState::Subscription(sub)) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        sub.joined = false;
+        sub.pending_credits = 0;
+        let msg = JoinGroup {
+            consumer: ConsumerId {
+                conn: self.id,
+                stream: sid,
+            },
+            topic: sub.topic.clone(),
+            group: sub.group.clone(),
+            mode: sub.req.mode,
+            filters: sub.req.filters.clone(),
+            window: sub.window,
+            batch_size: sub.batch_size,
+            credits: sub.credits,
+            recipient: ctx.address().recipient(),
+        };
+        let shard = sub.shard;
+        let orch = self.links.orchestrators[shard].clone();
+        ctx.spawn(orch.send(msg).into_actor(self).map(move |r, act, ctx| {
+            let r =
+                r.unwrap_or_else(|e| Err(WireError::new(ErrorCode::Unavailable, e.to_string())));
+            let conn = act.id;
+            let Some(StreamState::Subscription(sub)) = act.streams.get_mut(&sid) else {
+                // Cancelled while joining: make sure the group forgets it.
+                if r.is_ok() {
+                    if let Some(o) = act.links.orchestrators.get(shard) {
+                        let _ = o; // the LeaveGroup was already sent by end_stream
+                    }
+                }
+                return;
+            };
+            match r {
+                Ok(()) => {
+                    sub.joined = true;
+                    let extra = std::mem::take(&mut sub.pending_credits);
+                    if extra > 0 {
+                        act.links.orchestrators[shard].do_send(GrantCredits {
+                            consumer: ConsumerId { conn, stream: sid },
+                            topic: sub.topic.clone(),
+                            group: sub.group.clone(),
+                            n: extra,
+                        });
+                    }
+                    act.links.registry.do_send(SubscriptionOpened {
+                        conn_id: conn,
+                        shard,
+                    });
+                }
+                Err(e) => {
+                    act.streams.remove(&sid);
+                    act.send_error(sid, ERR_APPLICATION_ERROR, e.to_text(), ctx);
+                }
+            }
+        }));
+    }
+
+    fn on_request_n(&mut self, sid: u32, n: u64) {
+        let conn = self.id;
+        let Some(StreamState::Subscription(sub)) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        sub.credits = sub.credits.saturating_add(n);
+        if sub.joined {
+            self.links.orchestrators[sub.shard].do_send(GrantCredits {
+                consumer: ConsumerId { conn, stream: sid },
+                topic: sub.topic.clone(),
+                group: sub.group.clone(),
+                n,
+            });
+        } else {
+            sub.pending_credits = sub.pending_credits.saturating_add(n);
+        }
+    }
+
+    fn end_stream(&mut self, sid: u32, why: &str) {
+        if let Some(p) = self.partials.remove(&sid) {
+            self.partial_bytes -= p.len();
+        }
+        if let Some(StreamState::Subscription(sub)) = self.streams.remove(&sid) {
+            tracing::debug!(conn_id = self.id, sid, why, "subscription ended");
+            self.leave(sid, &sub);
+        }
+    }
+
+    fn leave(&self, sid: u32, sub: &Subscription) {
+        self.links.orchestrators[sub.shard].do_send(LeaveGroup {
+            consumer: ConsumerId {
+                conn: self.id,
+                stream: sid,
+            },
+            topic: sub.topic.clone(),
+            group: sub.group.clone(),
+        });
+    }
+}
+
+fn decode<T: DeserializeOwned>(data: &[u8]) -> Result<T, WireError> {
+    sluice_protocol::decode(data).map_err(|e| WireError::new(ErrorCode::BadPayload, e.to_string()))
+}
+
+/// Topic and group names: 1..=200 bytes of `[A-Za-z0-9._-]`.
+pub fn validate_name(what: &str, name: &str) -> Result<(), WireError> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(WireError::new(
+            ErrorCode::InvalidRequest,
+            format!("{what} name '{name}' must be 1..=200 bytes of [A-Za-z0-9._-]"),
+        ))
+    }
+}
+
+fn validate_publish(req: &PublishRequest, max_payload: usize) -> Result<(), WireError> {
+    validate_name("topic", &req.topic)?;
+    let invalid = |m: String| Err(WireError::new(ErrorCode::InvalidRequest, m));
+    if req.messages.is_empty() {
+        return invalid("a publish needs at least one message".into());
+    }
+    if req.messages.len() > 100_000 {
+        return invalid("at most 100000 messages per publish".into());
+    }
+    for (i, m) in req.messages.iter().enumerate() {
+        if m.payload.len() > max_payload {
+            return Err(WireError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "message {i}: payload of {} bytes exceeds the limit of {max_payload}",
+                    m.payload.len()
+                ),
+            ));
+        }
+        if m.priority > MAX_PRIORITY {
+            return invalid(format!(
+                "message {i}: priority {} is above {MAX_PRIORITY}",
+                m.priority
+            ));
+        }
+        let field = crate::store::record::MAX_FIELD;
+        if m.key.as_ref().is_some_and(|k| k.len() > field)
+            || m.headers.len() > 1024
+            || m.headers
+                .iter()
+                .any(|(k, v)| k.len() > field || v.len() > field)
+        {
+            return invalid(format!("message {i}: key or headers too large"));
+        }
+    }
+    Ok(())
+}
+
+impl Actor for ConnectionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.counters.started_at = Instant::now();
+        tracing::debug!(conn_id = self.id, peer = %self.peer, "connection accepted");
+        let t = self.links.config.setup_timeout;
+        ctx.run_later(t, move |act, ctx| {
+            if act.client_id.is_none() {
+                act.fail(
+                    ERR_INVALID_SETUP,
+                    WireError::new(ErrorCode::InvalidSetup, format!("no SETUP within {t:?}")),
+                    ctx,
+                );
+            }
+        });
+    }
+
+    fn stopping(&mut self, _: &mut Context<Self>) -> Running {
+        self.flush();
+        // Dropping the handle lets the writer drain what is queued, then close the socket.
+        self.writer = None;
+        for (sid, s) in std::mem::take(&mut self.streams) {
+            if let StreamState::Subscription(sub) = s {
+                self.leave(sid, &sub);
+            }
+        }
+        if self.client_id.is_some() {
+            self.links
+                .registry
+                .do_send(ConnectionClosed { conn_id: self.id });
+        }
+        tracing::debug!(conn_id = self.id, "connection closed");
+        Running::Stop
+    }
+}
+
+impl StreamHandler<Result<Inbound, FrameError>> for ConnectionActor {
+    fn handle(&mut self, item: Result<Inbound, FrameError>, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        self.last_inbound = Instant::now();
+        match item {
+            Ok(Inbound::Frame(f)) => self.on_frame(f, ctx),
+            Ok(Inbound::Ignored) => {}
+            Err(FrameError::Io(e)) => {
+                tracing::debug!(conn_id = self.id, error = %e, "read failed");
+                ctx.stop();
+            }
+            Err(e @ FrameError::TooLarge { .. }) => self.fail(
+                ERR_CONNECTION_ERROR,
+                WireError::new(ErrorCode::PayloadTooLarge, e.to_string()),
+                ctx,
+            ),
+            Err(e) => self.fail(
+                ERR_CONNECTION_ERROR,
+                WireError::new(ErrorCode::MalformedFrame, e.to_string()),
+                ctx,
+            ),
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<Flush> for ConnectionActor {
+    type Result = ();
+    fn handle(&mut self, _: Flush, _: &mut Context<Self>) {
+        self.flush();
+    }
+}
+
+impl Handler<WriterEnded> for ConnectionActor {
+    type Result = ();
+    fn handle(&mut self, msg: WriterEnded, ctx: &mut Context<Self>) {
+        if let WriterEnd::Failed(e) = msg.0 {
+            tracing::debug!(conn_id = self.id, error = %e, "write failed");
+            self.closing = true;
+            ctx.stop();
+        }
+    }
+}
+
+impl Handler<DeliverBatch> for ConnectionActor {
+    type Result = ();
+    fn handle(&mut self, msg: DeliverBatch, ctx: &mut Context<Self>) {
+        let sid = msg.consumer.stream;
+        let Some(StreamState::Subscription(sub)) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        sub.credits = sub.credits.saturating_sub(1);
+        self.in_flight_batches += 1;
+        let f = rf::Payload::builder(sid, Frame::FLAG_NEXT)
+            .set_data(msg.data)
+            .build();
+        self.send_frame(&f, ctx);
+    }
+}
+
+impl Handler<Rejoin> for ConnectionActor {
+    type Result = ();
+    fn handle(&mut self, msg: Rejoin, ctx: &mut Context<Self>) {
+        let sids: Vec<u32> = self
+            .streams
+            .iter()
+            .filter_map(|(sid, s)| match s {
+                StreamState::Subscription(sub) if sub.shard == msg.shard => Some(*sid),
+                _ => None,
+            })
+            .collect();
+        for sid in sids {
+            self.join(sid, ctx);
+        }
+    }
+}
+
+impl Handler<GetConnectionStats> for ConnectionActor {
+    type Result = MessageResult<GetConnectionStats>;
+    fn handle(&mut self, _: GetConnectionStats, _: &mut Context<Self>) -> Self::Result {
+        let name = format!("connection-{}", self.id);
+        let actor = self.counters.stats("connection", &name, None);
+        let groups = self
+            .streams
+            .values()
+            .filter_map(|s| match s {
+                StreamState::Subscription(sub) => Some(format!("{}/{}", sub.topic, sub.group)),
+                _ => None,
+            })
+            .collect();
+        let stats = ConnectionStats {
+            conn_id: self.id,
+            client_id: self.client_id.clone().unwrap_or_default(),
+            peer: self.peer.to_string(),
+            groups,
+            in_flight_batches: self.in_flight_batches,
+            last_heartbeat_ms_ago: self.last_inbound.elapsed().as_millis() as u64,
+            connected_ms: self.connected_at.elapsed().as_millis() as u64,
+        };
+        MessageResult((actor, stats))
+    }
+}
+
+impl Handler<InjectFault> for ConnectionActor {
+    type Result = ();
+    fn handle(&mut self, _: InjectFault, ctx: &mut Context<Self>) {
+        self.closing = true;
+        ctx.stop();
+    }
+}

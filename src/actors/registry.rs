@@ -1,0 +1,298 @@
+//! RegistryActor: which connections and subscriptions exist, the rejoin after an orchestrator
+//! restart, stats gathering and fault injection by actor name.
+
+use super::connection::{ConnectionActor, GetConnectionStats, Rejoin};
+use super::orchestrator::{GetGroupStats, OrchestratorActor};
+use super::store::{ListGroups, StoreActor};
+use super::{ActorCounters, GetActorStats, InjectFault};
+use actix::prelude::*;
+use sluice_protocol::{BrokerStats, ErrorCode, GroupStats, WireError};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+/// A connection finished its SETUP.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RegisterConnection {
+    /// Connection id.
+    pub conn_id: u64,
+    /// Its actor.
+    pub addr: Addr<ConnectionActor>,
+}
+
+/// A connection ended.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ConnectionClosed {
+    /// Connection id.
+    pub conn_id: u64,
+}
+
+/// A subscription joined a group.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SubscriptionOpened {
+    /// Connection id.
+    pub conn_id: u64,
+    /// Orchestrator shard serving it.
+    pub shard: usize,
+}
+
+/// An orchestrator (re)started: every subscription of its shard must join again.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct OrchestratorStarted {
+    /// Shard.
+    pub shard: usize,
+}
+
+/// Gathers `admin.stats`.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<BrokerStats, WireError>")]
+pub struct GetStats;
+
+/// Stops the named actor (`admin.fault`).
+#[derive(Message, Debug)]
+#[rtype(result = "Result<String, WireError>")]
+pub struct InjectFaultByName {
+    /// Actor name as shown in stats.
+    pub actor: String,
+}
+
+/// The addresses the registry reaches.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetPeers {
+    /// Store.
+    pub store: Addr<StoreActor>,
+    /// Orchestrators by shard.
+    pub orchestrators: Vec<Addr<OrchestratorActor>>,
+}
+
+struct ConnEntry {
+    addr: Addr<ConnectionActor>,
+    shards: Vec<usize>,
+}
+
+/// The registry actor.
+pub struct RegistryActor {
+    store: Option<Addr<StoreActor>>,
+    orchestrators: Vec<Addr<OrchestratorActor>>,
+    connections: BTreeMap<u64, ConnEntry>,
+    counters: ActorCounters,
+    broker_started: Instant,
+    fsync: String,
+}
+
+impl RegistryActor {
+    /// A registry; `fsync` is the policy shown in stats.
+    pub fn new(fsync: String) -> Self {
+        RegistryActor {
+            store: None,
+            orchestrators: Vec::new(),
+            connections: BTreeMap::new(),
+            counters: ActorCounters::default(),
+            broker_started: Instant::now(),
+            fsync,
+        }
+    }
+}
+
+impl Actor for RegistryActor {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(4096);
+        self.counters.started_at = Instant::now();
+    }
+}
+
+impl Supervised for RegistryActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.counters.restarts += 1;
+        tracing::warn!(restarts = self.counters.restarts, "registry restarting");
+    }
+}
+
+impl Handler<SetPeers> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, msg: SetPeers, _: &mut Context<Self>) {
+        self.store = Some(msg.store);
+        self.orchestrators = msg.orchestrators;
+    }
+}
+
+impl Handler<RegisterConnection> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, msg: RegisterConnection, _: &mut Context<Self>) {
+        self.counters.handled += 1;
+        self.connections.insert(
+            msg.conn_id,
+            ConnEntry {
+                addr: msg.addr,
+                shards: Vec::new(),
+            },
+        );
+    }
+}
+
+impl Handler<ConnectionClosed> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, msg: ConnectionClosed, _: &mut Context<Self>) {
+        self.counters.handled += 1;
+        self.connections.remove(&msg.conn_id);
+    }
+}
+
+impl Handler<SubscriptionOpened> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, msg: SubscriptionOpened, _: &mut Context<Self>) {
+        self.counters.handled += 1;
+        if let Some(c) = self.connections.get_mut(&msg.conn_id) {
+            if !c.shards.contains(&msg.shard) {
+                c.shards.push(msg.shard);
+            }
+        }
+    }
+}
+
+impl Handler<OrchestratorStarted> for RegistryActor {
+    type Result = ();
+    fn handle(&mut self, msg: OrchestratorStarted, _: &mut Context<Self>) {
+        self.counters.handled += 1;
+        let mut n = 0;
+        for c in self.connections.values() {
+            if c.shards.contains(&msg.shard) {
+                c.addr.do_send(Rejoin { shard: msg.shard });
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                shard = msg.shard,
+                connections = n,
+                "orchestrator started: subscriptions rejoin"
+            );
+        }
+    }
+}
+
+impl Handler<GetStats> for RegistryActor {
+    type Result = ResponseFuture<Result<BrokerStats, WireError>>;
+    fn handle(&mut self, _: GetStats, ctx: &mut Context<Self>) -> Self::Result {
+        self.counters.handled += 1;
+        let own = self.counters.stats("registry", "registry", None);
+        let store = self.store.clone();
+        let orchs = self.orchestrators.clone();
+        let conns: Vec<Addr<ConnectionActor>> =
+            self.connections.values().map(|c| c.addr.clone()).collect();
+        let version = env!("CARGO_PKG_VERSION").to_string();
+        let uptime_ms = self.broker_started.elapsed().as_millis() as u64;
+        let fsync = self.fsync.clone();
+        let _ = ctx;
+        Box::pin(async move {
+            let t = Duration::from_secs(5);
+            let mut stats = BrokerStats {
+                version,
+                uptime_ms,
+                fsync,
+                ..Default::default()
+            };
+            stats.actors.push(own);
+            let mut stored: Vec<(String, String, crate::store::GroupRecord, u64)> = Vec::new();
+            if let Some(s) = &store {
+                if let Ok(a) = s.send(GetActorStats).timeout(t).await {
+                    stats.actors.push(a);
+                }
+                if let Ok(Ok(list)) = s.send(ListGroups).timeout(t).await {
+                    stored = list;
+                }
+            }
+            let mut live: HashMap<(String, String), GroupStats> = HashMap::new();
+            for o in &orchs {
+                if let Ok(a) = o.send(GetActorStats).timeout(t).await {
+                    stats.actors.push(a);
+                }
+                if let Ok(gs) = o.send(GetGroupStats).timeout(t).await {
+                    for g in gs {
+                        live.insert((g.topic.clone(), g.group.clone()), g);
+                    }
+                }
+            }
+            for (topic, group, rec, head) in stored {
+                let key = (topic.clone(), group.clone());
+                if live.contains_key(&key) {
+                    continue;
+                }
+                let lag = head
+                    .saturating_sub(rec.acked_floor)
+                    .saturating_sub(rec.acked_above.len() as u64);
+                live.insert(
+                    key,
+                    GroupStats {
+                        topic,
+                        group,
+                        mode: rec.mode,
+                        head_seq: head,
+                        acked_floor: rec.acked_floor,
+                        lag,
+                        in_flight_batches: 0,
+                        in_flight_messages: 0,
+                        redeliveries: 0,
+                        dead_letters: 0,
+                        consumers: 0,
+                    },
+                );
+            }
+            let mut groups: Vec<GroupStats> = live.into_values().collect();
+            groups.sort_by(|a, b| (&a.topic, &a.group).cmp(&(&b.topic, &b.group)));
+            stats.groups = groups;
+            for c in conns {
+                if let Ok((a, cs)) = c.send(GetConnectionStats).timeout(t).await {
+                    stats.actors.push(a);
+                    stats.connections.push(cs);
+                }
+            }
+            Ok(stats)
+        })
+    }
+}
+
+impl Handler<InjectFaultByName> for RegistryActor {
+    type Result = Result<String, WireError>;
+    fn handle(&mut self, msg: InjectFaultByName, ctx: &mut Context<Self>) -> Self::Result {
+        self.counters.handled += 1;
+        let name = msg.actor.as_str();
+        if name == "registry" {
+            ctx.stop();
+            return Ok(msg.actor);
+        }
+        if name == "store" {
+            if let Some(s) = &self.store {
+                s.do_send(InjectFault);
+                return Ok(msg.actor);
+            }
+        }
+        let shard = if name == "orchestrator" {
+            Some(0)
+        } else {
+            name.strip_prefix("orchestrator-")
+                .and_then(|n| n.parse::<usize>().ok())
+        };
+        if let Some(o) = shard.and_then(|i| self.orchestrators.get(i)) {
+            o.do_send(InjectFault);
+            return Ok(msg.actor);
+        }
+        if let Some(c) = name
+            .strip_prefix("connection-")
+            .and_then(|n| n.parse::<u64>().ok())
+            .and_then(|id| self.connections.get(&id))
+        {
+            c.addr.do_send(InjectFault);
+            return Ok(msg.actor);
+        }
+        Err(WireError::new(
+            ErrorCode::UnknownActor,
+            format!("no actor named '{name}'"),
+        ))
+    }
+}

@@ -1,0 +1,135 @@
+//! Starting the broker: open the store, start the supervised actors on their arbiters, and run
+//! the accept loop (one [`ConnectionActor`] per accepted socket). Must run inside an actix
+//! `System`.
+
+use crate::actors::connection::{BrokerLinks, ConnectionActor};
+use crate::actors::orchestrator::{DeliveryConfig, OrchestratorActor, SetRegistry};
+use crate::actors::registry::{RegistryActor, SetPeers};
+use crate::actors::store::{SetAppendListeners, StoreActor};
+use crate::config::Config;
+use crate::store::{Storage, StoreError};
+use actix::prelude::*;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running broker.
+pub struct BrokerHandle {
+    /// The address actually bound (useful with port 0).
+    pub local_addr: SocketAddr,
+    /// Links to the actors.
+    pub links: BrokerLinks,
+    _arbiters: Vec<Arbiter>,
+}
+
+/// Starts the broker: binds `config.listen`, opens the store, starts every actor.
+pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let started = std::time::Instant::now();
+    let storage = Storage::open(&config.data_dir, config.cache_capacity)?;
+    let topics = storage.topics().count();
+    tracing::info!(data_dir = %config.data_dir.display(), topics, elapsed = ?started.elapsed(), "store opened");
+
+    let config = Arc::new(config);
+    let mut arbiters = Vec::new();
+    let store_arbiter = Arbiter::new();
+    let fsync = config.fsync;
+    let store = Supervisor::start_in_arbiter(&store_arbiter.handle(), move |_| {
+        StoreActor::new(storage, fsync)
+    });
+    arbiters.push(store_arbiter);
+
+    let registry = Supervisor::start({
+        let f = config.fsync.to_string();
+        move |_| RegistryActor::new(f)
+    });
+    let dcfg = DeliveryConfig {
+        batch_size: config.batch_size,
+        batch_max_bytes: config.batch_max_bytes,
+        batch_timeout: config.batch_timeout,
+        max_retries: config.max_retries,
+        window: config.window,
+    };
+    let batch_ids = Arc::new(AtomicU64::new(1));
+    let mut orchestrators = Vec::new();
+    for shard in 0..config.orchestrators as usize {
+        let arb = Arbiter::new();
+        let (d, s, ids) = (dcfg.clone(), store.clone(), batch_ids.clone());
+        let addr = Supervisor::start_in_arbiter(&arb.handle(), move |_| {
+            OrchestratorActor::new(shard, d, s, None, ids)
+        });
+        addr.do_send(SetRegistry(registry.clone()));
+        orchestrators.push(addr);
+        arbiters.push(arb);
+    }
+    registry.do_send(SetPeers {
+        store: store.clone(),
+        orchestrators: orchestrators.clone(),
+    });
+    store.do_send(SetAppendListeners(
+        orchestrators
+            .iter()
+            .map(|o| o.clone().recipient())
+            .collect(),
+    ));
+
+    let links = BrokerLinks {
+        config: config.clone(),
+        store,
+        orchestrators: Arc::new(orchestrators),
+        registry,
+    };
+    let accept_links = links.clone();
+    actix_rt::spawn(async move {
+        let mut next_id: u64 = 1;
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    ConnectionActor::start_for(next_id, stream, peer, accept_links.clone());
+                    next_id += 1;
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    tracing::info!(%local_addr, fsync = %config.fsync, "sluice broker listening");
+    Ok(BrokerHandle {
+        local_addr,
+        links,
+        _arbiters: arbiters,
+    })
+}

@@ -1,0 +1,324 @@
+//! The one test harness: `TestBroker` runs the real `sluice` binary on 127.0.0.1:0 with a
+//! temporary data dir, waits for its "listening ADDR" line (never a blind sleep), and can kill -9
+//! and restart it on the same data. `RawClient` speaks raw RSocket frames for protocol tests.
+#![allow(dead_code)]
+
+use bytes::{Buf, Bytes, BytesMut};
+use rsocket_rust::extension::{
+    CompositeMetadata, CompositeMetadataEntry, MimeType, RoutingMetadata,
+};
+use rsocket_rust::frame::{self as rf, Frame};
+use rsocket_rust::utils::Writeable;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A broker child process.
+pub struct TestBroker {
+    child: Option<Child>,
+    addr: String,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl TestBroker {
+    /// Starts a broker with default settings.
+    pub fn start() -> TestBroker {
+        Self::start_with(&[])
+    }
+
+    /// Starts a broker with extra `serve` flags.
+    pub fn start_with(extra: &[&str]) -> TestBroker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = TestBroker {
+            child: None,
+            addr: String::new(),
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("broker.log"))
+            .expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(self.data_dir())
+            .args(&self.extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn sluice");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("broker did not report readiness; log:\n{}", self.log());
+            }
+        };
+        self.addr = line
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .trim()
+            .to_string();
+        self.child = Some(child);
+    }
+
+    /// `HOST:PORT` of the running broker.
+    pub fn addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// PID of the running broker.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("running")
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills (SIGKILL) and starts again on the same data dir (a new port).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Open file descriptors of the broker process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident set size in KiB.
+    pub fn rss_kb(&self) -> u64 {
+        proc_status_kb(self.pid(), "VmRSS:")
+    }
+
+    /// Runs the `sluice` CLI with `args` and returns (status ok, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .output()
+            .expect("run sluice");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- broker log ----\n{}", self.log());
+        }
+        self.kill();
+    }
+}
+
+/// A `/proc/PID/status` field in KiB.
+pub fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+/// SDK client config for a broker.
+pub fn client_config(addr: &str, id: &str) -> sluice_sdk::ClientConfig {
+    sluice_sdk::ClientConfig {
+        addr: addr.to_string(),
+        client_id: id.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Composite metadata carrying one route.
+pub fn route_metadata(route: &str) -> Bytes {
+    let r = RoutingMetadata::builder().push_str(route).build();
+    let mut rb = BytesMut::new();
+    r.write_to(&mut rb);
+    let c = CompositeMetadata::builder()
+        .push_entry(CompositeMetadataEntry::new(
+            MimeType::from(sluice_protocol::ROUTING_MIME_TYPE),
+            rb.freeze(),
+        ))
+        .build();
+    c.into()
+}
+
+/// A raw RSocket connection for protocol tests.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    /// Connects without sending anything.
+    pub async fn connect(addr: &str) -> RawClient {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects and sends a valid SETUP with the given lifetime.
+    pub async fn setup(addr: &str, lifetime: Duration) -> RawClient {
+        let mut c = Self::connect(addr).await;
+        let f = setup_frame("raw-test", lifetime);
+        c.send(&f).await;
+        c
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, f: &Frame) {
+        let mut b = BytesMut::new();
+        sluice::session::frame::encode_frame(f, &mut b);
+        self.send_raw(&b).await;
+    }
+
+    /// Sends raw bytes.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// Sends a request-response with `route` and MessagePack `data`.
+    pub async fn request(&mut self, sid: u32, route: &str, data: Bytes) {
+        let f = rf::RequestResponse::builder(sid, 0)
+            .set_metadata(route_metadata(route))
+            .set_data(data)
+            .build();
+        self.send(&f).await;
+    }
+
+    /// Next frame, or None on EOF / timeout.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Frame> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.buf.len() >= 3 {
+                let len = ((self.buf[0] as usize) << 16)
+                    | ((self.buf[1] as usize) << 8)
+                    | self.buf[2] as usize;
+                if self.buf.len() >= 3 + len {
+                    self.buf.advance(3);
+                    let mut fb = self.buf.split_to(len);
+                    return Frame::decode(&mut fb).ok();
+                }
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let mut tmp = [0u8; 65536];
+            match tokio::time::timeout(left, self.stream.read(&mut tmp)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+
+    /// Waits until the broker closes the connection (EOF or reset); returns the frames seen first.
+    pub async fn closed_within(&mut self, timeout: Duration) -> Option<Vec<Frame>> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if self.buf.len() >= 3 {
+                if let Some(f) = self.next(Duration::from_millis(1)).await {
+                    seen.push(f);
+                    continue;
+                }
+            }
+            let mut tmp = [0u8; 65536];
+            match tokio::time::timeout(left, self.stream.read(&mut tmp)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(seen),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// A valid SETUP frame.
+pub fn setup_frame(client_id: &str, lifetime: Duration) -> Frame {
+    rf::Setup::builder(0, 0)
+        .set_keepalive(Duration::from_secs(20))
+        .set_lifetime(lifetime)
+        .set_mime_metadata(sluice_protocol::METADATA_MIME_TYPE)
+        .set_mime_data(sluice_protocol::DATA_MIME_TYPE)
+        .set_data(
+            sluice_protocol::encode(&sluice_protocol::SetupRequest::new(client_id))
+                .expect("encode"),
+        )
+        .build()
+}
+
+/// The error text and code of an ERROR frame.
+pub fn error_of(f: &Frame) -> Option<(u32, String)> {
+    match f.get_body_ref() {
+        rf::Body::Error(e) => Some((e.get_code(), e.get_data_utf8().unwrap_or("").to_string())),
+        _ => None,
+    }
+}
+
+/// The data of a PAYLOAD frame.
+pub fn payload_of(f: &Frame) -> Option<Bytes> {
+    match f.get_body_ref() {
+        rf::Body::Payload(p) => p.get_data().cloned(),
+        _ => None,
+    }
+}
