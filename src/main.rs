@@ -22,6 +22,12 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Publish messages (from flags or one per stdin line).
+    Publish(sluice::cli::publish::PublishArgs),
+    /// Consume a group, printing and acking each message.
+    Consume(sluice::cli::consume::ConsumeArgs),
+    /// Show actor, group and connection stats.
+    Stats(sluice::cli::stats::StatsArgs),
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -132,7 +138,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(dead_code)]
 fn client<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -146,6 +151,9 @@ fn main() {
     sluice::telemetry::init();
     let res = match cli.command {
         Command::Serve(a) => serve(a),
+        Command::Publish(a) => client(sluice::cli::publish::run(a)),
+        Command::Consume(a) => client(sluice::cli::consume::run(a)),
+        Command::Stats(a) => client(sluice::cli::stats::run(a)),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

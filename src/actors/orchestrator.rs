@@ -1,6 +1,6 @@
 //! OrchestratorActor: forms batches, tracks them in flight, redelivers and dead-letters them,
 //! and turns acks into durable group cursors. One actor per shard of topics (see
-//! `docs/orchestrator.md` for the batch state machine).
+//! `orchestrator.md` beside this file for the batch state machine).
 
 use super::registry::{OrchestratorStarted, RegistryActor};
 use super::store::{
@@ -176,7 +176,7 @@ impl ConsumerSlot {
     }
 }
 
-/// One group's delivery state. See docs/orchestrator.md.
+/// One group's delivery state. See orchestrator.md beside this file.
 struct GroupState {
     mode: GroupMode,
     filters: BTreeMap<String, String>,
@@ -991,6 +991,56 @@ impl OrchestratorActor {
         ctx: &mut Context<Self>,
     ) -> ResponseActFuture<Self, Result<AckReply, WireError>> {
         self.counters.handled += 1;
+        if self.group_mut(&topic, &group).is_some() {
+            return self.settle_loaded(topic, group, batch_id, seqs, ack, ctx);
+        }
+        // Not loaded (e.g. an ack racing the rejoin after a restart): load the group first, so
+        // acks by seq are honoured whenever the group exists.
+        let load = self.store.send(LoadGroup {
+            topic: topic.clone(),
+            group: group.clone(),
+        });
+        Box::pin(load.into_actor(self).then(move |res, act, ctx| {
+            match res {
+                Ok(Ok((Some(rec), head))) => act.install_group(&topic, &group, rec, head),
+                Ok(Ok((None, _))) => {
+                    let e = WireError::new(
+                        ErrorCode::UnknownGroup,
+                        format!("group '{group}' of topic '{topic}' does not exist"),
+                    );
+                    return Box::pin(fut::ready(Err(e))) as ResponseActFuture<Self, _>;
+                }
+                Ok(Err(e)) => return Box::pin(fut::ready(Err(WireError::from(e)))),
+                Err(e) => {
+                    let e = WireError::new(ErrorCode::Unavailable, e.to_string());
+                    return Box::pin(fut::ready(Err(e)));
+                }
+            }
+            act.settle_loaded(topic, group, batch_id, seqs, ack, ctx)
+        }))
+    }
+
+    /// Creates the in-memory state of a group from its record (if not there yet).
+    fn install_group(&mut self, topic: &str, group: &str, rec: GroupRecord, head: u64) {
+        let t = self.topics.entry(topic.to_string()).or_insert(TopicState {
+            head: 0,
+            groups: HashMap::new(),
+        });
+        t.head = t.head.max(head);
+        t.groups
+            .entry(group.to_string())
+            .or_insert_with(|| GroupState::from_record(rec));
+    }
+
+    fn settle_loaded(
+        &mut self,
+        topic: String,
+        group: String,
+        batch_id: u64,
+        seqs: Option<Vec<u64>>,
+        ack: bool,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<AckReply, WireError>> {
         let res = self.settle_seqs(&topic, &group, batch_id, seqs, ack, ctx);
         let store = self.store.clone();
         let commit = match (&res, self.group_mut(&topic, &group)) {
@@ -1067,9 +1117,12 @@ impl Handler<MessagesAppended> for OrchestratorActor {
         let Some(first) = msg.messages.first().map(|m| m.seq) else {
             return;
         };
-        let Some(t) = self.topics.get_mut(&msg.topic) else {
-            return;
-        };
+        // Track the head even before any group is loaded: a group loading right now takes the
+        // larger of this and the head the store reported.
+        let t = self.topics.entry(msg.topic.clone()).or_insert(TopicState {
+            head: 0,
+            groups: HashMap::new(),
+        });
         t.head = t.head.max(last);
         let mut to_pump = Vec::new();
         for (name, g) in t.groups.iter_mut() {

@@ -1,1 +1,134 @@
-//! CLI client commands (publish, consume, stats).
+//! Client subcommands of the `sluice` binary, on the SDK (`sluice-sdk`).
+//!
+//! | module | subcommand | what it does |
+//! |---|---|---|
+//! | [`publish`] | `sluice publish` | publishes generated messages (`--count/--size`) or one per stdin line |
+//! | [`consume`] | `sluice consume` | prints each message of a group, acks it after printing |
+//! | [`stats`] | `sluice stats` | actor, group and connection stats as tables or JSON |
+//!
+//! Each module exposes a `clap::Args` struct and `async fn run(args) -> anyhow::Result<()>`;
+//! `src/main.rs` wires them in as subcommands. Stdout carries only the command's output; logs go
+//! through `tracing` (stderr), errors are returned to `main`.
+
+pub mod consume;
+pub mod publish;
+pub mod stats;
+
+pub use consume::ConsumeArgs;
+pub use publish::PublishArgs;
+pub use stats::StatsArgs;
+
+use std::io::Write;
+use std::time::Duration;
+
+use sluice_sdk::ClientConfig;
+
+/// Broker address used when `--addr` is not given.
+pub const DEFAULT_ADDR: &str = sluice_sdk::DEFAULT_ADDR;
+
+/// Flags shared by every client subcommand.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionArgs {
+    /// Broker address (HOST:PORT).
+    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_ADDR, env = "SLUICE_ADDR")]
+    pub addr: String,
+    /// Client id sent to the broker, shown in its stats (default: sluice-cli-COMMAND-PID).
+    #[arg(long, value_name = "ID")]
+    pub client_id: Option<String>,
+    /// Longest wait for one answer from the broker (humantime, e.g. 10s).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+}
+
+impl ConnectionArgs {
+    /// The SDK configuration for these flags; `command` names the default client id.
+    pub fn client_config(&self, command: &str) -> ClientConfig {
+        let client_id = self
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("sluice-cli-{command}-{}", std::process::id()));
+        ClientConfig::new(self.addr.clone())
+            .client_id(client_id)
+            .request_timeout(self.request_timeout)
+    }
+}
+
+/// Parses `key=value` (split at the first `=`; the key must not be empty, the value may be).
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        Some(_) => Err(format!("'{s}': the key before '=' is empty")),
+        None => Err(format!("'{s}': expected key=value")),
+    }
+}
+
+/// Parses a humantime duration (`30s`, `1m 30s`, `250ms`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("'{s}': {e}"))
+}
+
+/// Writes `text` to stdout and flushes it.
+pub(crate) fn write_stdout(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// True when stdout's reader went away (`sluice ... | head`): stop quietly.
+pub(crate) fn is_broken_pipe(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::BrokenPipe
+}
+
+/// Milliseconds for people: `350ms`, `12s`, `1h 2m 3s`.
+pub(crate) fn format_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else {
+        humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn kv() {
+        assert_eq!(parse_kv("a=b"), Ok(("a".into(), "b".into())));
+        assert_eq!(parse_kv("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_kv("a="), Ok(("a".into(), String::new())));
+        assert!(parse_kv("=b").is_err());
+        assert!(parse_kv("ab").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(format_ms(350), "350ms");
+        assert_eq!(format_ms(12_400), "12s");
+        assert_eq!(format_ms(3_723_000), "1h 2m 3s");
+    }
+
+    #[derive(Parser)]
+    struct Probe {
+        #[command(flatten)]
+        conn: ConnectionArgs,
+    }
+
+    #[test]
+    fn connection_defaults() {
+        let p = Probe::try_parse_from(["x"]).expect("parse");
+        if std::env::var_os("SLUICE_ADDR").is_none() {
+            assert_eq!(p.conn.addr, "127.0.0.1:7070");
+        }
+        assert_eq!(p.conn.request_timeout, Duration::from_secs(10));
+        let config = p.conn.client_config("stats");
+        assert!(config.client_id.starts_with("sluice-cli-stats-"));
+        let p = Probe::try_parse_from(["x", "--addr", "h:1", "--client-id", "me"]).expect("parse");
+        assert_eq!(p.conn.client_config("x").client_id, "me");
+        assert_eq!(p.conn.addr, "h:1");
+    }
+}

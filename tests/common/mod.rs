@@ -263,7 +263,7 @@ impl RawClient {
                 }
             }
             let left = deadline.checked_duration_since(Instant::now())?;
-            let mut tmp = [0u8; 65536];
+            let mut tmp = vec![0u8; 65536];
             match tokio::time::timeout(left, self.stream.read(&mut tmp)).await {
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
                 Ok(Ok(n)) => self.buf.extend_from_slice(&tmp[..n]),
@@ -283,7 +283,7 @@ impl RawClient {
                     continue;
                 }
             }
-            let mut tmp = [0u8; 65536];
+            let mut tmp = vec![0u8; 65536];
             match tokio::time::timeout(left, self.stream.read(&mut tmp)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return Some(seen),
                 Ok(Ok(n)) => self.buf.extend_from_slice(&tmp[..n]),

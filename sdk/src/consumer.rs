@@ -1,0 +1,1348 @@
+//! Consuming a group: batches in, messages out one by one, acks per batch, auto-reconnect.
+//!
+//! Three parts run for one [`Consumer`]:
+//! - the **session task** owns the connection and the `subscribe` stream. It forwards batches to
+//!   the consumer, and when the stream ends, fails or the connection closes it reconnects with
+//!   exponential backoff and subscribes again with the same group: the broker resumes the
+//!   group's cursor and redelivers whatever was not acked. A broker refusal that retrying cannot
+//!   fix (mode conflict, unknown group, invalid request, ...) stops it; [`Consumer::next`] then
+//!   returns that error.
+//! - the **consumer** itself ([`Consumer::next`]) hands messages out one by one and tracks, per
+//!   batch, which ones are still unsettled (`AckTracker`). When every message of a batch has
+//!   been acked or nacked it queues ONE `ack` request with the acked seqs and one `nack` request
+//!   with the nacked seqs; [`Consumer::ack`] never waits for the network.
+//! - the **acker task** sends those requests on the current connection (waiting for a new one
+//!   after a disconnect: the broker acks sequence numbers even for batches it no longer knows),
+//!   and records their outcome for [`Consumer::flush_acks`].
+//!
+//! Messages of a subscription that ended but were not handed out yet are dropped, not replayed:
+//! the broker redelivers them on the new subscription.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::{Stream, StreamExt};
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use sluice_protocol::{
+    route, AckReply, AckRequest, Batch, DeliveredMessage, ErrorCode, GroupMode, NackRequest,
+    StatusUpdate, SubscribeRequest,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::client::{decode_data, Client, ClientConfig};
+use crate::error::{Result, SdkError};
+use crate::producer::validate_topic;
+
+/// Attempts for one ack/nack request before its failure is reported.
+const MAX_ACK_ATTEMPTS: u32 = 5;
+/// Failed acks kept for [`Consumer::flush_acks`] to report.
+const MAX_KEPT_FAILURES: usize = 1024;
+
+/// What to consume and how to behave when the connection drops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    /// The connection.
+    pub client: ClientConfig,
+    /// Topic to consume.
+    pub topic: String,
+    /// Group (durable cursor) to consume as.
+    pub group: String,
+    /// Group mode; must match the group's if it exists (default shared).
+    pub mode: GroupMode,
+    /// Header filters (exact match, all must hold); must match the group's if it exists.
+    pub filters: BTreeMap<String, String>,
+    /// Most unacked batches the broker sends this consumer (default: the broker's, 4).
+    pub window: Option<u32>,
+    /// Most messages per batch (default and maximum: the broker's).
+    pub batch_size: Option<u32>,
+    /// First reconnect delay (default 100 ms); doubled after each failed attempt.
+    pub reconnect_backoff_min: Duration,
+    /// Longest reconnect delay (default 5 s).
+    pub reconnect_backoff_max: Duration,
+    /// Consecutive failed reconnects after which the consumer gives up (default: never).
+    pub max_reconnect_attempts: Option<u32>,
+    /// Most `ack`/`nack` requests awaiting the broker's reply at once (default 8). The broker
+    /// answers an ack once it is durable but may deliver more as soon as it arrives, so this
+    /// also bounds how many acked batches a broker crash can redeliver; more of them helps
+    /// only when the broker's commits are slow.
+    pub max_acks_in_flight: usize,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            client: ClientConfig::default(),
+            topic: String::new(),
+            group: String::new(),
+            mode: GroupMode::default(),
+            filters: BTreeMap::new(),
+            window: None,
+            batch_size: None,
+            reconnect_backoff_min: Duration::from_millis(100),
+            reconnect_backoff_max: Duration::from_secs(5),
+            max_reconnect_attempts: None,
+            max_acks_in_flight: 8,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// Defaults, consuming `topic` as `group` through `client`.
+    pub fn new(client: ClientConfig, topic: impl Into<String>, group: impl Into<String>) -> Self {
+        ConsumerConfig {
+            client,
+            topic: topic.into(),
+            group: group.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Sets the group mode.
+    pub fn mode(mut self, mode: GroupMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Adds a header filter.
+    pub fn filter(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.filters.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the window of unacked batches.
+    pub fn window(mut self, window: u32) -> Self {
+        self.window = Some(window);
+        self
+    }
+
+    /// Sets the most messages per batch.
+    pub fn batch_size(mut self, batch_size: u32) -> Self {
+        self.batch_size = Some(batch_size);
+        self
+    }
+
+    /// Sets the reconnect backoff range.
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_backoff_min = min;
+        self.reconnect_backoff_max = max;
+        self
+    }
+
+    /// Sets how many consecutive failed reconnects are tolerated.
+    pub fn max_reconnect_attempts(mut self, attempts: u32) -> Self {
+        self.max_reconnect_attempts = Some(attempts);
+        self
+    }
+
+    /// Sets how many ack/nack requests may await the broker's reply at once.
+    pub fn max_acks_in_flight(mut self, n: usize) -> Self {
+        self.max_acks_in_flight = n;
+        self
+    }
+
+    /// Checks the values before they are used.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(SdkError::InvalidArgument(m.to_string()));
+        self.client.validate()?;
+        validate_topic(&self.topic)?;
+        if self.group.is_empty() || self.group.len() > 200 {
+            return bad("group name must be 1..=200 bytes");
+        }
+        if self.window == Some(0) {
+            return bad("window must be at least 1");
+        }
+        if self.batch_size == Some(0) {
+            return bad("batch size must be at least 1");
+        }
+        if self.max_acks_in_flight == 0 {
+            return bad("max_acks_in_flight must be at least 1");
+        }
+        if self.reconnect_backoff_min.is_zero()
+            || self.reconnect_backoff_max < self.reconnect_backoff_min
+        {
+            return bad("reconnect backoff must satisfy 0 < min <= max");
+        }
+        Ok(())
+    }
+
+    fn subscribe_request(&self) -> SubscribeRequest {
+        SubscribeRequest {
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            mode: self.mode,
+            filters: self.filters.clone(),
+            window: self.window,
+            batch_size: self.batch_size,
+        }
+    }
+}
+
+/// A message handed out by [`Consumer::next`]. Settle it with [`Consumer::ack`] or
+/// [`Consumer::nack`] on the consumer that returned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Topic.
+    pub topic: String,
+    /// Group.
+    pub group: String,
+    /// The batch it was delivered in.
+    pub batch_id: u64,
+    /// The message.
+    pub message: DeliveredMessage,
+    consumer_id: u64,
+    subscription: u64,
+}
+
+impl Received {
+    /// The message's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.message.seq
+    }
+
+    /// The message's payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.message.payload
+    }
+
+    /// 1 on first delivery, 2 on the first redelivery, ...
+    pub fn attempt(&self) -> u32 {
+        self.message.attempt
+    }
+
+    fn key(&self) -> BatchKey {
+        BatchKey {
+            subscription: self.subscription,
+            batch_id: self.batch_id,
+        }
+    }
+}
+
+/// Consumes one group of one topic. See the module documentation for how it works.
+///
+/// Dropping it closes its connection; the broker then redelivers whatever was not acked. Call
+/// [`Consumer::flush_acks`] (or [`Consumer::close`]) first to make sure the acks you made are
+/// durable.
+pub struct Consumer {
+    shared: Arc<Shared>,
+    jobs: mpsc::UnboundedSender<(u64, AckJob)>,
+    events: mpsc::UnboundedReceiver<Event>,
+    buffer: VecDeque<Received>,
+    finished: bool,
+    session: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("topic", &self.shared.topic)
+            .field("group", &self.shared.group)
+            .field("buffered", &self.buffer.len())
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+static NEXT_CONSUMER_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Consumer {
+    /// Connects and subscribes. Fails at once if the configuration is invalid or the broker
+    /// cannot be reached; a refusal of the subscription itself (mode conflict, ...) comes from
+    /// the first [`Consumer::next`].
+    pub async fn subscribe(config: ConsumerConfig) -> Result<Consumer> {
+        config.validate()?;
+        let client = Client::connect(config.client.clone()).await?;
+        let shared = Arc::new(Shared {
+            consumer_id: NEXT_CONSUMER_ID.fetch_add(1, Ordering::Relaxed),
+            topic: config.topic.clone(),
+            group: config.group.clone(),
+            tracker: Mutex::new(AckTracker::default()),
+            live_subscription: AtomicU64::new(0),
+            ledger: Mutex::new(Ledger::default()),
+            ledger_changed: watch::Sender::new(0),
+            connection: watch::Sender::new(Connection::Connecting),
+            status: Mutex::new(None),
+        });
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (jobs, jobs_rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_acker(
+            jobs_rx,
+            shared.clone(),
+            config.max_acks_in_flight,
+        ));
+        let session = tokio::spawn(run_session(config, client, shared.clone(), events_tx));
+        Ok(Consumer {
+            shared,
+            jobs,
+            events,
+            buffer: VecDeque::new(),
+            finished: false,
+            session,
+        })
+    }
+
+    /// The next message, waiting for one if needed. `None` once the consumer has stopped (after
+    /// returning the error that stopped it).
+    pub async fn next(&mut self) -> Option<Result<Received>> {
+        futures::future::poll_fn(|cx| self.poll_received(cx)).await
+    }
+
+    /// Poll version of [`Consumer::next`] (also available through [`Stream`]).
+    pub fn poll_received(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Received>>> {
+        loop {
+            if let Some(r) = self.buffer.pop_front() {
+                if r.subscription == self.shared.live_subscription.load(Ordering::Acquire) {
+                    return Poll::Ready(Some(Ok(r)));
+                }
+                // Its subscription ended: the broker will redeliver it.
+                let jobs = self.shared.tracker().abandon(r.key(), r.seq());
+                self.submit_logged(jobs);
+                continue;
+            }
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            match ready!(self.events.poll_recv(cx)) {
+                Some(Event::Batch {
+                    subscription,
+                    batch,
+                }) => self.accept_batch(subscription, batch),
+                Some(Event::Fatal(e)) => {
+                    self.finished = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    self.finished = true;
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    fn accept_batch(&mut self, subscription: u64, batch: Batch) {
+        if subscription != self.shared.live_subscription.load(Ordering::Acquire) {
+            tracing::debug!(
+                batch_id = batch.batch_id,
+                "dropping a batch of an ended subscription"
+            );
+            return;
+        }
+        let key = BatchKey {
+            subscription,
+            batch_id: batch.batch_id,
+        };
+        let jobs = self.shared.tracker().register(
+            key,
+            &batch.topic,
+            &batch.group,
+            batch.messages.iter().map(|m| m.seq),
+        );
+        self.submit_logged(jobs);
+        let Batch {
+            batch_id,
+            topic,
+            group,
+            messages,
+        } = batch;
+        self.buffer
+            .extend(messages.into_iter().map(|message| Received {
+                topic: topic.clone(),
+                group: group.clone(),
+                batch_id,
+                message,
+                consumer_id: self.shared.consumer_id,
+                subscription,
+            }));
+    }
+
+    /// Acknowledges a message. Never waits: once every message of its batch is settled, one
+    /// `ack` request with the batch's acked seqs is sent in the background. Acking a message
+    /// twice is a no-op.
+    pub fn ack(&self, message: &Received) -> Result<()> {
+        self.settle(message, Settle::Ack)
+    }
+
+    /// Negatively acknowledges a message: once its batch is settled, one `nack` request sends
+    /// it (with the batch's other nacked messages) back for redelivery.
+    pub fn nack(&self, message: &Received) -> Result<()> {
+        self.settle(message, Settle::Nack)
+    }
+
+    fn settle(&self, message: &Received, kind: Settle) -> Result<()> {
+        if message.consumer_id != self.shared.consumer_id {
+            return Err(SdkError::InvalidArgument(
+                "message was received by another consumer".into(),
+            ));
+        }
+        let jobs = self
+            .shared
+            .tracker()
+            .settle(message.key(), message.seq(), kind);
+        self.submit(jobs)
+    }
+
+    /// Sends the acks and nacks made so far for `message`'s batch now, without waiting for the
+    /// rest of the batch, and waits until the broker has confirmed them (for acks: durable).
+    pub async fn ack_batch_now(&self, message: &Received) -> Result<()> {
+        let jobs = self.shared.tracker().drain_settled(message.key());
+        let target = self.submit_returning_target(jobs)?;
+        self.wait_jobs_before(target).await
+    }
+
+    /// Sends every ack and nack made so far (also those of batches not fully settled yet) and
+    /// waits until the broker has confirmed all of them. Returns the first failure among them.
+    pub async fn flush_acks(&self) -> Result<()> {
+        let jobs = self.shared.tracker().drain_all_settled();
+        let target = self.submit_returning_target(jobs)?;
+        self.wait_jobs_before(target).await
+    }
+
+    /// Flushes acks, then closes the consumer.
+    pub async fn close(self) -> Result<()> {
+        self.flush_acks().await
+    }
+
+    /// The latest status update the broker sent (head sequence, lag), if any.
+    pub fn status(&self) -> Option<StatusUpdate> {
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// True while a subscription is established.
+    pub fn is_connected(&self) -> bool {
+        self.shared.live_subscription.load(Ordering::Acquire) != 0
+    }
+
+    /// Topic consumed.
+    pub fn topic(&self) -> &str {
+        &self.shared.topic
+    }
+
+    /// Group consumed as.
+    pub fn group(&self) -> &str {
+        &self.shared.group
+    }
+
+    fn submit(&self, jobs: Vec<AckJob>) -> Result<()> {
+        self.submit_returning_target(jobs).map(|_| ())
+    }
+
+    fn submit_logged(&self, jobs: Vec<AckJob>) {
+        if let Err(e) = self.submit(jobs) {
+            tracing::warn!(error = %e, "cannot queue an ack");
+        }
+    }
+
+    /// Queues `jobs` and returns the id below which every job queued so far lies.
+    fn submit_returning_target(&self, jobs: Vec<AckJob>) -> Result<u64> {
+        let mut ledger = self.shared.ledger();
+        for job in jobs {
+            let id = ledger.next_id;
+            ledger.next_id += 1;
+            ledger.outstanding.insert(id);
+            if self.jobs.send((id, job)).is_err() {
+                ledger.outstanding.remove(&id);
+                return Err(SdkError::Closed("the consumer's acker stopped".into()));
+            }
+        }
+        Ok(ledger.next_id)
+    }
+
+    async fn wait_jobs_before(&self, target: u64) -> Result<()> {
+        let mut changed = self.shared.ledger_changed.subscribe();
+        loop {
+            if let Some(result) = self.shared.ledger().result_before(target) {
+                return result;
+            }
+            if changed.changed().await.is_err() {
+                return Err(SdkError::Closed("the consumer's acker stopped".into()));
+            }
+        }
+    }
+}
+
+impl Stream for Consumer {
+    type Item = Result<Received>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_received(cx)
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.session.abort();
+        // Acks already being sent finish on their own connection clone; the rest fail.
+        self.shared
+            .connection
+            .send_replace(Connection::Stopped(SdkError::Closed(
+                "the consumer was closed".into(),
+            )));
+    }
+}
+
+/// What the session task sends the consumer.
+enum Event {
+    /// A batch of subscription number `subscription`.
+    Batch { subscription: u64, batch: Batch },
+    /// The consumer cannot go on.
+    Fatal(SdkError),
+}
+
+/// The session's connection, as the acker sees it.
+enum Connection {
+    Connecting,
+    Connected(Client),
+    Stopped(SdkError),
+}
+
+struct Shared {
+    consumer_id: u64,
+    topic: String,
+    group: String,
+    tracker: Mutex<AckTracker>,
+    /// Number of the subscription currently open (0: none). Messages of other subscriptions are
+    /// dropped instead of handed out.
+    live_subscription: AtomicU64,
+    ledger: Mutex<Ledger>,
+    ledger_changed: watch::Sender<u64>,
+    connection: watch::Sender<Connection>,
+    status: Mutex<Option<StatusUpdate>>,
+}
+
+impl Shared {
+    fn tracker(&self) -> MutexGuard<'_, AckTracker> {
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn finish_job(&self, id: u64, result: Result<AckReply>) {
+        {
+            let mut ledger = self.ledger();
+            ledger.outstanding.remove(&id);
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "ack/nack failed");
+                if ledger.failures.len() < MAX_KEPT_FAILURES {
+                    ledger.failures.push((id, e));
+                }
+            }
+        }
+        self.ledger_changed.send_modify(|n| *n += 1);
+    }
+
+    /// The current usable connection, waiting for one while the session reconnects.
+    async fn connected(&self) -> Result<Client> {
+        let mut rx = self.connection.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                Connection::Connected(c) if !c.is_closed() => return Ok(c.clone()),
+                Connection::Stopped(e) => return Err(e.clone()),
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(SdkError::Closed("the consumer was closed".into()));
+            }
+        }
+    }
+}
+
+/// Ack/nack requests queued and their outcomes.
+#[derive(Default)]
+struct Ledger {
+    next_id: u64,
+    outstanding: BTreeSet<u64>,
+    failures: Vec<(u64, SdkError)>,
+}
+
+impl Ledger {
+    /// `None` while a job below `target` is outstanding; else the first failure below `target`
+    /// (removing those failures) or `Ok`.
+    fn result_before(&mut self, target: u64) -> Option<Result<()>> {
+        if self.outstanding.range(..target).next().is_some() {
+            return None;
+        }
+        let mut first = None;
+        self.failures.retain(|(id, e)| {
+            if *id < target {
+                if first.is_none() {
+                    first = Some(e.clone());
+                }
+                false
+            } else {
+                true
+            }
+        });
+        Some(first.map_or(Ok(()), Err))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ack tracking (pure)
+// ---------------------------------------------------------------------------------------------
+
+/// Identifies a delivered batch within one consumer. Batch ids are unique only within one
+/// broker run, so the subscription number is part of the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct BatchKey {
+    subscription: u64,
+    batch_id: u64,
+}
+
+/// How a message was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settle {
+    Ack,
+    Nack,
+}
+
+/// One `ack` or `nack` request to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AckJob {
+    kind: Settle,
+    topic: String,
+    group: String,
+    batch_id: u64,
+    seqs: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct TrackedBatch {
+    topic: String,
+    group: String,
+    unsettled: HashSet<u64>,
+    acked: Vec<u64>,
+    nacked: Vec<u64>,
+}
+
+impl TrackedBatch {
+    /// The requests for what was settled since the last drain.
+    fn drain(&mut self, batch_id: u64) -> Vec<AckJob> {
+        let mut jobs = Vec::with_capacity(2);
+        for (kind, seqs) in [
+            (Settle::Ack, std::mem::take(&mut self.acked)),
+            (Settle::Nack, std::mem::take(&mut self.nacked)),
+        ] {
+            if !seqs.is_empty() {
+                jobs.push(AckJob {
+                    kind,
+                    topic: self.topic.clone(),
+                    group: self.group.clone(),
+                    batch_id,
+                    seqs,
+                });
+            }
+        }
+        jobs
+    }
+}
+
+/// Per delivered batch: which messages are unsettled and which were acked or nacked but not
+/// sent yet. Every method returns the requests that became due.
+#[derive(Debug, Default)]
+pub(crate) struct AckTracker {
+    batches: HashMap<BatchKey, TrackedBatch>,
+}
+
+impl AckTracker {
+    /// Starts tracking a delivered batch. An empty batch is settled at once with an ack of the
+    /// whole batch (empty `seqs`), so it does not hold a window slot.
+    pub(crate) fn register(
+        &mut self,
+        key: BatchKey,
+        topic: &str,
+        group: &str,
+        seqs: impl Iterator<Item = u64>,
+    ) -> Vec<AckJob> {
+        let unsettled: HashSet<u64> = seqs.collect();
+        if unsettled.is_empty() {
+            return vec![AckJob {
+                kind: Settle::Ack,
+                topic: topic.to_string(),
+                group: group.to_string(),
+                batch_id: key.batch_id,
+                seqs: Vec::new(),
+            }];
+        }
+        self.batches.insert(
+            key,
+            TrackedBatch {
+                topic: topic.to_string(),
+                group: group.to_string(),
+                unsettled,
+                acked: Vec::new(),
+                nacked: Vec::new(),
+            },
+        );
+        Vec::new()
+    }
+
+    /// Settles one message; when it was the batch's last unsettled one, returns the batch's
+    /// requests and forgets the batch. Unknown or already settled messages are ignored.
+    pub(crate) fn settle(&mut self, key: BatchKey, seq: u64, kind: Settle) -> Vec<AckJob> {
+        let Some(batch) = self.batches.get_mut(&key) else {
+            return Vec::new();
+        };
+        if !batch.unsettled.remove(&seq) {
+            return Vec::new();
+        }
+        match kind {
+            Settle::Ack => batch.acked.push(seq),
+            Settle::Nack => batch.nacked.push(seq),
+        }
+        self.complete_if_done(key)
+    }
+
+    /// A message that will never be handed out (its subscription ended): stop waiting for it.
+    pub(crate) fn abandon(&mut self, key: BatchKey, seq: u64) -> Vec<AckJob> {
+        let removed = self
+            .batches
+            .get_mut(&key)
+            .is_some_and(|batch| batch.unsettled.remove(&seq));
+        if removed {
+            self.complete_if_done(key)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The requests for what was settled so far in one batch, without waiting for the rest.
+    pub(crate) fn drain_settled(&mut self, key: BatchKey) -> Vec<AckJob> {
+        match self.batches.get_mut(&key) {
+            Some(batch) => batch.drain(key.batch_id),
+            None => Vec::new(),
+        }
+    }
+
+    /// The requests for what was settled so far in every batch.
+    pub(crate) fn drain_all_settled(&mut self) -> Vec<AckJob> {
+        let mut keys: Vec<BatchKey> = self.batches.keys().copied().collect();
+        keys.sort_by_key(|k| (k.subscription, k.batch_id));
+        keys.into_iter()
+            .flat_map(|k| self.drain_settled(k))
+            .collect()
+    }
+
+    /// Batches still tracked.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    fn complete_if_done(&mut self, key: BatchKey) -> Vec<AckJob> {
+        match self.batches.get(&key) {
+            Some(batch) if batch.unsettled.is_empty() => {}
+            _ => return Vec::new(),
+        }
+        match self.batches.remove(&key) {
+            Some(mut batch) => batch.drain(key.batch_id),
+            None => Vec::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Acker task
+// ---------------------------------------------------------------------------------------------
+
+async fn run_acker(
+    mut jobs: mpsc::UnboundedReceiver<(u64, AckJob)>,
+    shared: Arc<Shared>,
+    max_in_flight: usize,
+) {
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            job = jobs.recv(), if open && in_flight.len() < max_in_flight => match job {
+                Some((id, job)) => {
+                    let shared = shared.clone();
+                    in_flight.push(async move {
+                        let result = execute_ack(&shared, job).await;
+                        (id, result)
+                    });
+                }
+                None => open = false,
+            },
+            Some((id, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                shared.finish_job(id, result);
+            }
+            else => break,
+        }
+    }
+}
+
+async fn execute_ack(shared: &Shared, job: AckJob) -> Result<AckReply> {
+    // An empty seq list only comes from an empty batch: ack it whole.
+    let seqs = (!job.seqs.is_empty()).then(|| job.seqs.clone());
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let client = shared.connected().await?;
+        let result = match job.kind {
+            Settle::Ack => {
+                let req = AckRequest {
+                    topic: job.topic.clone(),
+                    group: job.group.clone(),
+                    batch_id: job.batch_id,
+                    seqs: seqs.clone(),
+                };
+                client.request::<_, AckReply>(route::ACK, &req).await
+            }
+            Settle::Nack => {
+                let req = NackRequest {
+                    topic: job.topic.clone(),
+                    group: job.group.clone(),
+                    batch_id: job.batch_id,
+                    seqs: seqs.clone(),
+                };
+                client.request::<_, AckReply>(route::NACK, &req).await
+            }
+        };
+        match result {
+            Ok(reply) => {
+                tracing::trace!(batch_id = job.batch_id, outcome = ?reply.outcome, "settled");
+                return Ok(reply);
+            }
+            Err(e) if e.is_retryable() && attempt < MAX_ACK_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "ack/nack failed; retrying");
+                if e.is_connection_error() {
+                    // Wait until this connection is seen closed; the session reconnects.
+                    client.closed().await;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session task
+// ---------------------------------------------------------------------------------------------
+
+/// Why one subscription ended.
+enum Ended {
+    /// The consumer is gone: stop.
+    ConsumerGone,
+    /// The stream ended (`None`: completed by the broker) or failed.
+    Stream {
+        error: Option<SdkError>,
+        delivered: bool,
+    },
+}
+
+async fn run_session(
+    config: ConsumerConfig,
+    first: Client,
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let request = config.subscribe_request();
+    let mut client = Some(first);
+    let mut failures: u32 = 0;
+    let mut subscription: u64 = 0;
+    loop {
+        let conn = match client.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                shared.connection.send_replace(Connection::Connecting);
+                match Client::connect(config.client.clone()).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        if !backoff(
+                            &config,
+                            &shared,
+                            &events,
+                            &mut failures,
+                            e,
+                            subscription > 0,
+                        )
+                        .await
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        shared
+            .connection
+            .send_replace(Connection::Connected(conn.clone()));
+
+        subscription += 1;
+        shared
+            .live_subscription
+            .store(subscription, Ordering::Release);
+        tracing::debug!(
+            topic = %request.topic,
+            group = %request.group,
+            subscription,
+            "subscribing"
+        );
+        let started = Instant::now();
+        let ended = pump(&conn, &request, subscription, &shared, &events).await;
+        shared.live_subscription.store(0, Ordering::Release);
+
+        let (error, delivered) = match ended {
+            Ended::ConsumerGone => return,
+            Ended::Stream { error, delivered } => (error, delivered),
+        };
+        if delivered
+            || started.elapsed() >= config.reconnect_backoff_max.max(Duration::from_secs(10))
+        {
+            failures = 0;
+        }
+        let error =
+            error.unwrap_or_else(|| SdkError::Closed("the broker ended the subscription".into()));
+        if !conn.is_closed() {
+            // Resubscribe on the same connection.
+            client = Some(conn);
+        }
+        if !backoff(
+            &config,
+            &shared,
+            &events,
+            &mut failures,
+            error,
+            subscription > 1,
+        )
+        .await
+        {
+            return;
+        }
+    }
+}
+
+/// Reads one subscription until it ends.
+async fn pump(
+    conn: &Client,
+    request: &SubscribeRequest,
+    subscription: u64,
+    shared: &Shared,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Ended {
+    let mut stream = match conn.request_stream(route::SUBSCRIBE, request) {
+        Ok(s) => s,
+        Err(e) => {
+            return Ended::Stream {
+                error: Some(e),
+                delivered: false,
+            }
+        }
+    };
+    let mut delivered = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = events.closed() => return Ended::ConsumerGone,
+            _ = conn.closed() => {
+                return Ended::Stream { error: Some(conn.closed_error()), delivered };
+            }
+            item = stream.next() => match item {
+                Some(Ok(payload)) => {
+                    delivered = true;
+                    match decode_data::<IncomingEvent>(route::SUBSCRIBE, &payload) {
+                        Ok(IncomingEvent::Batch(batch)) => {
+                            tracing::debug!(
+                                batch_id = batch.batch_id,
+                                messages = batch.messages.len(),
+                                "batch received"
+                            );
+                            if events.send(Event::Batch { subscription, batch }).is_err() {
+                                return Ended::ConsumerGone;
+                            }
+                        }
+                        Ok(IncomingEvent::Status(status)) => {
+                            *shared.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                        }
+                        Ok(IncomingEvent::Unknown(name)) => {
+                            tracing::debug!(event = %name, "ignoring an unknown stream event");
+                        }
+                        Err(e) => {
+                            // Cannot even read its batch id: the broker will time it out and
+                            // redeliver (or dead-letter) it.
+                            tracing::error!(error = %e, "undecodable stream event skipped");
+                        }
+                    }
+                }
+                Some(Err(e)) => return Ended::Stream { error: Some(e), delivered },
+                None => return Ended::Stream { error: None, delivered },
+            },
+        }
+    }
+}
+
+/// Decides what a failure means. Returns `false` (after telling the consumer) when the session
+/// must stop; otherwise sleeps the backoff delay and returns `true`.
+async fn backoff(
+    config: &ConsumerConfig,
+    shared: &Shared,
+    events: &mpsc::UnboundedSender<Event>,
+    failures: &mut u32,
+    error: SdkError,
+    resubscribing: bool,
+) -> bool {
+    let stop = |error: SdkError| {
+        // The error reaches the application through `Consumer::next`.
+        tracing::debug!(error = %error, "consumer stopped");
+        shared
+            .connection
+            .send_replace(Connection::Stopped(error.clone()));
+        let _ = events.send(Event::Fatal(error));
+        false
+    };
+    if is_fatal(&error, resubscribing) {
+        return stop(error);
+    }
+    *failures += 1;
+    if let Some(max) = config.max_reconnect_attempts {
+        if *failures > max {
+            return stop(error);
+        }
+    }
+    let delay = jitter(backoff_delay(
+        *failures,
+        config.reconnect_backoff_min,
+        config.reconnect_backoff_max,
+    ));
+    tracing::warn!(
+        error = %error,
+        attempt = *failures,
+        retry_in = %humantime::format_duration(delay),
+        "subscription lost; reconnecting"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = events.closed() => false,
+    }
+}
+
+/// Broker refusals that retrying cannot fix. `ExclusiveTaken` is retried after a reconnect:
+/// the broker may not have noticed yet that our previous connection is gone.
+pub(crate) fn is_fatal(error: &SdkError, resubscribing: bool) -> bool {
+    match error.code() {
+        None => matches!(
+            error,
+            SdkError::InvalidArgument(_) | SdkError::Codec(_) | SdkError::Protocol(_)
+        ),
+        Some(code) => match code {
+            ErrorCode::Unavailable
+            | ErrorCode::Timeout
+            | ErrorCode::StorageError
+            | ErrorCode::Internal
+            | ErrorCode::NotSetUp => false,
+            ErrorCode::ExclusiveTaken => !resubscribing,
+            _ => true,
+        },
+    }
+}
+
+/// Exponential backoff: `min * 2^(failures-1)`, capped at `max`.
+pub(crate) fn backoff_delay(failures: u32, min: Duration, max: Duration) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    min.saturating_mul(1u32 << exp).min(max)
+}
+
+/// Spreads reconnects of many consumers: 80%..120% of `d`.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let d = d.mul_f64(0.8 + f64::from(nanos % 401) / 1000.0);
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A `subscribe` stream item: `{"batch": ...}`, `{"status": ...}`, or an event this SDK does
+/// not know (ignored, as the protocol asks).
+#[derive(Debug)]
+enum IncomingEvent {
+    Batch(Batch),
+    Status(StatusUpdate),
+    Unknown(String),
+}
+
+impl<'de> Deserialize<'de> for IncomingEvent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct EventVisitor;
+        impl<'de> Visitor<'de> for EventVisitor {
+            type Value = IncomingEvent;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map with one key naming the event")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut found = None;
+                while let Some(name) = map.next_key::<String>()? {
+                    if found.is_some() {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
+                    }
+                    found = Some(match name.as_str() {
+                        "batch" => IncomingEvent::Batch(map.next_value()?),
+                        "status" => IncomingEvent::Status(map.next_value()?),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            IncomingEvent::Unknown(name)
+                        }
+                    });
+                }
+                found.ok_or_else(|| serde::de::Error::custom("empty stream event"))
+            }
+        }
+        d.deserialize_map(EventVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_protocol::StreamEvent;
+
+    fn key(subscription: u64, batch_id: u64) -> BatchKey {
+        BatchKey {
+            subscription,
+            batch_id,
+        }
+    }
+
+    fn register(t: &mut AckTracker, k: BatchKey, seqs: &[u64]) {
+        let jobs = t.register(k, "t", "g", seqs.iter().copied());
+        assert!(jobs.is_empty());
+    }
+
+    #[test]
+    fn one_ack_per_fully_acked_batch() {
+        let mut t = AckTracker::default();
+        register(&mut t, key(1, 7), &[10, 11, 12]);
+        assert!(t.settle(key(1, 7), 11, Settle::Ack).is_empty());
+        assert!(t.settle(key(1, 7), 10, Settle::Ack).is_empty());
+        let jobs = t.settle(key(1, 7), 12, Settle::Ack);
+        assert_eq!(
+            jobs,
+            vec![AckJob {
+                kind: Settle::Ack,
+                topic: "t".into(),
+                group: "g".into(),
+                batch_id: 7,
+                seqs: vec![11, 10, 12],
+            }]
+        );
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn mixed_batch_gives_one_ack_and_one_nack() {
+        let mut t = AckTracker::default();
+        register(&mut t, key(1, 1), &[1, 2, 3, 4]);
+        t.settle(key(1, 1), 1, Settle::Ack);
+        t.settle(key(1, 1), 2, Settle::Nack);
+        t.settle(key(1, 1), 3, Settle::Ack);
+        let jobs = t.settle(key(1, 1), 4, Settle::Nack);
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(
+            (jobs[0].kind, jobs[0].seqs.clone()),
+            (Settle::Ack, vec![1, 3])
+        );
+        assert_eq!(
+            (jobs[1].kind, jobs[1].seqs.clone()),
+            (Settle::Nack, vec![2, 4])
+        );
+    }
+
+    #[test]
+    fn double_and_unknown_settles_are_ignored() {
+        let mut t = AckTracker::default();
+        register(&mut t, key(1, 1), &[1, 2]);
+        assert!(t.settle(key(1, 1), 1, Settle::Ack).is_empty());
+        assert!(t.settle(key(1, 1), 1, Settle::Ack).is_empty());
+        assert!(t.settle(key(1, 1), 99, Settle::Ack).is_empty());
+        assert!(t.settle(key(2, 1), 2, Settle::Ack).is_empty());
+        assert_eq!(t.settle(key(1, 1), 2, Settle::Ack)[0].seqs, vec![1, 2]);
+        // The batch is gone: a late ack of it does nothing.
+        assert!(t.settle(key(1, 1), 2, Settle::Ack).is_empty());
+    }
+
+    #[test]
+    fn same_batch_id_on_two_subscriptions_is_two_batches() {
+        let mut t = AckTracker::default();
+        register(&mut t, key(1, 5), &[1]);
+        register(&mut t, key(2, 5), &[1]);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.settle(key(2, 5), 1, Settle::Ack).len(), 1);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn abandoned_messages_complete_the_batch_without_being_acked() {
+        let mut t = AckTracker::default();
+        register(&mut t, key(1, 1), &[1, 2, 3]);
+        t.settle(key(1, 1), 1, Settle::Ack);
+        assert!(t.abandon(key(1, 1), 2).is_empty());
+        let jobs = t.abandon(key(1, 1), 3);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].seqs, vec![1]);
+
+        // Nothing settled at all: nothing to send.
+        register(&mut t, key(1, 2), &[4]);
+        assert!(t.abandon(key(1, 2), 4).is_empty());
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn partial_drain_then_completion_sends_only_the_rest() {
+        let mut t = AckTracker::default();
+        register(&mut t, key(1, 1), &[1, 2, 3]);
+        register(&mut t, key(1, 2), &[4, 5]);
+        t.settle(key(1, 1), 1, Settle::Ack);
+        t.settle(key(1, 2), 4, Settle::Nack);
+        let drained = t.drain_all_settled();
+        assert_eq!(drained.len(), 2);
+        assert_eq!((drained[0].batch_id, drained[0].seqs.clone()), (1, vec![1]));
+        assert_eq!(
+            (
+                drained[1].batch_id,
+                drained[1].kind,
+                drained[1].seqs.clone()
+            ),
+            (2, Settle::Nack, vec![4])
+        );
+        assert!(t.drain_all_settled().is_empty());
+        assert!(t.drain_settled(key(1, 1)).is_empty());
+        t.settle(key(1, 1), 2, Settle::Ack);
+        let rest = t.settle(key(1, 1), 3, Settle::Ack);
+        assert_eq!(rest[0].seqs, vec![2, 3]);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn empty_batch_is_acked_whole_at_once() {
+        let mut t = AckTracker::default();
+        let jobs = t.register(key(1, 9), "t", "g", std::iter::empty());
+        assert_eq!(jobs.len(), 1);
+        assert!(jobs[0].seqs.is_empty());
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn ledger_waits_for_earlier_jobs_and_reports_failures() {
+        let mut l = Ledger::default();
+        l.outstanding.extend([0, 1, 2]);
+        l.next_id = 3;
+        assert!(l.result_before(2).is_none());
+        l.outstanding.remove(&0);
+        l.outstanding.remove(&1);
+        l.failures.push((1, SdkError::Closed("x".into())));
+        l.failures.push((2, SdkError::Closed("y".into())));
+        assert!(matches!(l.result_before(2), Some(Err(SdkError::Closed(m))) if m == "x"));
+        assert!(matches!(l.result_before(2), Some(Ok(()))));
+        assert!(l.result_before(3).is_none());
+        l.outstanding.remove(&2);
+        assert!(matches!(l.result_before(3), Some(Err(_))));
+    }
+
+    #[test]
+    fn fatal_errors() {
+        let broker = |code| SdkError::Broker(sluice_protocol::WireError::new(code, "x"));
+        assert!(is_fatal(&broker(ErrorCode::ModeConflict), false));
+        assert!(is_fatal(&broker(ErrorCode::UnknownGroup), true));
+        assert!(is_fatal(&broker(ErrorCode::InvalidRequest), true));
+        assert!(is_fatal(&broker(ErrorCode::UnsupportedVersion), true));
+        assert!(!is_fatal(&broker(ErrorCode::Unavailable), false));
+        assert!(!is_fatal(&broker(ErrorCode::Internal), false));
+        assert!(is_fatal(&broker(ErrorCode::ExclusiveTaken), false));
+        assert!(!is_fatal(&broker(ErrorCode::ExclusiveTaken), true));
+        assert!(!is_fatal(&SdkError::Closed("x".into()), false));
+        assert!(!is_fatal(
+            &SdkError::Timeout {
+                route: "ack".into(),
+                after: Duration::from_secs(1)
+            },
+            false
+        ));
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        assert_eq!(backoff_delay(1, min, max), Duration::from_millis(100));
+        assert_eq!(backoff_delay(2, min, max), Duration::from_millis(200));
+        assert_eq!(backoff_delay(4, min, max), Duration::from_millis(800));
+        assert_eq!(backoff_delay(7, min, max), Duration::from_secs(5));
+        assert_eq!(backoff_delay(1000, min, max), Duration::from_secs(5));
+        let j = jitter(Duration::from_secs(1));
+        assert!(j >= Duration::from_millis(800) && j <= Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn stream_events_decode_and_unknown_ones_are_ignored() {
+        let batch = Batch {
+            batch_id: 3,
+            topic: "t".into(),
+            group: "g".into(),
+            messages: vec![],
+        };
+        let bytes = sluice_protocol::encode(&StreamEvent::Batch(batch.clone())).expect("encode");
+        match sluice_protocol::decode::<IncomingEvent>(&bytes).expect("decode") {
+            IncomingEvent::Batch(b) => assert_eq!(b, batch),
+            other => panic!("unexpected {other:?}"),
+        }
+        let status = StatusUpdate {
+            head_seq: 9,
+            lag: 2,
+        };
+        let bytes = sluice_protocol::encode(&StreamEvent::Status(status.clone())).expect("encode");
+        assert!(matches!(
+            sluice_protocol::decode::<IncomingEvent>(&bytes).expect("decode"),
+            IncomingEvent::Status(s) if s == status
+        ));
+
+        let mut future = BTreeMap::new();
+        future.insert("reset", BTreeMap::from([("epoch", 4u32)]));
+        let bytes = sluice_protocol::encode(&future).expect("encode");
+        assert!(matches!(
+            sluice_protocol::decode::<IncomingEvent>(&bytes).expect("decode"),
+            IncomingEvent::Unknown(n) if n == "reset"
+        ));
+        let empty: BTreeMap<String, u8> = BTreeMap::new();
+        let bytes = sluice_protocol::encode(&empty).expect("encode");
+        assert!(sluice_protocol::decode::<IncomingEvent>(&bytes).is_err());
+    }
+
+    #[test]
+    fn config_validation() {
+        let ok = ConsumerConfig::new(ClientConfig::default(), "orders", "billing");
+        assert!(ok.validate().is_ok());
+        assert!(ConsumerConfig::default().validate().is_err());
+        assert!(ok.clone().window(0).validate().is_err());
+        assert!(ok
+            .clone()
+            .reconnect_backoff(Duration::from_secs(2), Duration::from_secs(1))
+            .validate()
+            .is_err());
+        let req = ok
+            .filter("region", "eu")
+            .mode(GroupMode::KeyShared)
+            .subscribe_request();
+        assert_eq!(req.mode, GroupMode::KeyShared);
+        assert_eq!(req.filters.get("region").map(String::as_str), Some("eu"));
+    }
+}

@@ -1,0 +1,286 @@
+//! `sluice stats`: the broker's actor, group and connection stats, as tables or JSON.
+
+use anyhow::Context as _;
+use sluice_sdk::{Admin, BrokerStats};
+
+use super::{format_ms, is_broken_pipe, write_stdout, ConnectionArgs};
+
+/// `sluice stats`: show actor, group and connection stats.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub conn: ConnectionArgs,
+    /// Print the raw stats as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `sluice stats`.
+pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
+    let admin = Admin::connect(args.conn.client_config("stats")).await?;
+    let stats = admin.stats().await.context("admin.stats failed")?;
+    let out = if args.json {
+        let mut s = serde_json::to_string_pretty(&stats)?;
+        s.push('\n');
+        s
+    } else {
+        render(&stats)
+    };
+    match write_stdout(&out) {
+        Err(e) if !is_broken_pipe(&e) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Column alignment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Align {
+    Left,
+    Right,
+}
+
+use Align::{Left as L, Right as R};
+
+/// A plain-text table: a header row and aligned columns separated by two spaces.
+fn table(headers: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|(h, _)| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, ((cell, width), (_, align))) in cells.iter().zip(&widths).zip(headers).enumerate() {
+            let last = i + 1 == headers.len();
+            let pad = width.saturating_sub(cell.chars().count());
+            if i > 0 {
+                s.push_str("  ");
+            }
+            match align {
+                Align::Right => {
+                    s.extend(std::iter::repeat_n(' ', pad));
+                    s.push_str(cell);
+                }
+                Align::Left => {
+                    s.push_str(cell);
+                    if !last {
+                        s.extend(std::iter::repeat_n(' ', pad));
+                    }
+                }
+            }
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(headers.iter().map(|(h, _)| *h).collect());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// The three tables of `sluice stats`, under a one-line broker summary.
+pub fn render(stats: &BrokerStats) -> String {
+    let mut out = format!(
+        "broker {}  up {}  fsync {}\n",
+        stats.version,
+        format_ms(stats.uptime_ms),
+        stats.fsync
+    );
+
+    out.push_str(&format!("\nACTORS ({})\n", stats.actors.len()));
+    let rows: Vec<Vec<String>> = stats
+        .actors
+        .iter()
+        .map(|a| {
+            vec![
+                a.kind.clone(),
+                a.name.clone(),
+                a.handled.to_string(),
+                a.mailbox_backlog
+                    .map_or_else(|| "-".to_string(), |b| b.to_string()),
+                a.restarts.to_string(),
+                format_ms(a.uptime_ms),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            ("KIND", L),
+            ("NAME", L),
+            ("HANDLED", R),
+            ("BACKLOG", R),
+            ("RESTARTS", R),
+            ("UPTIME", R),
+        ],
+        &rows,
+    ));
+
+    out.push_str(&format!("\nGROUPS ({})\n", stats.groups.len()));
+    let rows: Vec<Vec<String>> = stats
+        .groups
+        .iter()
+        .map(|g| {
+            vec![
+                g.topic.clone(),
+                g.group.clone(),
+                g.mode.to_string(),
+                g.head_seq.to_string(),
+                g.acked_floor.to_string(),
+                g.lag.to_string(),
+                g.in_flight_batches.to_string(),
+                g.in_flight_messages.to_string(),
+                g.redeliveries.to_string(),
+                g.dead_letters.to_string(),
+                g.consumers.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            ("TOPIC", L),
+            ("GROUP", L),
+            ("MODE", L),
+            ("HEAD", R),
+            ("ACKED", R),
+            ("LAG", R),
+            ("IN-FLIGHT", R),
+            ("IN-FLIGHT MSGS", R),
+            ("REDELIVERED", R),
+            ("DEAD", R),
+            ("CONSUMERS", R),
+        ],
+        &rows,
+    ));
+
+    out.push_str(&format!("\nCONNECTIONS ({})\n", stats.connections.len()));
+    let rows: Vec<Vec<String>> = stats
+        .connections
+        .iter()
+        .map(|c| {
+            vec![
+                c.conn_id.to_string(),
+                c.client_id.clone(),
+                c.peer.clone(),
+                if c.groups.is_empty() {
+                    "-".to_string()
+                } else {
+                    c.groups.join(",")
+                },
+                c.in_flight_batches.to_string(),
+                format!("{} ago", format_ms(c.last_heartbeat_ms_ago)),
+                format_ms(c.connected_ms),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            ("ID", R),
+            ("CLIENT", L),
+            ("PEER", L),
+            ("GROUPS", L),
+            ("IN-FLIGHT", R),
+            ("LAST HEARTBEAT", R),
+            ("CONNECTED", R),
+        ],
+        &rows,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_sdk::protocol::{ActorStats, ConnectionStats, GroupStats};
+    use sluice_sdk::GroupMode;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &[("NAME", L), ("N", R), ("NOTE", L)],
+            &[
+                vec!["a".into(), "1".into(), "x".into()],
+                vec!["long-name".into(), "12345".into(), "y".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "NAME           N  NOTE\n\
+             a              1  x\n\
+             long-name  12345  y\n"
+        );
+    }
+
+    #[test]
+    fn renders_every_section() {
+        let stats = BrokerStats {
+            version: "0.1.0".into(),
+            uptime_ms: 61_000,
+            fsync: "always".into(),
+            actors: vec![ActorStats {
+                kind: "orchestrator".into(),
+                name: "orchestrator-0".into(),
+                handled: 1234,
+                mailbox_backlog: Some(3),
+                restarts: 1,
+                uptime_ms: 5_000,
+            }],
+            groups: vec![GroupStats {
+                topic: "orders".into(),
+                group: "billing".into(),
+                mode: GroupMode::KeyShared,
+                head_seq: 100,
+                acked_floor: 90,
+                lag: 10,
+                in_flight_batches: 2,
+                in_flight_messages: 8,
+                redeliveries: 4,
+                dead_letters: 1,
+                consumers: 3,
+            }],
+            connections: vec![ConnectionStats {
+                conn_id: 7,
+                client_id: "cli".into(),
+                peer: "127.0.0.1:5555".into(),
+                groups: vec!["orders/billing".into()],
+                in_flight_batches: 2,
+                last_heartbeat_ms_ago: 250,
+                connected_ms: 3_600_000,
+            }],
+        };
+        let out = render(&stats);
+        assert!(
+            out.starts_with("broker 0.1.0  up 1m 1s  fsync always\n"),
+            "{out}"
+        );
+        for needle in [
+            "ACTORS (1)",
+            "orchestrator-0",
+            "GROUPS (1)",
+            "key_shared",
+            "CONNECTIONS (1)",
+            "orders/billing",
+            "250ms ago",
+            "1h",
+        ] {
+            assert!(out.contains(needle), "missing {needle} in\n{out}");
+        }
+        // header and row of each table have the same width up to the last column
+        let lines: Vec<&str> = out.lines().collect();
+        let groups = lines
+            .iter()
+            .position(|l| l.starts_with("GROUPS"))
+            .expect("groups");
+        let header = lines[groups + 1];
+        let row = lines[groups + 2];
+        assert_eq!(
+            header.find("HEAD").map(|i| i + 4),
+            row.find("100").map(|i| i + 3)
+        );
+
+        let empty = render(&BrokerStats::default());
+        assert!(empty.contains("ACTORS (0)\nKIND"));
+    }
+}
