@@ -147,11 +147,15 @@ pub struct BatchTimedOut {
 #[rtype(result = "Vec<GroupStats>")]
 pub struct GetGroupStats;
 
-/// A message waiting for (re)delivery, with how many deliveries it has had.
+/// A message waiting for (re)delivery, with how many deliveries it has had and how many of them
+/// failed by timeout or nack. Only failures count toward `max_retries`: a batch returned because
+/// its consumer disconnected is redelivered (its `attempt` rises) without moving the message
+/// closer to the dead-letter topic, as in RabbitMQ 4's delivery limit.
 #[derive(Debug, Clone)]
 struct Pending {
     msg: Arc<StoredMessage>,
     deliveries: u32,
+    failures: u32,
 }
 
 #[derive(Debug)]
@@ -537,7 +541,7 @@ impl OrchestratorActor {
                     for m in r.messages {
                         last = last.max(m.seq);
                         if !g.is_settled(m.seq) && !g.seq_batch.contains_key(&m.seq) && !g.retry.contains_key(&m.seq) {
-                            g.ready.push_back(Pending { msg: Arc::new(m), deliveries: 0 });
+                            g.ready.push_back(Pending { msg: Arc::new(m), deliveries: 0, failures: 0 });
                         }
                     }
                     g.next_read = last + 1;
@@ -562,6 +566,7 @@ impl OrchestratorActor {
         group: &str,
         batch_id: u64,
         why: &str,
+        counts_as_failure: bool,
         ctx: &mut Context<Self>,
     ) {
         let max_retries = self.cfg.max_retries;
@@ -576,9 +581,12 @@ impl OrchestratorActor {
             c.in_flight = c.in_flight.saturating_sub(1);
         }
         let mut dead = Vec::new();
-        for (seq, p) in b.msgs {
+        for (seq, mut p) in b.msgs {
             g.seq_batch.remove(&seq);
-            if p.deliveries > max_retries {
+            if counts_as_failure {
+                p.failures += 1;
+            }
+            if p.failures > max_retries {
                 g.dead_lettering.insert(seq);
                 dead.push(p);
             } else {
@@ -708,7 +716,8 @@ impl OrchestratorActor {
                     continue;
                 };
                 if let Some(b) = g.in_flight.get_mut(&bid) {
-                    if let Some(p) = b.msgs.remove(&seq) {
+                    if let Some(mut p) = b.msgs.remove(&seq) {
+                        p.failures += 1;
                         g.seq_batch.remove(&seq);
                         touched_batches.insert(bid);
                         g.retry.insert(seq, p);
@@ -739,7 +748,7 @@ impl OrchestratorActor {
                 let over: Vec<u64> = g
                     .retry
                     .iter()
-                    .filter(|(_, p)| p.deliveries > max)
+                    .filter(|(_, p)| p.failures > max)
                     .map(|(s, _)| *s)
                     .collect();
                 let dead: Vec<Pending> = over.iter().filter_map(|s| g.retry.remove(s)).collect();
@@ -960,7 +969,14 @@ impl Handler<LeaveGroup> for OrchestratorActor {
             tracing::info!(topic = %msg.topic, group = %msg.group, consumer = %p, "failover: standby promoted");
         }
         for b in batches {
-            self.fail_batch(&msg.topic, &msg.group, b, "consumer disconnected", ctx);
+            self.fail_batch(
+                &msg.topic,
+                &msg.group,
+                b,
+                "consumer disconnected",
+                false,
+                ctx,
+            );
         }
         self.pump(&msg.topic, &msg.group, ctx);
     }
@@ -1101,7 +1117,14 @@ impl Handler<BatchTimedOut> for OrchestratorActor {
             .is_some_and(|(g, _)| g.in_flight.contains_key(&msg.batch_id));
         if known {
             tracing::info!(topic = %msg.topic, group = %msg.group, batch_id = msg.batch_id, "batch timed out; redelivering");
-            self.fail_batch(&msg.topic, &msg.group, msg.batch_id, "batch timeout", ctx);
+            self.fail_batch(
+                &msg.topic,
+                &msg.group,
+                msg.batch_id,
+                "batch timeout",
+                true,
+                ctx,
+            );
             self.pump(&msg.topic, &msg.group, ctx);
         }
     }
@@ -1133,6 +1156,7 @@ impl Handler<MessagesAppended> for OrchestratorActor {
                         g.ready.push_back(Pending {
                             msg: m.clone(),
                             deliveries: 0,
+                            failures: 0,
                         });
                     }
                 }

@@ -57,8 +57,14 @@ impl ConsumeArgs {
             group: self.group.clone(),
             mode: self.mode,
             filters: self.filters.iter().cloned().collect::<BTreeMap<_, _>>(),
-            window: self.window,
-            batch_size: self.batch_size,
+            // With --count, ask for no more than is needed, so that messages this command will
+            // not print are not held (and redelivered) needlessly.
+            window: self
+                .window
+                .or(self.count.map(|n| n.div_ceil(16).clamp(1, 4) as u32)),
+            batch_size: self
+                .batch_size
+                .or(self.count.map(|n| n.clamp(1, 16) as u32)),
             ..Default::default()
         }
     }
