@@ -36,6 +36,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 
+/// Largest batch a consumer may ask for.
+pub const MAX_BATCH_SIZE: u32 = 4096;
+
 const ERR_INVALID_SETUP: u32 = 0x001;
 const ERR_UNSUPPORTED_SETUP: u32 = 0x002;
 const ERR_REJECTED_SETUP: u32 = 0x003;
@@ -655,10 +658,12 @@ impl ConnectionActor {
         }
         let cfg = &self.links.config;
         let window = req.window.unwrap_or(cfg.window).clamp(1, 1024);
+        // A consumer may ask for larger batches than the default (like Kafka's
+        // max.poll.records); batch_max_bytes still bounds each one.
         let batch_size = req
             .batch_size
             .unwrap_or(cfg.batch_size)
-            .clamp(1, cfg.batch_size);
+            .clamp(1, MAX_BATCH_SIZE);
         let (shard, _) = self.links.orchestrator(&req.topic);
         let sub = Subscription {
             topic: req.topic.clone(),

@@ -348,17 +348,26 @@ impl GroupState {
 
     /// Removes `seq` from wherever it waits (ready, retry, another batch in flight).
     fn withdraw(&mut self, seq: u64) -> Option<(Option<u64>, Option<ConsumerId>)> {
-        if self.retry.remove(&seq).is_some() {
-            return Some((None, None));
-        }
-        if let Some(pos) = self.ready.iter().position(|p| p.msg.seq == seq) {
-            self.ready.remove(pos);
-            return Some((None, None));
-        }
+        // In flight is the common case (an ack of a delivered batch): check it first.
         if let Some(bid) = self.seq_batch.remove(&seq) {
             if let Some(b) = self.in_flight.get_mut(&bid) {
                 b.msgs.remove(&seq);
                 return Some((Some(bid), Some(b.consumer)));
+            }
+        }
+        if self.retry.remove(&seq).is_some() {
+            return Some((None, None));
+        }
+        // `ready` is in seq order: search only when the seq can be there.
+        let in_range = matches!((self.ready.front(), self.ready.back()), (Some(f), Some(b)) if f.msg.seq <= seq && seq <= b.msg.seq);
+        if in_range {
+            if let Ok(pos) = self.ready.binary_search_by_key(&seq, |p| p.msg.seq) {
+                self.ready.remove(pos);
+                return Some((None, None));
+            }
+            if let Some(pos) = self.ready.iter().position(|p| p.msg.seq == seq) {
+                self.ready.remove(pos);
+                return Some((None, None));
             }
         }
         None

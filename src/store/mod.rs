@@ -109,6 +109,9 @@ impl Storage {
             .path(dir)
             .cache_capacity(cache_capacity)
             .flush_every_ms(Some(500))
+            // Values above segment_size / 4 become separate blob files; 2 MiB keeps a node of
+            // 16 chunks (CHUNK_BYTES each) inline.
+            .segment_size(2 * 1024 * 1024)
             .open()?;
         let groups = db.open_tree("groups")?;
         let mut topics = HashMap::new();
@@ -121,7 +124,14 @@ impl Storage {
             };
             let tree = db.open_tree(name)?;
             let last_seq = match tree.last()? {
-                Some((k, _)) => seq_from_key(&k).unwrap_or(0),
+                Some((k, v)) => {
+                    let first = seq_from_key(&k).unwrap_or(0);
+                    let count = v
+                        .get(1..5)
+                        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                        .unwrap_or(1);
+                    first + count.max(1) as u64 - 1
+                }
                 None => 0,
             };
             topics.insert(topic.to_string(), TopicLog { tree, last_seq });
@@ -164,16 +174,35 @@ impl Storage {
     }
 
     /// Writes `messages` to the topic's log with consecutive seqs (not yet durable: call
-    /// [`Storage::sync`]). Returns the first seq and whether a value may have become a sled blob.
+    /// [`Storage::sync`]). Returns the first seq.
+    ///
+    /// Messages are stored in chunks (segments) of about [`CHUNK_BYTES`], one sled value each,
+    /// keyed by the chunk's first seq: sled's cost is per key, so this turns ~100 inserts into one.
     pub fn append(&mut self, topic: &str, messages: &[StoredMessage]) -> Result<u64, StoreError> {
         let log = self.topic_mut(topic)?;
         let first = log.last_seq + 1;
         let mut batch = sled::Batch::default();
-        let mut buf = Vec::new();
+        let mut chunk = Vec::with_capacity(CHUNK_BYTES + 1024);
+        let mut chunk_first = first;
+        let mut count = 0u32;
+        let mut record = Vec::new();
         for (i, m) in messages.iter().enumerate() {
-            buf.clear();
-            m.encode_into(&mut buf);
-            batch.insert(&(first + i as u64).to_be_bytes(), buf.as_slice());
+            if count == 0 {
+                chunk.clear();
+                chunk.push(CHUNK_VERSION);
+                chunk.extend_from_slice(&[0; 4]);
+                chunk_first = first + i as u64;
+            }
+            record.clear();
+            m.encode_into(&mut record);
+            chunk.extend_from_slice(&(record.len() as u32).to_be_bytes());
+            chunk.extend_from_slice(&record);
+            count += 1;
+            if chunk.len() >= CHUNK_BYTES || i + 1 == messages.len() {
+                chunk[1..5].copy_from_slice(&count.to_be_bytes());
+                batch.insert(&chunk_first.to_be_bytes(), chunk.as_slice());
+                count = 0;
+            }
         }
         log.tree.apply_batch(batch)?;
         log.last_seq = first + messages.len() as u64 - 1;
@@ -193,20 +222,47 @@ impl Storage {
         let Some(log) = self.topics.get(topic) else {
             return Ok(out);
         };
+        // The chunk holding `from` starts at or before it.
+        let start = match log.tree.range(..=from.to_be_bytes()).next_back() {
+            Some(item) => item?.0.to_vec(),
+            None => from.to_be_bytes().to_vec(),
+        };
         let mut bytes = 0usize;
-        for item in log.tree.range(from.to_be_bytes()..) {
+        let mut iter = log.tree.range(start..).peekable();
+        while let Some(item) = iter.next() {
             let (k, v) = item?;
-            let Some(seq) = seq_from_key(&k) else {
+            let Some(first) = seq_from_key(&k) else {
                 continue;
             };
-            match StoredMessage::decode(seq, &v) {
-                Ok(m) => {
-                    bytes += m.payload.len();
-                    out.messages.push(m);
+            let next_first = match iter.peek() {
+                Some(Ok((nk, _))) => seq_from_key(nk).unwrap_or(u64::MAX),
+                _ => log.last_seq + 1,
+            };
+            let buf = Bytes::copy_from_slice(&v);
+            match decode_chunk(first, &buf) {
+                Ok(records) => {
+                    for (seq, rec) in records {
+                        if seq < from {
+                            continue;
+                        }
+                        match rec {
+                            Ok(m) => {
+                                bytes += m.payload.len();
+                                out.messages.push(m);
+                            }
+                            Err(reason) => {
+                                tracing::error!(topic, seq, %reason, "corrupt message record: not served");
+                                out.corrupt.push(seq);
+                            }
+                        }
+                        if out.messages.len() + out.corrupt.len() >= max || bytes >= max_bytes {
+                            return Ok(out);
+                        }
+                    }
                 }
                 Err(reason) => {
-                    tracing::error!(topic, seq, %reason, "corrupt message record: not served");
-                    out.corrupt.push(seq);
+                    tracing::error!(topic, first, %reason, "corrupt log chunk: its messages are not served");
+                    out.corrupt.extend(first.max(from)..next_first);
                 }
             }
             if out.messages.len() + out.corrupt.len() >= max || bytes >= max_bytes {
@@ -306,6 +362,37 @@ impl Storage {
     }
 }
 
+/// Target size of one stored chunk of messages (a single larger message is a chunk of its own).
+pub const CHUNK_BYTES: usize = 16 * 1024;
+const CHUNK_VERSION: u8 = 1;
+
+type ChunkRecords = Vec<(u64, Result<StoredMessage, String>)>;
+
+/// Decodes a chunk: `version u8 | count u32 | (len u32 | record)*`; each record has its own CRC,
+/// so one bad record spoils only itself.
+fn decode_chunk(first: u64, buf: &Bytes) -> Result<ChunkRecords, String> {
+    if buf.len() < 5 || buf[0] != CHUNK_VERSION {
+        return Err("bad chunk header".into());
+    }
+    let count = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    let mut out = Vec::with_capacity(count);
+    let mut pos = 5;
+    for i in 0..count {
+        let seq = first + i as u64;
+        let Some(l) = buf.get(pos..pos + 4) else {
+            return Err(format!("chunk truncated at record {i}"));
+        };
+        let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
+        pos += 4;
+        if pos + len > buf.len() {
+            return Err(format!("chunk truncated at record {i}"));
+        }
+        out.push((seq, StoredMessage::decode(seq, &buf.slice(pos..pos + len))));
+        pos += len;
+    }
+    Ok(out)
+}
+
 fn seq_from_key(k: &[u8]) -> Option<u64> {
     let arr: [u8; 8] = k.try_into().ok()?;
     Some(u64::from_be_bytes(arr))
@@ -367,8 +454,9 @@ mod tests {
         s.append("t", &[msg("a"), msg("b")]).unwrap();
         let tree = s.db.open_tree("log/t").unwrap();
         let mut v = tree.get(1u64.to_be_bytes()).unwrap().unwrap().to_vec();
-        let last = v.len() - 1;
-        v[last] ^= 0xff;
+        // The chunk holds records 1 and 2: corrupt the payload of the first ("a").
+        let pos = v.iter().position(|b| *b == b'a').unwrap();
+        v[pos] ^= 0xff;
         tree.insert(1u64.to_be_bytes(), v).unwrap();
         let r = s.read("t", 1, 10, 1 << 20).unwrap();
         assert_eq!(r.corrupt, vec![1]);

@@ -51,8 +51,8 @@ impl StoredMessage {
         buf[start..start + 4].copy_from_slice(&crc.to_be_bytes());
     }
 
-    /// Decodes a record, checking its CRC.
-    pub fn decode(seq: u64, v: &[u8]) -> Result<StoredMessage, String> {
+    /// Decodes a record, checking its CRC. The payload shares `v`'s memory.
+    pub fn decode(seq: u64, v: &Bytes) -> Result<StoredMessage, String> {
         let mut r = Reader { b: v, pos: 0 };
         let crc = r.u32()?;
         if crc32fast::hash(&v[4..]) != crc {
@@ -75,7 +75,7 @@ impl StoredMessage {
             let val = r.str(vl)?;
             headers.insert(k, val);
         }
-        let payload = Bytes::copy_from_slice(&v[r.pos..]);
+        let payload = v.slice(r.pos..);
         Ok(StoredMessage {
             seq,
             timestamp_ms,
@@ -150,16 +150,22 @@ mod tests {
         };
         let mut buf = Vec::new();
         m.encode_into(&mut buf);
-        assert_eq!(StoredMessage::decode(9, &buf).unwrap(), m);
+        assert_eq!(
+            StoredMessage::decode(9, &Bytes::from(buf.clone())).unwrap(),
+            m
+        );
         let no_key = StoredMessage {
             key: None,
             ..m.clone()
         };
         buf.clear();
         no_key.encode_into(&mut buf);
-        assert_eq!(StoredMessage::decode(9, &buf).unwrap(), no_key);
+        assert_eq!(
+            StoredMessage::decode(9, &Bytes::from(buf.clone())).unwrap(),
+            no_key
+        );
         buf[10] ^= 1;
-        assert!(StoredMessage::decode(9, &buf).is_err());
-        assert!(StoredMessage::decode(9, &buf[..3]).is_err());
+        assert!(StoredMessage::decode(9, &Bytes::from(buf.clone())).is_err());
+        assert!(StoredMessage::decode(9, &Bytes::copy_from_slice(&buf[..3])).is_err());
     }
 }
