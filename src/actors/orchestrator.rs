@@ -1200,3 +1200,92 @@ impl Handler<InjectFault> for OrchestratorActor {
         ctx.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> GroupState {
+        GroupState::from_record(GroupRecord {
+            mode: GroupMode::Shared,
+            filters: BTreeMap::new(),
+            acked_floor: 0,
+            acked_above: vec![],
+            created_ms: 0,
+        })
+    }
+
+    fn pending(seq: u64, priority: u8) -> Pending {
+        Pending {
+            msg: Arc::new(StoredMessage {
+                seq,
+                timestamp_ms: 0,
+                key: None,
+                headers: BTreeMap::new(),
+                priority,
+                payload: Bytes::from_static(b"x"),
+            }),
+            deliveries: 0,
+            failures: 0,
+        }
+    }
+
+    #[test]
+    fn settle_advances_the_floor_over_contiguous_acks() {
+        let mut g = state();
+        assert!(g.settle(2));
+        assert!(g.settle(3));
+        assert_eq!((g.floor, g.acked_above.len()), (0, 2));
+        assert!(g.settle(1));
+        assert_eq!((g.floor, g.acked_above.len()), (3, 0));
+        assert!(!g.settle(2), "already settled");
+        assert_eq!(g.lag(10), 7);
+        let rec = g.record();
+        assert_eq!(GroupState::from_record(rec).next_read, 4);
+    }
+
+    #[test]
+    fn batches_take_retries_first_then_priority_then_seq() {
+        let mut g = state();
+        for (seq, prio) in [(3, 0), (4, 5), (5, 0), (6, 5)] {
+            g.ready.push_back(pending(seq, prio));
+        }
+        let mut r = pending(1, 0);
+        r.deliveries = 1;
+        g.retry.insert(1, r);
+        let seqs: Vec<u64> = g
+            .take_batch(3, usize::MAX)
+            .iter()
+            .map(|p| p.msg.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 4, 6]);
+        let seqs: Vec<u64> = g
+            .take_batch(10, usize::MAX)
+            .iter()
+            .map(|p| p.msg.seq)
+            .collect();
+        assert_eq!(seqs, vec![3, 5]);
+    }
+
+    #[test]
+    fn batch_bytes_are_bounded_but_never_empty() {
+        let mut g = state();
+        for seq in 1..=4 {
+            g.ready.push_back(pending(seq, 0));
+        }
+        assert_eq!(g.take_batch(16, 1).len(), 1);
+        assert_eq!(g.take_batch(16, 2).len(), 2);
+    }
+
+    #[test]
+    fn withdraw_finds_seqs_wherever_they_wait() {
+        let mut g = state();
+        g.ready.push_back(pending(5, 0));
+        g.retry.insert(3, pending(3, 0));
+        g.seq_batch.insert(7, 99);
+        assert_eq!(g.withdraw(5), Some((None, None)));
+        assert_eq!(g.withdraw(3), Some((None, None)));
+        assert_eq!(g.withdraw(8), None);
+        assert!(g.ready.is_empty() && g.retry.is_empty());
+    }
+}
