@@ -152,9 +152,13 @@ impl ConsumerConfig {
         let bad = |m: &str| Err(SdkError::InvalidArgument(m.to_string()));
         self.client.validate()?;
         validate_topic(&self.topic)?;
-        if self.group.is_empty() || self.group.len() > 200 {
-            return bad("group name must be 1..=200 bytes");
-        }
+        // Group names follow the topic-name rule.
+        validate_topic(&self.group).map_err(|_| {
+            SdkError::InvalidArgument(format!(
+                "group name '{}' must be 1..=120 bytes of [A-Za-z0-9._-] (not . or ..)",
+                self.group
+            ))
+        })?;
         if self.window == Some(0) {
             return bad("window must be at least 1");
         }

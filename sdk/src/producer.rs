@@ -253,10 +253,12 @@ fn stopped() -> SdkError {
     SdkError::Closed("the producer's background task stopped".into())
 }
 
-/// Checks a topic name the way the broker does: 1..=200 bytes of `[A-Za-z0-9._-]`.
+/// Checks a topic name the way the broker does: 1..=120 bytes of `[A-Za-z0-9._-]`, not `.` or `..`.
 pub fn validate_topic(topic: &str) -> Result<()> {
     let ok = !topic.is_empty()
-        && topic.len() <= 200
+        && topic.len() <= 120
+        && topic != "."
+        && topic != ".."
         && topic
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
@@ -264,7 +266,7 @@ pub fn validate_topic(topic: &str) -> Result<()> {
         Ok(())
     } else {
         Err(SdkError::InvalidArgument(format!(
-            "topic name '{topic}' must be 1..=200 characters of [A-Za-z0-9._-]"
+            "topic name '{topic}' must be 1..=120 characters of [A-Za-z0-9._-] (not . or ..)"
         )))
     }
 }
@@ -696,7 +698,9 @@ mod tests {
         assert!(validate_topic("").is_err());
         assert!(validate_topic("a/b").is_err());
         assert!(validate_topic("é").is_err());
-        assert!(validate_topic(&"a".repeat(200)).is_ok());
+        assert!(validate_topic(&"a".repeat(120)).is_ok());
+        assert!(validate_topic(&"a".repeat(121)).is_err());
+        assert!(validate_topic("..").is_err());
         assert!(validate_topic(&"a".repeat(201)).is_err());
     }
 

@@ -785,10 +785,13 @@ fn decode<T: DeserializeOwned>(data: &[u8]) -> Result<T, WireError> {
     sluice_protocol::decode(data).map_err(|e| WireError::new(ErrorCode::BadPayload, e.to_string()))
 }
 
-/// Topic and group names: 1..=200 bytes of `[A-Za-z0-9._-]`.
+/// Topic and group names: 1..=120 bytes of `[A-Za-z0-9._-]`, not `.` or `..` (a topic is a
+/// directory; `<topic>.<group>.dlq` must fit a 255-byte file name).
 pub fn validate_name(what: &str, name: &str) -> Result<(), WireError> {
     let ok = !name.is_empty()
-        && name.len() <= 200
+        && name.len() <= 120
+        && name != "."
+        && name != ".."
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
@@ -797,7 +800,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), WireError> {
     } else {
         Err(WireError::new(
             ErrorCode::InvalidRequest,
-            format!("{what} name '{name}' must be 1..=200 bytes of [A-Za-z0-9._-]"),
+            format!("{what} name '{name}' must be 1..=120 bytes of [A-Za-z0-9._-] (not . or ..)"),
         ))
     }
 }

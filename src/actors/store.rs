@@ -138,9 +138,7 @@ impl StoreActor {
         }
         self.commits += 1;
         let mut results = Vec::with_capacity(appends.len());
-        let mut large = false;
         for (topic, mut msgs, tx) in appends {
-            large |= msgs.iter().any(|m| m.payload.len() > 64 * 1024);
             match self.storage.append(&topic, &msgs) {
                 Ok(first) => {
                     for (i, m) in msgs.iter_mut().enumerate() {
@@ -157,7 +155,7 @@ impl StoreActor {
             group_results.push((r, txs));
         }
         let synced = match self.fsync {
-            FsyncPolicy::Always => self.storage.sync(large),
+            FsyncPolicy::Always => self.storage.sync(),
             _ => {
                 self.dirty = true;
                 Ok(())
@@ -293,7 +291,7 @@ impl Handler<PeriodicSync> for StoreActor {
     fn handle(&mut self, _: PeriodicSync, _: &mut Context<Self>) {
         if self.dirty {
             self.dirty = false;
-            if let Err(e) = self.storage.sync(true) {
+            if let Err(e) = self.storage.sync() {
                 tracing::error!(error = %e, "periodic fsync failed");
             }
         }

@@ -24,7 +24,7 @@ pub struct NewMessage {
 /// Data of a `publish` request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishRequest {
-    /// Topic name: 1..=200 bytes of `[A-Za-z0-9._-]`. Created on first publish.
+    /// Topic name: 1..=120 bytes of `[A-Za-z0-9._-]`, not `.` or `..`. Created on first publish.
     pub topic: String,
     /// One or more messages, stored in this order with consecutive sequence numbers.
     pub messages: Vec<NewMessage>,

@@ -1,24 +1,28 @@
-//! The storage engine under [`crate::actors::store::StoreActor`]: sled trees and their encoding.
-//! Plain synchronous code, unit-tested on its own; only the StoreActor calls it.
+//! The storage engine under [`crate::actors::store::StoreActor`]. Plain synchronous code,
+//! unit-tested on its own; only the StoreActor calls it.
 //!
-//! Layout in sled:
+//! | what | where |
+//! |---|---|
+//! | topic logs | [`segment`] files `<data_dir>/topics/<topic>/*.seg`: chunks of [`record`]s, each record with its CRC-32 |
+//! | group cursors | sled tree `groups`: `<topic>\0<group>` → MessagePack [`GroupRecord`] (mode, filters, acked floor, acks above it) |
 //!
-//! | tree            | key                       | value |
-//! |-----------------|---------------------------|-------|
-//! | `log/<topic>`   | seq (u64 big-endian)      | [`record`]: CRC-32 + timestamp, priority, key, headers, payload |
-//! | `groups`        | `<topic>\0<group>`        | MessagePack [`GroupRecord`]: mode, filters, acked floor, acks above it |
+//! Message data is kept out of sled because sled keeps every page it writes resident (see
+//! `segment.rs`); sled holds the small, often-rewritten records it is good at.
 //!
-//! Durability: [`Storage::sync`] flushes sled and then fsyncs its files, because sled's own
-//! `flush()` never fsyncs (see DEPENDENCY-NOTES.md).
+//! Durability: [`Storage::sync`] fdatasyncs the segments written since the last sync, flushes
+//! sled and fsyncs its `db` file, because sled's own `flush()` never fsyncs
+//! (DEPENDENCY-NOTES.md).
 
 pub mod record;
+pub mod segment;
 
 use crate::config::FsyncPolicy;
 use bytes::Bytes;
 use record::StoredMessage;
+use segment::SegmentLog;
 use serde::{Deserialize, Serialize};
 use sluice_protocol::GroupMode;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -61,23 +65,12 @@ pub struct GroupRecord {
     pub created_ms: u64,
 }
 
-fn log_tree_name(topic: &str) -> String {
-    format!("log/{topic}")
-}
-
 fn group_key(topic: &str, group: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(topic.len() + group.len() + 1);
     k.extend_from_slice(topic.as_bytes());
     k.push(0);
     k.extend_from_slice(group.as_bytes());
     k
-}
-
-/// One topic's open log.
-struct TopicLog {
-    tree: sled::Tree,
-    /// Last stored seq (0 = empty).
-    last_seq: u64,
 }
 
 /// A read of a log range.
@@ -94,9 +87,9 @@ pub struct Storage {
     db: sled::Db,
     dir: PathBuf,
     groups: sled::Tree,
-    topics: HashMap<String, TopicLog>,
-    /// Blob files already fsynced (sled stores large values as separate files).
-    synced_blobs: HashSet<PathBuf>,
+    topics: HashMap<String, SegmentLog>,
+    /// Group records written since the last sync.
+    groups_dirty: bool,
 }
 
 impl Storage {
@@ -104,48 +97,32 @@ impl Storage {
     /// so the database itself survives a power cut.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Storage, StoreError> {
         let existed = dir.join("db").exists();
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir.join("topics"))?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_capacity)
             .flush_every_ms(Some(500))
-            // Values above segment_size / 4 become separate blob files; 2 MiB keeps a node of
-            // 16 chunks (CHUNK_BYTES each) inline.
-            .segment_size(2 * 1024 * 1024)
             .open()?;
         let groups = db.open_tree("groups")?;
         let mut topics = HashMap::new();
-        for name in db.tree_names() {
-            let Ok(name) = std::str::from_utf8(&name) else {
+        for entry in std::fs::read_dir(dir.join("topics"))?.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            let Some(topic) = name.strip_prefix("log/") else {
-                continue;
-            };
-            let tree = db.open_tree(name)?;
-            let last_seq = match tree.last()? {
-                Some((k, v)) => {
-                    let first = seq_from_key(&k).unwrap_or(0);
-                    let count = v
-                        .get(1..5)
-                        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-                        .unwrap_or(1);
-                    first + count.max(1) as u64 - 1
-                }
-                None => 0,
-            };
-            topics.insert(topic.to_string(), TopicLog { tree, last_seq });
+            if entry.path().is_dir() {
+                topics.insert(name, SegmentLog::open(&entry.path())?);
+            }
         }
         let mut storage = Storage {
             db,
             dir: dir.to_owned(),
             groups,
             topics,
-            synced_blobs: HashSet::new(),
+            groups_dirty: true,
         };
         if !existed {
-            storage.db.flush()?;
-            storage.fsync_files(true)?;
+            storage.sync()?;
+            sync_dir(&dir.join("topics"))?;
             sync_dir(dir)?;
             if let Some(parent) = dir.canonicalize()?.parent() {
                 sync_dir(parent)?;
@@ -156,34 +133,29 @@ impl Storage {
 
     /// Last stored seq of `topic` (0 if empty or unknown).
     pub fn last_seq(&self, topic: &str) -> u64 {
-        self.topics.get(topic).map(|t| t.last_seq).unwrap_or(0)
+        self.topics.get(topic).map(|t| t.last_seq()).unwrap_or(0)
     }
 
     /// Every topic with its last seq.
     pub fn topics(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.topics.iter().map(|(k, t)| (k.as_str(), t.last_seq))
+        self.topics.iter().map(|(k, t)| (k.as_str(), t.last_seq()))
     }
 
-    fn topic_mut(&mut self, topic: &str) -> Result<&mut TopicLog, StoreError> {
+    fn topic_mut(&mut self, topic: &str) -> Result<&mut SegmentLog, StoreError> {
         if !self.topics.contains_key(topic) {
-            let tree = self.db.open_tree(log_tree_name(topic))?;
-            self.topics
-                .insert(topic.to_string(), TopicLog { tree, last_seq: 0 });
+            let log = SegmentLog::open(&self.dir.join("topics").join(topic))?;
+            self.topics.insert(topic.to_string(), log);
         }
         self.topics.get_mut(topic).ok_or(StoreError::Unavailable)
     }
 
     /// Writes `messages` to the topic's log with consecutive seqs (not yet durable: call
-    /// [`Storage::sync`]). Returns the first seq.
-    ///
-    /// Messages are stored in chunks (segments) of about [`CHUNK_BYTES`], one sled value each,
-    /// keyed by the chunk's first seq: sled's cost is per key, so this turns ~100 inserts into one.
+    /// [`Storage::sync`]). Returns the first seq. Messages are grouped in chunks of about
+    /// [`CHUNK_BYTES`] (a single larger message is a chunk of its own).
     pub fn append(&mut self, topic: &str, messages: &[StoredMessage]) -> Result<u64, StoreError> {
         let log = self.topic_mut(topic)?;
-        let first = log.last_seq + 1;
-        let mut batch = sled::Batch::default();
+        let first = log.last_seq() + 1;
         let mut chunk = Vec::with_capacity(CHUNK_BYTES + 1024);
-        let mut chunk_first = first;
         let mut count = 0u32;
         let mut record = Vec::new();
         for (i, m) in messages.iter().enumerate() {
@@ -191,7 +163,6 @@ impl Storage {
                 chunk.clear();
                 chunk.push(CHUNK_VERSION);
                 chunk.extend_from_slice(&[0; 4]);
-                chunk_first = first + i as u64;
             }
             record.clear();
             m.encode_into(&mut record);
@@ -200,12 +171,10 @@ impl Storage {
             count += 1;
             if chunk.len() >= CHUNK_BYTES || i + 1 == messages.len() {
                 chunk[1..5].copy_from_slice(&count.to_be_bytes());
-                batch.insert(&chunk_first.to_be_bytes(), chunk.as_slice());
+                log.append_chunk(count, &chunk)?;
                 count = 0;
             }
         }
-        log.tree.apply_batch(batch)?;
-        log.last_seq = first + messages.len() as u64 - 1;
         Ok(first)
     }
 
@@ -222,25 +191,10 @@ impl Storage {
         let Some(log) = self.topics.get(topic) else {
             return Ok(out);
         };
-        // The chunk holding `from` starts at or before it.
-        let start = match log.tree.range(..=from.to_be_bytes()).next_back() {
-            Some(item) => item?.0.to_vec(),
-            None => from.to_be_bytes().to_vec(),
-        };
         let mut bytes = 0usize;
-        let mut iter = log.tree.range(start..).peekable();
-        while let Some(item) = iter.next() {
-            let (k, v) = item?;
-            let Some(first) = seq_from_key(&k) else {
-                continue;
-            };
-            let next_first = match iter.peek() {
-                Some(Ok((nk, _))) => seq_from_key(nk).unwrap_or(u64::MAX),
-                _ => log.last_seq + 1,
-            };
-            let buf = Bytes::copy_from_slice(&v);
-            match decode_chunk(first, &buf) {
-                Ok(records) => {
+        log.scan(from, |item| {
+            match item.map(|(first, body)| (first, decode_chunk(first, &body))) {
+                Ok((_, Ok(records))) => {
                     for (seq, rec) in records {
                         if seq < from {
                             continue;
@@ -256,19 +210,20 @@ impl Storage {
                             }
                         }
                         if out.messages.len() + out.corrupt.len() >= max || bytes >= max_bytes {
-                            return Ok(out);
+                            return false;
                         }
                     }
                 }
-                Err(reason) => {
-                    tracing::error!(topic, first, %reason, "corrupt log chunk: its messages are not served");
-                    out.corrupt.extend(first.max(from)..next_first);
+                Ok((first, Err(reason))) => {
+                    tracing::error!(topic, first, %reason, "corrupt chunk: its messages are not served");
+                }
+                Err((first, next)) => {
+                    tracing::error!(topic, first, "chunk failed its CRC: its messages are not served");
+                    out.corrupt.extend(first.max(from)..next);
                 }
             }
-            if out.messages.len() + out.corrupt.len() >= max || bytes >= max_bytes {
-                break;
-            }
-        }
+            out.messages.len() + out.corrupt.len() < max && bytes < max_bytes
+        })?;
         Ok(out)
     }
 
@@ -304,7 +259,12 @@ impl Storage {
     }
 
     /// Writes a group's record (not yet durable: call [`Storage::sync`]).
-    pub fn put_group(&self, topic: &str, group: &str, rec: &GroupRecord) -> Result<(), StoreError> {
+    pub fn put_group(
+        &mut self,
+        topic: &str,
+        group: &str,
+        rec: &GroupRecord,
+    ) -> Result<(), StoreError> {
         let bytes = sluice_protocol::encode(rec).map_err(|e| StoreError::Corrupt {
             tree: "groups".into(),
             key: format!("{topic}/{group}"),
@@ -312,36 +272,22 @@ impl Storage {
         })?;
         self.groups
             .insert(group_key(topic, group), bytes.as_ref())?;
+        self.groups_dirty = true;
         Ok(())
     }
 
-    /// Makes everything written so far durable according to `policy`'s strongest meaning:
-    /// flush sled's buffers, then fsync its files (`fsync_files`).
-    pub fn sync(&mut self, large_values: bool) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.fsync_files(large_values)
-    }
-
-    fn fsync_files(&mut self, check_blobs: bool) -> Result<(), StoreError> {
-        File::open(self.dir.join("db"))?.sync_data()?;
-        if check_blobs {
-            let blobs = self.dir.join("blobs");
-            if let Ok(entries) = std::fs::read_dir(&blobs) {
-                let mut present = HashSet::new();
-                let mut new_files = false;
-                for e in entries.flatten() {
-                    let p = e.path();
-                    if !self.synced_blobs.contains(&p) {
-                        File::open(&p)?.sync_all()?;
-                        new_files = true;
-                    }
-                    present.insert(p);
-                }
-                if new_files {
-                    sync_dir(&blobs)?;
-                }
-                self.synced_blobs = present;
+    /// Makes everything written so far durable: fdatasync the segments written since the last
+    /// sync (and fsync directories that gained files), flush sled and fsync its `db` file.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        for log in self.topics.values_mut() {
+            if log.is_dirty() {
+                log.sync()?;
             }
+        }
+        if self.groups_dirty {
+            self.db.flush()?;
+            File::open(self.dir.join("db"))?.sync_data()?;
+            self.groups_dirty = false;
         }
         Ok(())
     }
@@ -351,9 +297,10 @@ impl Storage {
         matches!(policy, FsyncPolicy::Always)
     }
 
-    /// Total size on disk, as sled reports it.
+    /// Total size on disk: segments plus sled.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.topics.values().map(SegmentLog::size).sum::<u64>()
+            + self.db.size_on_disk().unwrap_or(0)
     }
 
     /// Payload of a stored message converted to a Bytes (for tests).
@@ -363,7 +310,7 @@ impl Storage {
 }
 
 /// Target size of one stored chunk of messages (a single larger message is a chunk of its own).
-pub const CHUNK_BYTES: usize = 16 * 1024;
+pub const CHUNK_BYTES: usize = 64 * 1024;
 const CHUNK_VERSION: u8 = 1;
 
 type ChunkRecords = Vec<(u64, Result<StoredMessage, String>)>;
@@ -393,11 +340,6 @@ fn decode_chunk(first: u64, buf: &Bytes) -> Result<ChunkRecords, String> {
     Ok(out)
 }
 
-fn seq_from_key(k: &[u8]) -> Option<u64> {
-    let arr: [u8; 8] = k.try_into().ok()?;
-    Some(u64::from_be_bytes(arr))
-}
-
 fn sync_dir(dir: &Path) -> Result<(), std::io::Error> {
     File::open(dir)?.sync_all()
 }
@@ -424,7 +366,7 @@ mod tests {
             let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
             assert_eq!(s.append("t", &[msg("a"), msg("b")]).unwrap(), 1);
             assert_eq!(s.append("t", &[msg("c")]).unwrap(), 3);
-            s.sync(true).unwrap();
+            s.sync().unwrap();
             let r = s.read("t", 2, 10, 1 << 20).unwrap();
             assert_eq!(
                 r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
@@ -439,7 +381,7 @@ mod tests {
                 created_ms: 0,
             };
             s.put_group("t", "g", &rec).unwrap();
-            s.sync(false).unwrap();
+            s.sync().unwrap();
         }
         let s = Storage::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.last_seq("t"), 3);
@@ -448,19 +390,21 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_record_is_not_served() {
+    fn corrupt_chunk_is_not_served_but_the_next_is() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
         s.append("t", &[msg("a"), msg("b")]).unwrap();
-        let tree = s.db.open_tree("log/t").unwrap();
-        let mut v = tree.get(1u64.to_be_bytes()).unwrap().unwrap().to_vec();
-        // The chunk holds records 1 and 2: corrupt the payload of the first ("a").
+        s.append("t", &[msg("c")]).unwrap();
+        s.sync().unwrap();
+        let seg = dir.path().join("topics/t").join(format!("{:020}.seg", 1));
+        let mut v = std::fs::read(&seg).unwrap();
+        // Corrupt the payload "a" of the first chunk.
         let pos = v.iter().position(|b| *b == b'a').unwrap();
         v[pos] ^= 0xff;
-        tree.insert(1u64.to_be_bytes(), v).unwrap();
+        std::fs::write(&seg, v).unwrap();
         let r = s.read("t", 1, 10, 1 << 20).unwrap();
-        assert_eq!(r.corrupt, vec![1]);
+        assert_eq!(r.corrupt, vec![1, 2]);
         assert_eq!(r.messages.len(), 1);
-        assert_eq!(r.messages[0].seq, 2);
+        assert_eq!(r.messages[0].seq, 3);
     }
 }
