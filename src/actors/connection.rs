@@ -144,7 +144,9 @@ impl ConnectionActor {
             ctx.add_stream(FramedRead::with_capacity(
                 r,
                 FrameCodec::new(links.config.max_frame),
-                64 * 1024,
+                // Small to start (an idle connection costs little); FramedRead grows it for
+                // large frames and busy connections.
+                8 * 1024,
             ));
             let addr = ctx.address();
             let writer = spawn_writer(w, links.config.lifetime, move |end| {
@@ -158,7 +160,7 @@ impl ConnectionActor {
                 client_id: None,
                 last_inbound: Instant::now(),
                 connected_at: Instant::now(),
-                out: BytesMut::with_capacity(16 * 1024),
+                out: BytesMut::new(),
                 flush_scheduled: false,
                 writer: Some(writer),
                 streams: HashMap::new(),

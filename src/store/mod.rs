@@ -122,6 +122,10 @@ impl Storage {
         };
         if !existed {
             storage.sync()?;
+            // sled writes `conf` once and never fsyncs it.
+            if let Ok(f) = File::open(dir.join("conf")) {
+                f.sync_all()?;
+            }
             sync_dir(&dir.join("topics"))?;
             sync_dir(dir)?;
             if let Some(parent) = dir.canonicalize()?.parent() {

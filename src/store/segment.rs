@@ -152,12 +152,21 @@ impl SegmentLog {
                     tracing::error!(segment = %seg.path.display(), valid = pos, len = file_len, "corrupt segment: messages after this offset are not served");
                 }
             }
+            if last_segment {
+                // What a crash left in the page cache was never acknowledged, but once served
+                // (and acked by a consumer) it must not vanish in a later power cut, taking its
+                // seqs with it: make the tail durable before anything is read from it.
+                file.sync_data()?;
+            }
             file.seek(SeekFrom::Start(pos))?;
             seg.len = pos;
             if !seg.chunks.is_empty() || last_segment {
                 log.last_seq = log.last_seq.max(expect.saturating_sub(1));
                 log.segments.push(seg);
             }
+        }
+        if n > 0 {
+            File::open(dir)?.sync_all()?;
         }
         Ok(log)
     }

@@ -22,6 +22,8 @@ pub struct TestBroker {
     addr: String,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    /// Data directory given by [`TestBroker::start_on`] (default: `data/` in `dir`).
+    data: Option<PathBuf>,
 }
 
 impl TestBroker {
@@ -38,6 +40,7 @@ impl TestBroker {
             addr: String::new(),
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            data: None,
         };
         b.spawn();
         b
@@ -93,7 +96,9 @@ impl TestBroker {
 
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     /// PID of the running broker.
@@ -320,5 +325,212 @@ pub fn payload_of(f: &Frame) -> Option<Bytes> {
     match f.get_body_ref() {
         rf::Body::Payload(p) => p.get_data().cloned(),
         _ => None,
+    }
+}
+
+impl TestBroker {
+    /// Starts a broker on the given data directory (e.g. on a mounted test filesystem) with extra
+    /// `serve` flags; its log still goes to a temporary directory of its own.
+    pub fn start_on(data_dir: &std::path::Path, extra: &[&str]) -> TestBroker {
+        let mut b = TestBroker {
+            child: None,
+            addr: String::new(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            data: Some(data_dir.to_owned()),
+        };
+        b.spawn();
+        b
+    }
+}
+
+/// The power-cut simulator filesystem (`shared/tools/powerloss`, FUSE) mounted on a temporary
+/// directory: every write that was not fsynced is lost at [`PowerlossFs::crash`]. Needs root,
+/// /dev/fuse, fuse3 and a Python with mfusepy: `.ci/powerloss-setup.sh` installs them and prints
+/// `SLUICE_POWERLOSS_TOOL` / `POWERLOSS_PYTHON`. Unmounted on drop.
+pub struct PowerlossFs {
+    tool: PathBuf,
+    python: Option<PathBuf>,
+    dir: tempfile::TempDir,
+    mnt: PathBuf,
+    mounted: bool,
+}
+
+impl PowerlossFs {
+    /// The `powerloss` CLI: `$SLUICE_POWERLOSS_TOOL`, else `../shared/tools/powerloss/powerloss`
+    /// beside the repository.
+    pub fn tool_path() -> PathBuf {
+        std::env::var_os("SLUICE_POWERLOSS_TOOL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../shared/tools/powerloss/powerloss")
+            })
+    }
+
+    /// Mounts a fresh filesystem with `--meta <meta>` (`eager` or `lazy`) and an fsync log.
+    /// Panics, with what the tool said, if it cannot be mounted.
+    pub fn mount(meta: &str) -> PowerlossFs {
+        let tool = Self::tool_path();
+        assert!(
+            tool.is_file(),
+            "powerloss tool not found at {} (set SLUICE_POWERLOSS_TOOL; run .ci/powerloss-setup.sh)",
+            tool.display()
+        );
+        // The venv made by .ci/powerloss-setup.sh, unless POWERLOSS_PYTHON says otherwise.
+        let python = match std::env::var_os("POWERLOSS_PYTHON") {
+            Some(p) => Some(PathBuf::from(p)),
+            None => Some(
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/powerloss-venv/bin/python"),
+            )
+            .filter(|p| p.exists()),
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir_all(&mnt).expect("mount point");
+        let mnt = mnt.canonicalize().expect("canonical mount point");
+        let mut fs = PowerlossFs {
+            tool,
+            python,
+            dir,
+            mnt,
+            mounted: false,
+        };
+        let back = fs.dir.path().join("back");
+        let log = fs.fsync_log_path();
+        let out = fs
+            .command("mount")
+            .arg(&back)
+            .arg(&fs.mnt)
+            .args(["--meta", meta, "--log"])
+            .arg(&log)
+            .output()
+            .expect("run the powerloss tool");
+        let is_mounted = Command::new("mountpoint")
+            .arg("-q")
+            .arg(&fs.mnt)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        fs.mounted = is_mounted;
+        if !is_mounted {
+            fs.stop_daemon();
+        }
+        assert!(
+            out.status.success() && is_mounted,
+            "cannot mount the powerloss filesystem (needs root, /dev/fuse, fuse3 and mfusepy: run \
+             .ci/powerloss-setup.sh)\ntool: {}\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+            fs.tool.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(fs.dir.path().join("daemon.log")).unwrap_or_default()
+        );
+        fs
+    }
+
+    fn command(&self, cmd: &str) -> Command {
+        let mut c = Command::new("bash");
+        c.arg(&self.tool)
+            .arg(cmd)
+            .env("POWERLOSS_DAEMON_LOG", self.dir.path().join("daemon.log"))
+            .stdin(Stdio::null());
+        if let Some(py) = &self.python {
+            c.env("POWERLOSS_PYTHON", py);
+        }
+        c
+    }
+
+    fn run(&self, cmd: &str) -> String {
+        let out = self
+            .command(cmd)
+            .arg(&self.mnt)
+            .output()
+            .expect("run the powerloss tool");
+        assert!(
+            out.status.success(),
+            "powerloss {cmd} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The mount point.
+    pub fn mnt(&self) -> &std::path::Path {
+        &self.mnt
+    }
+
+    /// The backing directory: what is durable (what a power cut would leave) under the mount.
+    pub fn backing(&self) -> PathBuf {
+        self.dir.path().join("back")
+    }
+
+    /// Where every FSYNC / FDATASYNC / FSYNCDIR / FLUSH(close) / CRASH is logged.
+    pub fn fsync_log_path(&self) -> PathBuf {
+        self.dir.path().join("fsync.log")
+    }
+
+    /// The fsync log so far.
+    pub fn fsync_log(&self) -> String {
+        std::fs::read_to_string(self.fsync_log_path()).unwrap_or_default()
+    }
+
+    /// A power cut: every write not fsynced is dropped (and, with `--meta lazy`, every namespace
+    /// change whose directory was not fsynced is undone). Kill the writers first.
+    pub fn crash(&self) {
+        self.run("crash");
+    }
+
+    /// The tool's counters (`write`, `fsync`, `fdatasync`, `fsyncdir`, `pending_bytes`, ...).
+    pub fn stats(&self) -> std::collections::BTreeMap<String, String> {
+        self.run("stats")
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().to_string()))
+            })
+            .collect()
+    }
+
+    /// Clean unmount (makes everything durable, like umount(8)).
+    pub fn umount(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        self.mounted = false;
+        let ok = self
+            .command("umount")
+            .arg(&self.mnt)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !ok {
+            // Busy or dead: detach it, and stop the daemon this mount started.
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            self.stop_daemon();
+        }
+    }
+
+    /// Kills the FUSE daemon started for this mount (its pid is in the tool's pid file).
+    fn stop_daemon(&self) {
+        let pidf = format!(
+            "/tmp/powerloss.{}.pid",
+            self.mnt.to_string_lossy().replace('/', "_")
+        );
+        if let Some(pid) = std::fs::read_to_string(&pidf)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            let _ = Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_file(pidf);
+    }
+}
+
+impl Drop for PowerlossFs {
+    fn drop(&mut self) {
+        self.umount();
     }
 }
