@@ -16,6 +16,20 @@ async fn next(c: &mut Consumer) -> sluice_sdk::Received {
         .expect("no error")
 }
 
+/// The error a subscription is refused with (at subscribe or as the stream's first item).
+async fn refusal(cfg: ConsumerConfig) -> sluice_sdk::SdkError {
+    match Consumer::subscribe(cfg).await {
+        Err(e) => e,
+        Ok(mut c) => match tokio::time::timeout(T, c.next()).await.expect("answer") {
+            Some(Err(e)) => e,
+            other => panic!(
+                "expected a refusal, got {:?}",
+                other.map(|r| r.map(|m| m.seq()))
+            ),
+        },
+    }
+}
+
 fn msg(payload: &str, headers: &[(&str, &str)], priority: u8) -> NewMessage {
     NewMessage {
         key: None,
@@ -79,16 +93,7 @@ async fn header_filters_deliver_only_matching_messages_and_settle_the_rest() {
     // Joining the group with other filters is refused.
     let other = ConsumerConfig::new(client_config(&b.addr(), "us"), "events", "eu-only")
         .filter("region", "us");
-    let err = match Consumer::subscribe(other).await {
-        Err(e) => e,
-        Ok(mut c) => match tokio::time::timeout(T, c.next()).await.expect("answer") {
-            Some(Err(e)) => e,
-            other => panic!(
-                "expected a filter conflict, got {:?}",
-                other.map(|r| r.map(|m| m.seq()))
-            ),
-        },
-    };
+    let err = refusal(other).await;
     assert_eq!(err.code(), Some(ErrorCode::FilterConflict), "{err}");
 }
 
@@ -175,30 +180,12 @@ async fn exclusive_refuses_a_second_consumer() {
     let mut first = Consumer::subscribe(cfg("one")).await.expect("first");
     let m = next(&mut first).await;
     assert_eq!(m.seq(), 1);
-    let err = match Consumer::subscribe(cfg("two")).await {
-        Err(e) => e,
-        Ok(mut c) => match tokio::time::timeout(T, c.next()).await.expect("answer") {
-            Some(Err(e)) => e,
-            other => panic!(
-                "expected a refusal, got {:?}",
-                other.map(|r| r.map(|m| m.seq()))
-            ),
-        },
-    };
+    let err = refusal(cfg("two")).await;
     assert_eq!(err.code(), Some(ErrorCode::ExclusiveTaken), "{err}");
     // A different mode for the same group is a mode conflict.
     let shared = ConsumerConfig::new(client_config(&b.addr(), "three"), "ex", "solo")
         .max_reconnect_attempts(0);
-    let err = match Consumer::subscribe(shared).await {
-        Err(e) => e,
-        Ok(mut c) => match tokio::time::timeout(T, c.next()).await.expect("answer") {
-            Some(Err(e)) => e,
-            other => panic!(
-                "expected a refusal, got {:?}",
-                other.map(|r| r.map(|m| m.seq()))
-            ),
-        },
-    };
+    let err = refusal(shared).await;
     assert_eq!(err.code(), Some(ErrorCode::ModeConflict), "{err}");
 }
 

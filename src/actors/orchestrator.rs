@@ -879,27 +879,32 @@ impl Handler<JoinGroup> for OrchestratorActor {
                 let mut create = None;
                 let res = (|| {
                     let loaded = loaded?;
-                    let t = act.topics.entry(msg.topic.clone()).or_insert(TopicState { head: 0, groups: HashMap::new() });
                     if let Some((rec, head)) = loaded {
-                        t.head = t.head.max(head);
-                        if !t.groups.contains_key(&msg.group) {
-                            let state = match rec {
-                                Some(r) => GroupState::from_record(r),
-                                None => {
-                                    let r = GroupRecord {
-                                        mode: msg.mode,
-                                        filters: msg.filters.clone(),
-                                        acked_floor: 0,
-                                        acked_above: Vec::new(),
-                                        created_ms: now_ms(),
-                                    };
+                        let exists = act.group_mut(&msg.topic, &msg.group).is_some();
+                        let rec = match rec {
+                            Some(r) => r,
+                            None => {
+                                let r = GroupRecord {
+                                    mode: msg.mode,
+                                    filters: msg.filters.clone(),
+                                    acked_floor: 0,
+                                    acked_above: Vec::new(),
+                                    created_ms: now_ms(),
+                                };
+                                // A concurrent join may have created it meanwhile: persist a
+                                // new record only for a group not in memory yet.
+                                if !exists {
                                     create = Some(r.clone());
-                                    GroupState::from_record(r)
                                 }
-                            };
-                            t.groups.insert(msg.group.clone(), state);
-                        }
+                                r
+                            }
+                        };
+                        act.install_group(&msg.topic, &msg.group, rec, head);
                     }
+                    let t = act
+                        .topics
+                        .get_mut(&msg.topic)
+                        .ok_or_else(|| WireError::new(ErrorCode::Internal, "topic vanished"))?;
                     let g = t.groups.get_mut(&msg.group).ok_or_else(|| WireError::new(ErrorCode::Internal, "group vanished"))?;
                     if g.mode != msg.mode {
                         return Err(WireError::new(
