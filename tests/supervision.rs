@@ -87,3 +87,77 @@ async fn orchestrator_fault_restarts_and_redelivers_in_flight() {
         .expect("group");
     assert_eq!(g.acked_floor, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_and_registry_faults_restart_without_losing_data() {
+    let b = TestBroker::start_with(&["--enable-fault-injection"]);
+    let p = Producer::connect(client_config(&b.addr(), "producer"))
+        .await
+        .expect("producer");
+    let admin = Admin::connect(client_config(&b.addr(), "admin"))
+        .await
+        .expect("admin");
+    let first = p
+        .publish_batch(
+            "s",
+            (0..50)
+                .map(|i| NewMessage {
+                    payload: Bytes::from(format!("a{i}")),
+                    ..Default::default()
+                })
+                .collect(),
+        )
+        .await
+        .expect("publish");
+    assert_eq!(
+        admin.fault("store").await.expect("fault store").stopped,
+        "store"
+    );
+    assert_eq!(
+        admin
+            .fault("registry")
+            .await
+            .expect("fault registry")
+            .stopped,
+        "registry"
+    );
+    // Publishing and consuming go on; nothing stored before the faults is lost.
+    let second = p
+        .publish_batch(
+            "s",
+            (0..50)
+                .map(|i| NewMessage {
+                    payload: Bytes::from(format!("b{i}")),
+                    ..Default::default()
+                })
+                .collect(),
+        )
+        .await
+        .expect("publish after faults");
+    assert_eq!((first.first_seq, second.last_seq), (1, 100));
+    let mut c = Consumer::subscribe(ConsumerConfig::new(client_config(&b.addr(), "c"), "s", "g"))
+        .await
+        .expect("subscribe");
+    let mut seen = BTreeSet::new();
+    while seen.len() < 100 {
+        let m = tokio::time::timeout(Duration::from_secs(10), c.next())
+            .await
+            .expect("msg")
+            .expect("open")
+            .expect("ok");
+        seen.insert(m.seq());
+        c.ack(&m).expect("ack");
+    }
+    c.flush_acks()
+        .await
+        .expect("acks durable after the store restart");
+    let stats = admin.stats().await.expect("stats");
+    for name in ["store", "registry"] {
+        let a = stats
+            .actors
+            .iter()
+            .find(|a| a.name == name)
+            .expect("actor listed");
+        assert_eq!(a.restarts, 1, "{name} restarts");
+    }
+}
