@@ -1,10 +1,12 @@
 //! StoreActor: the only writer of the sled database, on its own arbiter thread.
 //!
 //! Group commit: `AppendMessages` and `CommitGroup` only queue their writes and schedule one
-//! `Commit`; every message already in the mailbox is handled before it, so one commit (one sled
-//! flush + fsync under `fsync = "always"`) covers all the publishes and acks that arrived while
-//! the previous one was in progress. Replies go out after the commit; new messages are announced
-//! to the orchestrators only once durable, so nothing is delivered that could still be lost.
+//! `Commit`; every message already in the mailbox is handled before it, so one commit writes all
+//! the publishes and acks that arrived meanwhile. Under `fsync = "always"` the commit is
+//! *pipelined*: the fsyncs run on a blocking thread (`SyncJob`) while this actor writes the next
+//! requests (and serves reads); when a sync finishes its requests are replied and the next sync
+//! covers everything written in the meantime. New messages are announced to the orchestrators
+//! only once durable, so nothing is delivered that could still be lost.
 
 use super::{now_ms, ActorCounters, GetActorStats, InjectFault};
 use crate::config::FsyncPolicy;
@@ -93,6 +95,19 @@ struct PeriodicSync;
 type AppendReply = oneshot::Sender<Result<(u64, u64), StoreError>>;
 type GroupReply = oneshot::Sender<Result<(), StoreError>>;
 
+/// Requests written to storage and waiting for the sync that makes them durable.
+#[derive(Default)]
+struct Written {
+    appends: Vec<(String, Vec<StoredMessage>, AppendReply)>,
+    groups: Vec<GroupReply>,
+}
+
+impl Written {
+    fn is_empty(&self) -> bool {
+        self.appends.is_empty() && self.groups.is_empty()
+    }
+}
+
 /// The store actor.
 pub struct StoreActor {
     storage: Storage,
@@ -101,6 +116,10 @@ pub struct StoreActor {
     pending_appends: Vec<(String, Vec<StoredMessage>, AppendReply)>,
     pending_groups: HashMap<(String, String), (GroupRecord, Vec<GroupReply>)>,
     commit_scheduled: bool,
+    /// Written, waiting for the next sync.
+    written: Written,
+    /// A sync job is running on a blocking thread.
+    syncing: bool,
     dirty: bool,
     counters: ActorCounters,
     commits: u64,
@@ -116,6 +135,8 @@ impl StoreActor {
             pending_appends: Vec::new(),
             pending_groups: HashMap::new(),
             commit_scheduled: false,
+            written: Written::default(),
+            syncing: false,
             dirty: false,
             counters: ActorCounters::default(),
             commits: 0,
@@ -129,7 +150,9 @@ impl StoreActor {
         }
     }
 
-    fn commit(&mut self) {
+    /// Writes every queued append and group record to storage (not yet durable); their
+    /// waiters move to `written`, errors are replied at once.
+    fn write_pending(&mut self) {
         self.commit_scheduled = false;
         let appends = std::mem::take(&mut self.pending_appends);
         let groups = std::mem::take(&mut self.pending_groups);
@@ -137,60 +160,96 @@ impl StoreActor {
             return;
         }
         self.commits += 1;
-        let mut results = Vec::with_capacity(appends.len());
         for (topic, mut msgs, tx) in appends {
             match self.storage.append(&topic, &msgs) {
                 Ok(first) => {
                     for (i, m) in msgs.iter_mut().enumerate() {
                         m.seq = first + i as u64;
                     }
-                    results.push((topic, Ok(msgs), tx));
+                    self.written.appends.push((topic, msgs, tx));
                 }
-                Err(e) => results.push((topic, Err(e), tx)),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
             }
         }
-        let mut group_results = Vec::with_capacity(groups.len());
         for ((topic, group), (rec, txs)) in groups {
-            let r = self.storage.put_group(&topic, &group, &rec);
-            group_results.push((r, txs));
-        }
-        let synced = match self.fsync {
-            FsyncPolicy::Always => self.storage.sync(),
-            _ => {
-                self.dirty = true;
-                Ok(())
+            match self.storage.put_group(&topic, &group, &rec) {
+                Ok(()) => self.written.groups.extend(txs),
+                Err(e) => {
+                    for tx in txs {
+                        let _ = tx.send(Err(StoreError::Io(std::io::Error::other(e.to_string()))));
+                    }
+                }
             }
-        };
-        if let Err(e) = &synced {
-            tracing::error!(error = %e, "commit failed to sync: failing every request in it");
         }
-        for (topic, res, tx) in results {
-            match (res, &synced) {
-                (Ok(msgs), Ok(())) => {
+    }
+
+    /// Replies to a written batch once its sync finished (or failed), and announces the new
+    /// messages: nothing is delivered before it is durable.
+    fn settle_written(&mut self, batch: Written, res: Result<(), String>) {
+        for (topic, msgs, tx) in batch.appends {
+            match &res {
+                Ok(()) => {
                     let first = msgs.first().map(|m| m.seq).unwrap_or(0);
                     let last = msgs.last().map(|m| m.seq).unwrap_or(0);
                     let _ = tx.send(Ok((first, last)));
                     self.announce(topic, msgs);
                 }
-                (Err(e), _) => {
-                    let _ = tx.send(Err(e));
-                }
-                (Ok(_), Err(e)) => {
-                    let _ = tx.send(Err(StoreError::Io(std::io::Error::other(e.to_string()))));
+                Err(e) => {
+                    let _ = tx.send(Err(StoreError::Io(std::io::Error::other(e.clone()))));
                 }
             }
         }
-        for (r, txs) in group_results {
-            for tx in txs {
-                let r2 = match (&r, &synced) {
-                    (Ok(()), Ok(())) => Ok(()),
-                    (Err(e), _) | (_, Err(e)) => {
-                        Err(StoreError::Io(std::io::Error::other(e.to_string())))
-                    }
-                };
-                let _ = tx.send(r2);
-            }
+        for tx in batch.groups {
+            let _ = tx.send(
+                res.clone()
+                    .map_err(|e| StoreError::Io(std::io::Error::other(e))),
+            );
         }
+    }
+
+    /// Pipelined group commit: the fsyncs of everything written so far run on a blocking thread
+    /// while this actor goes on writing the next requests; when they finish, their batch is
+    /// replied and the next sync starts with whatever was written meanwhile.
+    fn start_sync(&mut self, ctx: &mut Context<Self>) {
+        if self.syncing || self.written.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.written);
+        let job = match self.storage.take_sync_job() {
+            Ok(job) => job,
+            Err(e) => {
+                self.storage.mark_dirty();
+                tracing::error!(error = %e, "cannot prepare the sync: failing the requests of this commit");
+                self.settle_written(batch, Err(e.to_string()));
+                return;
+            }
+        };
+        self.syncing = true;
+        let fut = actix_rt::task::spawn_blocking(move || job.run());
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            act.syncing = false;
+            let res = match res {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = &res {
+                tracing::error!(error = %e, "sync failed: failing every request of this commit");
+                act.storage.mark_dirty();
+            }
+            act.settle_written(batch, res);
+            act.start_sync(ctx);
+        }));
+    }
+
+    /// Writes and syncs everything queued, on this thread (shutdown and restarts).
+    fn commit_now(&mut self) {
+        self.write_pending();
+        let batch = std::mem::take(&mut self.written);
+        let res = self.storage.sync().map_err(|e| e.to_string());
+        self.settle_written(batch, res);
     }
 
     fn announce(&self, topic: String, msgs: Vec<StoredMessage>) {
@@ -217,7 +276,7 @@ impl Actor for StoreActor {
 
     fn stopping(&mut self, _: &mut Context<Self>) -> Running {
         // Whatever is queued is committed before the actor stops: no reply is lost.
-        self.commit();
+        self.commit_now();
         Running::Stop
     }
 }
@@ -226,6 +285,10 @@ impl Supervised for StoreActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.counters.restarts += 1;
         self.commit_scheduled = false;
+        // A sync job that was running is gone with the old context (its requests were answered
+        // with an error); everything written is synced again.
+        self.syncing = false;
+        self.storage.mark_dirty();
         tracing::warn!(
             restarts = self.counters.restarts,
             "store actor restarting (the sled database stays open)"
@@ -281,8 +344,17 @@ impl Handler<CommitGroup> for StoreActor {
 
 impl Handler<Commit> for StoreActor {
     type Result = ();
-    fn handle(&mut self, _: Commit, _: &mut Context<Self>) {
-        self.commit();
+    fn handle(&mut self, _: Commit, ctx: &mut Context<Self>) {
+        self.write_pending();
+        match self.fsync {
+            FsyncPolicy::Always => self.start_sync(ctx),
+            _ => {
+                // Durable at the next periodic sync (interval) or when sled/the OS flush (never).
+                self.dirty = true;
+                let batch = std::mem::take(&mut self.written);
+                self.settle_written(batch, Ok(()));
+            }
+        }
     }
 }
 

@@ -283,17 +283,38 @@ impl Storage {
     /// Makes everything written so far durable: fdatasync the segments written since the last
     /// sync (and fsync directories that gained files), flush sled and fsync its `db` file.
     pub fn sync(&mut self) -> Result<(), StoreError> {
+        match self.take_sync_job() {
+            Ok(job) => job.run().inspect_err(|_| self.mark_dirty()),
+            Err(e) => {
+                self.mark_dirty();
+                Err(e)
+            }
+        }
+    }
+
+    /// What a sync of everything written so far must do, as a job that can run on another
+    /// thread while writing goes on (pipelined group commit). Marks everything clean; if the
+    /// job fails, call [`Storage::mark_dirty`].
+    pub fn take_sync_job(&mut self) -> Result<SyncJob, StoreError> {
+        let mut job = SyncJob::default();
         for log in self.topics.values_mut() {
             if log.is_dirty() {
-                log.sync()?;
+                log.take_sync(&mut job)?;
             }
         }
         if self.groups_dirty {
-            self.db.flush()?;
-            File::open(self.dir.join("db"))?.sync_data()?;
+            job.db = Some((self.db.clone(), self.dir.join("db")));
             self.groups_dirty = false;
         }
-        Ok(())
+        Ok(job)
+    }
+
+    /// After a failed sync: everything is synced again next time.
+    pub fn mark_dirty(&mut self) {
+        for log in self.topics.values_mut() {
+            log.mark_dirty();
+        }
+        self.groups_dirty = true;
     }
 
     /// Whether `policy` wants [`Storage::sync`] before each reply.
@@ -310,6 +331,37 @@ impl Storage {
     /// Payload of a stored message converted to a Bytes (for tests).
     pub fn payload_of(m: &StoredMessage) -> Bytes {
         m.payload.clone()
+    }
+}
+
+/// The fsyncs that make a set of writes durable, detached from [`Storage`] so they can run on a
+/// blocking thread.
+#[derive(Default)]
+pub struct SyncJob {
+    files: Vec<File>,
+    dirs: Vec<PathBuf>,
+    db: Option<(sled::Db, PathBuf)>,
+}
+
+impl SyncJob {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.dirs.is_empty() && self.db.is_none()
+    }
+
+    /// fdatasync the segment files, fsync the directories, flush sled and fsync its `db` file.
+    pub fn run(self) -> Result<(), StoreError> {
+        for f in &self.files {
+            f.sync_data()?;
+        }
+        for d in &self.dirs {
+            sync_dir(d)?;
+        }
+        if let Some((db, path)) = self.db {
+            db.flush()?;
+            File::open(path)?.sync_data()?;
+        }
+        Ok(())
     }
 }
 

@@ -294,22 +294,37 @@ impl SegmentLog {
     /// Makes every append so far durable: fdatasync the segments written, fsync the directory
     /// if it gained a file.
     pub fn sync(&mut self) -> Result<(), StoreError> {
+        let mut job = super::SyncJob::default();
+        self.take_sync(&mut job)?;
+        job.run()
+    }
+
+    /// Moves what a sync of this log must do into `job` (file handles to fdatasync, directories
+    /// to fsync) and marks the log clean, so the job can run on another thread while appends
+    /// go on. If the job fails, call [`SegmentLog::mark_dirty`].
+    pub fn take_sync(&mut self, job: &mut super::SyncJob) -> Result<(), StoreError> {
         if self.dirty {
             // Only the last segment (and, after a roll, the one before it) can be dirty.
             let n = self.segments.len();
             for seg in self.segments.iter().skip(n.saturating_sub(2)) {
-                seg.file.sync_data()?;
+                job.files.push(seg.file.try_clone()?);
             }
             self.dirty = false;
         }
         if self.dir_dirty {
-            File::open(&self.dir)?.sync_all()?;
+            job.dirs.push(self.dir.clone());
             if let Some(parent) = self.dir.parent() {
-                File::open(parent)?.sync_all()?;
+                job.dirs.push(parent.to_owned());
             }
             self.dir_dirty = false;
         }
         Ok(())
+    }
+
+    /// After a failed sync: everything must be synced again.
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+        self.dir_dirty = true;
     }
 
     /// Whether appends since the last sync are pending.
