@@ -559,9 +559,13 @@ impl ConnectionActor {
     }
 
     fn publish(&mut self, sid: u32, kind: RequestKind, data: Bytes, ctx: &mut Context<Self>) {
-        let req: PublishRequest = match decode(&data) {
+        // Payloads stay in the received frame's memory (no copy).
+        let req = match sluice_protocol::PublishRequestRef::decode_shared(&data) {
             Ok(r) => r,
-            Err(e) => return self.request_error(sid, kind, e, ctx),
+            Err(e) => {
+                let e = WireError::new(ErrorCode::BadPayload, e.to_string());
+                return self.request_error(sid, kind, e, ctx);
+            }
         };
         if let Err(e) = validate_publish(&req, self.links.config.max_payload) {
             return self.request_error(sid, kind, e, ctx);

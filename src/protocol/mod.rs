@@ -28,7 +28,7 @@ pub use admin::{
 };
 pub use codec::{decode, encode, CodecError};
 pub use error::{ErrorCode, WireError};
-pub use publish::{NewMessage, PublishReply, PublishRequest};
+pub use publish::{NewMessage, NewMessageRef, PublishReply, PublishRequest, PublishRequestRef};
 pub use setup::SetupRequest;
 pub use subscribe::{
     Batch, DeliveredMessage, GroupMode, StatusUpdate, StreamEvent, SubscribeRequest,

@@ -30,6 +30,54 @@ pub struct PublishRequest {
     pub messages: Vec<NewMessage>,
 }
 
+/// Zero-copy decoding of a [`PublishRequest`]: payloads are cut out of the received frame
+/// (`Bytes::slice_ref`) instead of copied. Same wire format.
+#[derive(Debug, Deserialize)]
+pub struct PublishRequestRef<'a> {
+    /// Topic.
+    pub topic: String,
+    /// Messages, borrowing their payloads from the input.
+    #[serde(borrow)]
+    pub messages: Vec<NewMessageRef<'a>>,
+}
+
+/// A [`NewMessage`] whose payload borrows from the input.
+#[derive(Debug, Deserialize)]
+pub struct NewMessageRef<'a> {
+    /// Key.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Priority.
+    #[serde(default)]
+    pub priority: u8,
+    /// Payload bytes inside the input.
+    #[serde(borrow, with = "serde_bytes")]
+    pub payload: &'a [u8],
+}
+
+impl PublishRequestRef<'_> {
+    /// Decodes `data` and turns it into an owned request whose payloads share `data`'s memory.
+    pub fn decode_shared(data: &Bytes) -> Result<PublishRequest, crate::CodecError> {
+        let r: PublishRequestRef<'_> = rmp_serde::from_slice(data)?;
+        Ok(PublishRequest {
+            topic: r.topic,
+            messages: r
+                .messages
+                .into_iter()
+                .map(|m| NewMessage {
+                    key: m.key,
+                    headers: m.headers,
+                    priority: m.priority,
+                    payload: data.slice_ref(m.payload),
+                })
+                .collect(),
+        })
+    }
+}
+
 /// Reply to `publish`, sent only once every message is durable under the fsync policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishReply {
@@ -84,6 +132,27 @@ mod tests {
             first_seq: 1,
             last_seq: 2,
         });
+    }
+
+    #[test]
+    fn shared_decode_matches_and_does_not_copy() {
+        let req = PublishRequest {
+            topic: "t".into(),
+            messages: vec![NewMessage {
+                key: Some("k".into()),
+                payload: Bytes::from_static(b"payload"),
+                ..Default::default()
+            }],
+        };
+        let data = crate::encode(&req).unwrap();
+        let shared = PublishRequestRef::decode_shared(&data).unwrap();
+        assert_eq!(shared, req);
+        let p = &shared.messages[0].payload;
+        let inside = data.as_ptr() as usize..data.as_ptr() as usize + data.len();
+        assert!(
+            inside.contains(&(p.as_ptr() as usize)),
+            "payload points into the frame"
+        );
     }
 
     #[test]

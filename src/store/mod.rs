@@ -161,17 +161,19 @@ impl Storage {
         let first = log.last_seq() + 1;
         let mut chunk = Vec::with_capacity(CHUNK_BYTES + 1024);
         let mut count = 0u32;
-        let mut record = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             if count == 0 {
                 chunk.clear();
                 chunk.push(CHUNK_VERSION);
                 chunk.extend_from_slice(&[0; 4]);
             }
-            record.clear();
-            m.encode_into(&mut record);
-            chunk.extend_from_slice(&(record.len() as u32).to_be_bytes());
-            chunk.extend_from_slice(&record);
+            // Each record is encoded in place, its length filled in afterwards (one copy of
+            // the payload into the chunk, none in between).
+            let at = chunk.len();
+            chunk.extend_from_slice(&[0; 4]);
+            m.encode_into(&mut chunk);
+            let len = (chunk.len() - at - 4) as u32;
+            chunk[at..at + 4].copy_from_slice(&len.to_be_bytes());
             count += 1;
             if chunk.len() >= CHUNK_BYTES || i + 1 == messages.len() {
                 chunk[1..5].copy_from_slice(&count.to_be_bytes());

@@ -220,17 +220,19 @@ impl SegmentLog {
             }
         }
         let h = header(first, count, body);
-        let mut buf = Vec::with_capacity(HEADER + body.len());
-        buf.extend_from_slice(&h);
-        buf.extend_from_slice(body);
-        if let Err(e) = seg.file.write_all(&buf) {
+        // Header and body in two writes: no copy of the body into a joint buffer.
+        if let Err(e) = seg
+            .file
+            .write_all(&h)
+            .and_then(|()| seg.file.write_all(body))
+        {
             // Leave the file as it was: a partial chunk would poison later appends.
             let _ = seg.file.set_len(seg.len);
             let _ = seg.file.seek(SeekFrom::Start(seg.len));
             return Err(e.into());
         }
         seg.chunks.push((first, seg.len));
-        seg.len += buf.len() as u64;
+        seg.len += (HEADER + body.len()) as u64;
         self.last_seq = first + count as u64 - 1;
         self.dirty = true;
         Ok(first)
