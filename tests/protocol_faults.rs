@@ -915,35 +915,9 @@ async fn other_frame_level_faults_follow_the_spec() {
             }
             Expect::App(sid, prefix) => {
                 expect_app_error(&mut c, sid, prefix).await;
-                c.send(
-                    &rf::Keepalive::builder(0, Frame::FLAG_RESPOND)
-                        .set_data(Bytes::from_static(b"ok"))
-                        .build(),
-                )
-                .await;
-                let f = next(&mut c, T)
-                    .await
-                    .unwrap_or_else(|| panic!("{what}: closed"));
-                assert!(
-                    matches!(f.get_body_ref(), rf::Body::Keepalive(_)),
-                    "{what}: {f:?}"
-                );
+                expect_still_open(&mut c, what).await;
             }
-            Expect::Ignored => {
-                c.send(
-                    &rf::Keepalive::builder(0, Frame::FLAG_RESPOND)
-                        .set_data(Bytes::from_static(b"ok"))
-                        .build(),
-                )
-                .await;
-                let f = next(&mut c, T)
-                    .await
-                    .unwrap_or_else(|| panic!("{what}: closed"));
-                assert!(
-                    matches!(f.get_body_ref(), rf::Body::Keepalive(_)),
-                    "{what}: answered with {f:?}"
-                );
-            }
+            Expect::Ignored => expect_still_open(&mut c, what).await,
             Expect::ClosedSilently => {
                 let seen = closed(&mut c, T)
                     .await
@@ -954,4 +928,20 @@ async fn other_frame_level_faults_follow_the_spec() {
         by.check(what).await;
     }
     by.finish(&b).await;
+}
+
+/// The connection still answers: a KEEPALIVE with RESPOND gets its KEEPALIVE back (and nothing
+/// else came first).
+async fn expect_still_open(c: &mut RawClient, what: &str) {
+    c.send(
+        &rf::Keepalive::builder(0, Frame::FLAG_RESPOND)
+            .set_data(Bytes::from_static(b"ok"))
+            .build(),
+    )
+    .await;
+    let f = next(c, T).await.unwrap_or_else(|| panic!("{what}: closed"));
+    assert!(
+        matches!(f.get_body_ref(), rf::Body::Keepalive(_)),
+        "{what}: answered with {f:?}"
+    );
 }
