@@ -26,6 +26,16 @@ pub struct StoredMessage {
     pub payload: Bytes,
 }
 
+/// The CRC of a record being encoded (see [`StoredMessage::encode_head_into`]).
+pub struct RecordCrc(crc32fast::Hasher);
+
+impl RecordCrc {
+    /// The CRC value.
+    pub fn finalize(self) -> u32 {
+        self.0.finalize()
+    }
+}
+
 /// Longest key, header name or header value the record format holds.
 pub const MAX_FIELD: usize = 0xFFFE;
 
@@ -33,6 +43,17 @@ impl StoredMessage {
     /// Appends the record encoding to `buf`. Field lengths must be `<= MAX_FIELD` (publish
     /// validates this).
     pub fn encode_into(&self, buf: &mut Vec<u8>) {
+        let start = buf.len();
+        let crc = self.encode_head_into(buf);
+        buf.extend_from_slice(&self.payload);
+        buf[start..start + 4].copy_from_slice(&crc.finalize().to_be_bytes());
+    }
+
+    /// Appends everything of the record but the payload, with a zero CRC placeholder, and
+    /// returns the CRC state over what was written; the caller feeds it the payload, then
+    /// stores `finalize()` in the first 4 bytes. Lets a large payload be written from its own
+    /// buffer instead of being copied next to its head.
+    pub fn encode_head_into(&self, buf: &mut Vec<u8>) -> RecordCrc {
         let start = buf.len();
         buf.extend_from_slice(&[0; 4]);
         buf.extend_from_slice(&self.timestamp_ms.to_be_bytes());
@@ -46,9 +67,10 @@ impl StoredMessage {
             put_str(buf, k);
             put_str(buf, v);
         }
-        buf.extend_from_slice(&self.payload);
-        let crc = crc32fast::hash(&buf[start + 4..]);
-        buf[start..start + 4].copy_from_slice(&crc.to_be_bytes());
+        let mut h = crc32fast::Hasher::new();
+        h.update(&buf[start + 4..]);
+        h.update(&self.payload);
+        RecordCrc(h)
     }
 
     /// Decodes a record, checking its CRC. The payload shares `v`'s memory.

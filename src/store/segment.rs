@@ -49,14 +49,35 @@ pub struct SegmentLog {
     dir_dirty: bool,
 }
 
-fn header(first: u64, count: u32, body: &[u8]) -> [u8; HEADER] {
+fn header(first: u64, count: u32, body_len: usize, body: &[Bytes]) -> [u8; HEADER] {
+    let mut crc = crc32fast::Hasher::new();
+    for part in body {
+        crc.update(part);
+    }
     let mut h = [0u8; HEADER];
     h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
-    h[4..8].copy_from_slice(&(body.len() as u32).to_be_bytes());
+    h[4..8].copy_from_slice(&(body_len as u32).to_be_bytes());
     h[8..16].copy_from_slice(&first.to_be_bytes());
     h[16..20].copy_from_slice(&count.to_be_bytes());
-    h[20..24].copy_from_slice(&crc32fast::hash(body).to_be_bytes());
+    h[20..24].copy_from_slice(&crc.finalize().to_be_bytes());
     h
+}
+
+/// Writes the chunk header and its parts with as few `writev` calls as the kernel allows.
+fn write_all_parts(file: &mut File, head: &[u8], parts: &[Bytes]) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
+    slices.push(IoSlice::new(head));
+    slices.extend(parts.iter().map(|p| IoSlice::new(p)));
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = file.write_vectored(&rest[..rest.len().min(512)])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }
 
 struct Header {
@@ -178,7 +199,8 @@ impl SegmentLog {
 
     /// Appends one chunk `body` holding `count` messages from `last_seq + 1`. Not durable until
     /// [`SegmentLog::sync`].
-    pub fn append_chunk(&mut self, count: u32, body: &[u8]) -> Result<u64, StoreError> {
+    pub fn append_chunk(&mut self, count: u32, body: &[Bytes]) -> Result<u64, StoreError> {
+        let body_len: usize = body.iter().map(Bytes::len).sum();
         let first = self.last_seq + 1;
         let roll = self.segments.last().is_none_or(|s| s.len >= SEGMENT_BYTES);
         if roll {
@@ -200,7 +222,7 @@ impl SegmentLog {
             self.dir_dirty = true;
         }
         let seg = self.segments.last_mut().ok_or(StoreError::Unavailable)?;
-        let need = seg.len + (HEADER + body.len()) as u64;
+        let need = seg.len + (HEADER + body_len) as u64;
         if need > seg.allocated {
             // Reserve blocks ahead of the writes (KEEP_SIZE: the file length stays the data's):
             // most commits' fdatasync then only flushes data, with no block allocation to
@@ -219,20 +241,15 @@ impl SegmentLog {
                 }
             }
         }
-        let h = header(first, count, body);
-        // Header and body in two writes: no copy of the body into a joint buffer.
-        if let Err(e) = seg
-            .file
-            .write_all(&h)
-            .and_then(|()| seg.file.write_all(body))
-        {
+        let h = header(first, count, body_len, body);
+        if let Err(e) = write_all_parts(&mut seg.file, &h, body) {
             // Leave the file as it was: a partial chunk would poison later appends.
             let _ = seg.file.set_len(seg.len);
             let _ = seg.file.seek(SeekFrom::Start(seg.len));
             return Err(e.into());
         }
         seg.chunks.push((first, seg.len));
-        seg.len += (HEADER + body.len()) as u64;
+        seg.len += (HEADER + body_len) as u64;
         self.last_seq = first + count as u64 - 1;
         self.dirty = true;
         Ok(first)
@@ -366,8 +383,15 @@ mod tests {
         let p = dir.path().join("t");
         {
             let mut log = SegmentLog::open(&p).unwrap();
-            assert_eq!(log.append_chunk(3, b"abc").unwrap(), 1);
-            assert_eq!(log.append_chunk(2, b"de").unwrap(), 4);
+            assert_eq!(
+                log.append_chunk(3, &[Bytes::from_static(b"abc")]).unwrap(),
+                1
+            );
+            assert_eq!(
+                log.append_chunk(2, &[Bytes::from_static(b"d"), Bytes::from_static(b"e")])
+                    .unwrap(),
+                4
+            );
             log.sync().unwrap();
             assert_eq!(collect(&log, 1), vec![Ok(1), Ok(4)]);
             assert_eq!(collect(&log, 4), vec![Ok(4)]);
@@ -377,7 +401,8 @@ mod tests {
         // A torn write at the end: half a chunk.
         let seg = p.join(format!("{:020}.seg", 1));
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-        f.write_all(&header(6, 1, b"zzzz")[..10]).unwrap();
+        f.write_all(&header(6, 1, 4, &[Bytes::from_static(b"zzzz")])[..10])
+            .unwrap();
         drop(f);
         let log = SegmentLog::open(&p).unwrap();
         assert_eq!(log.last_seq(), 5);
@@ -390,8 +415,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t");
         let mut log = SegmentLog::open(&p).unwrap();
-        log.append_chunk(2, b"hello").unwrap();
-        log.append_chunk(1, b"world").unwrap();
+        log.append_chunk(2, &[Bytes::from_static(b"hello")])
+            .unwrap();
+        log.append_chunk(1, &[Bytes::from_static(b"world")])
+            .unwrap();
         let seg = p.join(format!("{:020}.seg", 1));
         let mut bytes = read_all(&seg);
         bytes[HEADER] ^= 0xff; // first chunk's body
