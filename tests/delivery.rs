@@ -10,11 +10,7 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(20);
 
 async fn next(c: &mut Consumer) -> sluice_sdk::Received {
-    tokio::time::timeout(T, c.next())
-        .await
-        .expect("message in time")
-        .expect("stream open")
-        .expect("no error")
+    next_message(c, T).await
 }
 
 /// Publishes payloads "0".."n-1" with n in flight; returns payload by seq.

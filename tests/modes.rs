@@ -9,11 +9,7 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(10);
 
 async fn next(c: &mut Consumer) -> sluice_sdk::Received {
-    tokio::time::timeout(T, c.next())
-        .await
-        .expect("message in time")
-        .expect("stream open")
-        .expect("no error")
+    next_message(c, T).await
 }
 
 /// The error a subscription is refused with (at subscribe or as the stream's first item).
@@ -202,14 +198,15 @@ async fn failover_promotes_the_standby_on_disconnect() {
         .await
         .expect("producer");
     let mut active = Consumer::subscribe(cfg("active")).await.expect("active");
-    let mut standby = Consumer::subscribe(cfg("standby")).await.expect("standby");
     for i in 0..3 {
         p.publish("fo", msg(&i.to_string(), &[], 0))
             .await
             .expect("publish");
     }
+    // A subscribe is not confirmed by the broker: receiving proves `active` joined first.
     let m = next(&mut active).await;
     assert_eq!(m.seq(), 1);
+    let mut standby = Consumer::subscribe(cfg("standby")).await.expect("standby");
     active.ack(&m).expect("ack");
     active.flush_acks().await.expect("flush");
     let m2 = next(&mut active).await;

@@ -184,6 +184,15 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     f()
 }
 
+/// The next message of an SDK consumer, failing the test on timeout, end or error.
+pub async fn next_message(c: &mut sluice_sdk::Consumer, timeout: Duration) -> sluice_sdk::Received {
+    tokio::time::timeout(timeout, c.next())
+        .await
+        .expect("message in time")
+        .expect("stream open")
+        .expect("no error")
+}
+
 /// SDK client config for a broker.
 pub fn client_config(addr: &str, id: &str) -> sluice_sdk::ClientConfig {
     sluice_sdk::ClientConfig {
