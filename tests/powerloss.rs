@@ -502,7 +502,7 @@ async fn power_cut_after_a_restart_loses_no_acknowledged_publish() {
         never.is_empty(),
         "{} acknowledged publishes never reach group g1 (seqs {:?}): before the power cut \
          the restarted broker delivered {} messages it had found unsynced in the segment file, \
-         and made g1's acks of them durable (sled) without fsyncing the segment ({} bytes still \
+         and made g1's acks of them durable without fsyncing the segment ({} bytes still \
          unsynced at the cut); the cut dropped them, g1's cursor stayed past the log's end, and \
          the new publishes reused those seqs",
         never.len(),
@@ -528,22 +528,31 @@ async fn power_cut_after_a_restart_loses_no_acknowledged_publish() {
 /// Bytes of the topic's segment files visible through the mount but not in the backing
 /// directory (written, not fsynced).
 fn unsynced_bytes(fs: &PowerlossFs, data: &Path) -> u64 {
+    // Bytes that differ between what the broker sees (the mount) and what a power cut would
+    // leave (the backing dir). Not a length difference: segments carry zeros written ahead of
+    // the data, so an unsynced append can leave a file's length unchanged.
     let rel = data
         .strip_prefix(fs.mnt())
         .expect("data dir on the mount")
         .join("topics")
         .join(TOPIC);
-    let size = |dir: &Path| -> u64 {
-        std::fs::read_dir(dir)
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+    let Ok(dir) = std::fs::read_dir(fs.mnt().join(&rel)) else {
+        return 0;
     };
-    size(&fs.mnt().join(&rel)).saturating_sub(size(&fs.backing().join(&rel)))
+    let mut differing = 0u64;
+    for e in dir.flatten() {
+        let seen = std::fs::read(e.path()).unwrap_or_default();
+        let durable =
+            std::fs::read(fs.backing().join(&rel).join(e.file_name())).unwrap_or_default();
+        let common = seen.len().min(durable.len());
+        differing += seen[..common]
+            .iter()
+            .zip(&durable[..common])
+            .filter(|(a, b)| a != b)
+            .count() as u64;
+        differing += (seen.len().max(durable.len()) - common) as u64;
+    }
+    differing
 }
 
 /// Counts of the fs log's operations per file, e.g. `FDATASYNC /data/db: 212`.

@@ -1,4 +1,4 @@
-//! StoreActor: the only writer of the sled database, on its own arbiter thread.
+//! StoreActor: the only writer of the storage (segment files, sled), on its own arbiter thread.
 //!
 //! Group commit: `AppendMessages` and `CommitGroup` only queue their writes and schedule one
 //! `Commit`; every message already in the mailbox is handled before it, so one commit writes all
@@ -291,7 +291,7 @@ impl Supervised for StoreActor {
         self.storage.mark_dirty();
         tracing::warn!(
             restarts = self.counters.restarts,
-            "store actor restarting (the sled database stays open)"
+            "store actor restarting (the storage stays open)"
         );
     }
 }
@@ -349,7 +349,7 @@ impl Handler<Commit> for StoreActor {
         match self.fsync {
             FsyncPolicy::Always => self.start_sync(ctx),
             _ => {
-                // Durable at the next periodic sync (interval) or when sled/the OS flush (never).
+                // Durable at the next periodic sync (interval) or when the OS writes it back (never).
                 self.dirty = true;
                 let batch = std::mem::take(&mut self.written);
                 self.settle_written(batch, Ok(()));

@@ -4,14 +4,17 @@
 //! | what | where |
 //! |---|---|
 //! | topic logs | [`segment`] files `<data_dir>/topics/<topic>/*.seg`: chunks of [`record`]s, each record with its CRC-32 |
-//! | group cursors | sled tree `groups`: `<topic>\0<group>` → MessagePack [`GroupRecord`] (mode, filters, acked floor, acks above it) |
+//! | group cursors | "SLG1" chunks in the same segment files: group name → MessagePack [`GroupRecord`] (mode, filters, acked floor, acks above it) |
+//! | (older data dirs) | sled tree `groups`: `<topic>\0<group>` → [`GroupRecord`], moved into the topic logs at open |
 //!
 //! Message data is kept out of sled because sled keeps every page it writes resident (see
-//! `segment.rs`); sled holds the small, often-rewritten records it is good at.
+//! `segment.rs`). Group cursors moved out of sled too: a commit holding a topic's publishes and
+//! its groups' acks is then made durable by one `fdatasync` of one file, where sled cost its
+//! flush (~0.25 ms, DEPENDENCY-NOTES.md) plus an fsync of its `db` file on top of the
+//! segment's. sled stays open for the state still to come (keyed state, retention).
 //!
-//! Durability: [`Storage::sync`] fdatasyncs the segments written since the last sync, flushes
-//! sled and fsyncs its `db` file, because sled's own `flush()` never fsyncs
-//! (DEPENDENCY-NOTES.md).
+//! Durability: [`Storage::sync`] fdatasyncs the segments written since the last sync and fsyncs
+//! the directories that gained files.
 
 pub mod record;
 pub mod segment;
@@ -65,6 +68,7 @@ pub struct GroupRecord {
     pub created_ms: u64,
 }
 
+#[cfg(test)]
 fn group_key(topic: &str, group: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(topic.len() + group.len() + 1);
     k.extend_from_slice(topic.as_bytes());
@@ -88,8 +92,6 @@ pub struct Storage {
     dir: PathBuf,
     groups: sled::Tree,
     topics: HashMap<String, SegmentLog>,
-    /// Group records written since the last sync.
-    groups_dirty: bool,
 }
 
 impl Storage {
@@ -118,8 +120,8 @@ impl Storage {
             dir: dir.to_owned(),
             groups,
             topics,
-            groups_dirty: true,
         };
+        storage.migrate_sled_groups()?;
         if !existed {
             storage.sync()?;
             // sled writes `conf` once and never fsyncs it.
@@ -249,38 +251,67 @@ impl Storage {
         Ok(out)
     }
 
-    /// The record of a group, if it exists.
-    pub fn group(&self, topic: &str, group: &str) -> Result<Option<GroupRecord>, StoreError> {
-        match self.groups.get(group_key(topic, group))? {
-            None => Ok(None),
-            Some(v) => sluice_protocol::decode(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    tree: "groups".into(),
-                    key: format!("{topic}/{group}"),
-                    reason: e.to_string(),
-                }),
+    /// Moves group records of an older data dir from sled's `groups` tree into the topic logs
+    /// (durably), then empties the tree.
+    fn migrate_sled_groups(&mut self) -> Result<(), StoreError> {
+        if self.groups.is_empty() {
+            return Ok(());
         }
-    }
-
-    /// Every group of every topic.
-    pub fn all_groups(&self) -> Result<Vec<(String, String, GroupRecord)>, StoreError> {
-        let mut out = Vec::new();
+        let mut moved = 0usize;
         for item in self.groups.iter() {
             let (k, v) = item?;
             let Some(pos) = k.iter().position(|b| *b == 0) else {
                 continue;
             };
-            let topic = String::from_utf8_lossy(&k[..pos]).into_owned();
-            let group = String::from_utf8_lossy(&k[pos + 1..]).into_owned();
-            if let Ok(rec) = sluice_protocol::decode::<GroupRecord>(&v) {
-                out.push((topic, group, rec));
+            let (Ok(topic), Ok(group)) = (
+                std::str::from_utf8(&k[..pos]),
+                std::str::from_utf8(&k[pos + 1..]),
+            ) else {
+                continue;
+            };
+            let log = self.topic_mut(topic)?;
+            if log.group(group).is_none() {
+                log.put_group(group, Bytes::copy_from_slice(&v))?;
+                moved += 1;
             }
         }
+        self.sync()?;
+        self.groups.clear()?;
+        self.db.flush()?;
+        tracing::info!(moved, "group records moved from sled into the topic logs");
+        Ok(())
+    }
+
+    /// The record of a group, if it exists.
+    pub fn group(&self, topic: &str, group: &str) -> Result<Option<GroupRecord>, StoreError> {
+        let Some(v) = self.topics.get(topic).and_then(|t| t.group(group)) else {
+            return Ok(None);
+        };
+        sluice_protocol::decode(v)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                tree: "groups".into(),
+                key: format!("{topic}/{group}"),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Every group of every topic.
+    pub fn all_groups(&self) -> Result<Vec<(String, String, GroupRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for (topic, log) in &self.topics {
+            for (group, v) in log.groups() {
+                match sluice_protocol::decode::<GroupRecord>(v) {
+                    Ok(rec) => out.push((topic.clone(), group.to_string(), rec)),
+                    Err(e) => tracing::error!(topic, group, error = %e, "undecodable group record"),
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         Ok(out)
     }
 
-    /// Writes a group's record (not yet durable: call [`Storage::sync`]).
+    /// Writes a group's record into its topic's log (not yet durable: call [`Storage::sync`]).
     pub fn put_group(
         &mut self,
         topic: &str,
@@ -292,10 +323,7 @@ impl Storage {
             key: format!("{topic}/{group}"),
             reason: e.to_string(),
         })?;
-        self.groups
-            .insert(group_key(topic, group), bytes.as_ref())?;
-        self.groups_dirty = true;
-        Ok(())
+        self.topic_mut(topic)?.put_group(group, bytes)
     }
 
     /// Makes everything written so far durable: fdatasync the segments written since the last
@@ -320,10 +348,6 @@ impl Storage {
                 log.take_sync(&mut job)?;
             }
         }
-        if self.groups_dirty {
-            job.db = Some((self.db.clone(), self.dir.join("db")));
-            self.groups_dirty = false;
-        }
         Ok(job)
     }
 
@@ -332,7 +356,6 @@ impl Storage {
         for log in self.topics.values_mut() {
             log.mark_dirty();
         }
-        self.groups_dirty = true;
     }
 
     /// Whether `policy` wants [`Storage::sync`] before each reply.
@@ -358,26 +381,21 @@ impl Storage {
 pub struct SyncJob {
     files: Vec<File>,
     dirs: Vec<PathBuf>,
-    db: Option<(sled::Db, PathBuf)>,
 }
 
 impl SyncJob {
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty() && self.dirs.is_empty() && self.db.is_none()
+        self.files.is_empty() && self.dirs.is_empty()
     }
 
-    /// fdatasync the segment files, fsync the directories, flush sled and fsync its `db` file.
+    /// fdatasync the segment files, fsync the directories.
     pub fn run(self) -> Result<(), StoreError> {
         for f in &self.files {
             f.sync_data()?;
         }
         for d in &self.dirs {
             sync_dir(d)?;
-        }
-        if let Some((db, path)) = self.db {
-            db.flush()?;
-            File::open(path)?.sync_data()?;
         }
         Ok(())
     }
@@ -463,6 +481,44 @@ mod tests {
         let s = Storage::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.last_seq("t"), 3);
         assert_eq!(s.group("t", "g").unwrap().unwrap().acked_floor, 2);
+        assert_eq!(s.all_groups().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn group_records_of_an_older_data_dir_move_from_sled_into_the_topic_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = GroupRecord {
+            mode: GroupMode::Shared,
+            filters: BTreeMap::new(),
+            acked_floor: 7,
+            acked_above: vec![9],
+            created_ms: 1,
+        };
+        {
+            // What an older broker left: the record in sled's `groups` tree only.
+            let s = Storage::open(dir.path(), 1 << 20).unwrap();
+            let bytes = sluice_protocol::encode(&rec).unwrap();
+            s.groups
+                .insert(group_key("old.topic", "g"), bytes.as_ref())
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        // sled's flusher thread lets go of its file lock a moment after the drop.
+        let reopen = || {
+            for _ in 0..100 {
+                match Storage::open(dir.path(), 1 << 20) {
+                    Ok(s) => return s,
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+            Storage::open(dir.path(), 1 << 20).unwrap()
+        };
+        let s = reopen();
+        assert_eq!(s.group("old.topic", "g").unwrap(), Some(rec.clone()));
+        assert!(s.groups.is_empty());
+        drop(s);
+        let s = reopen();
+        assert_eq!(s.group("old.topic", "g").unwrap(), Some(rec));
         assert_eq!(s.all_groups().unwrap().len(), 1);
     }
 

@@ -5,13 +5,31 @@
 //!
 //! ```text
 //! <data_dir>/topics/<topic>/<first_seq:020>.seg     rolled at SEGMENT_BYTES
-//! chunk = magic u32 "SLC1" | body_len u32 | first_seq u64 | count u32 | crc32(body) u32 | body
-//! body  = version u8 | count u32 | (record_len u32 | record)*      (record: see record.rs)
+//! chunk = magic u32 | body_len u32 | first_seq u64 | count u32 | crc32(body) u32 | body
+//!   "SLC1" messages:  body = version u8 | count u32 | (record_len u32 | record)*  (record.rs)
+//!   "SLG1" a group's record (count 0, first_seq = the next message's seq):
+//!                     body = name_len u16 | group name | MessagePack GroupRecord
 //! ```
+//! A group's cursor lives in its topic's log, so that one `fdatasync` makes a commit's
+//! publishes and acks of that topic durable together (with the cursors in sled, a commit
+//! holding both cost two fsyncs plus sled's flush). The newest record of a group wins; every
+//! new segment starts with a copy of each group's current record, so a segment never needs an
+//! older one (retention can drop whole segments).
 //! An in-memory index (first seq → file offset per chunk) is rebuilt at open from the chunk
 //! headers alone; the last segment's chunks are CRC-checked and a torn tail (a write cut by a
 //! crash, never acknowledged) is truncated. Durability: `sync` fdatasyncs every segment written
 //! since the last sync, and fsyncs a directory that gained a file.
+//!
+//! Zero-filled tail: while chunks are small, the file is extended with written zeros
+//! (`ZERO_STEP` at a time) ahead of the data, so that most appends overwrite blocks that are
+//! already allocated, written and inside the file's length: their `fdatasync` then writes the
+//! data and flushes, with no inode or block-map update. Measured on this machine's ext4
+//! (42 KB appends): 380-440 µs per fdatasync appending past the end of the file, 250-315 µs into
+//! space reserved with `fallocate(KEEP_SIZE)`, 170-225 µs over written zeros. Big chunks
+//! (`ZERO_STEP` and up) skip it: for them the extra writes would cost more bandwidth than the
+//! metadata update costs latency. At open, a tail of zeros after the last chunk is the unused
+//! part of that reservation (no magic: where the scan stops); a tail with anything else in it
+//! is a torn write and is truncated.
 
 use super::StoreError;
 use bytes::Bytes;
@@ -21,21 +39,25 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const MAGIC: u32 = 0x534C_4331;
+const GROUP_MAGIC: u32 = 0x534C_4731;
 /// Chunk header length.
 pub const HEADER: usize = 24;
 /// A segment file is rolled once it reaches this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
-/// How far ahead of the writes a segment's blocks are reserved.
-const PREALLOCATE: u64 = 8 * 1024 * 1024;
+/// How much written zero space is added ahead of small appends at a time (see the module docs).
+const ZERO_STEP: u64 = 256 * 1024;
+/// Zeros, written from here.
+static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
 /// Largest chunk body accepted when reading (guards against a corrupt length).
 const MAX_BODY: usize = 64 * 1024 * 1024;
 
 struct Segment {
     path: PathBuf,
     file: File,
+    /// End of the chunks (where the next one goes).
     len: u64,
-    /// Bytes reserved with fallocate (KEEP_SIZE) ahead of `len`.
-    allocated: u64,
+    /// The file's length: `len..file_len` holds zeros written ahead of the data.
+    file_len: u64,
     /// (first seq, offset) of every chunk, in order.
     chunks: Vec<(u64, u64)>,
 }
@@ -45,17 +67,26 @@ pub struct SegmentLog {
     dir: PathBuf,
     segments: Vec<Segment>,
     last_seq: u64,
+    /// Each group's newest record (MessagePack), as last written.
+    groups: std::collections::BTreeMap<String, Bytes>,
+    /// Roll size ([`SEGMENT_BYTES`]; smaller in tests).
+    segment_bytes: u64,
     dirty: bool,
     dir_dirty: bool,
 }
 
+#[cfg(test)]
 fn header(first: u64, count: u32, body_len: usize, body: &[Bytes]) -> [u8; HEADER] {
+    header_of(MAGIC, first, count, body_len, body)
+}
+
+fn header_of(magic: u32, first: u64, count: u32, body_len: usize, body: &[Bytes]) -> [u8; HEADER] {
     let mut crc = crc32fast::Hasher::new();
     for part in body {
         crc.update(part);
     }
     let mut h = [0u8; HEADER];
-    h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+    h[0..4].copy_from_slice(&magic.to_be_bytes());
     h[4..8].copy_from_slice(&(body_len as u32).to_be_bytes());
     h[8..16].copy_from_slice(&first.to_be_bytes());
     h[16..20].copy_from_slice(&count.to_be_bytes());
@@ -80,7 +111,50 @@ fn write_all_parts(file: &mut File, head: &[u8], parts: &[Bytes]) -> std::io::Re
     Ok(())
 }
 
+/// A group chunk's body: `name_len u16 | name | record`.
+fn group_body(name: &str, record: &[u8]) -> Bytes {
+    let mut b = Vec::with_capacity(2 + name.len() + record.len());
+    b.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(record);
+    Bytes::from(b)
+}
+
+fn parse_group_body(body: &[u8]) -> Option<(String, Bytes)> {
+    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
+    let name = std::str::from_utf8(body.get(2..2 + n)?).ok()?;
+    Some((name.to_string(), Bytes::copy_from_slice(&body[2 + n..])))
+}
+
+/// Writes zeros over `from..to` of `file` (not durable until the next sync).
+fn write_zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let mut pos = from;
+    while pos < to {
+        let n = (to - pos).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Whether `from..to` of `file` holds only zeros.
+fn is_zero(file: &File, from: u64, to: u64) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; ZEROS.len()];
+    let mut pos = from;
+    while pos < to {
+        let n = (to - pos).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], pos)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        pos += n as u64;
+    }
+    Ok(true)
+}
+
 struct Header {
+    /// A group record rather than messages.
+    group: bool,
     body_len: usize,
     first: u64,
     count: u32,
@@ -89,13 +163,16 @@ struct Header {
 
 fn parse_header(h: &[u8; HEADER]) -> Option<Header> {
     let u32_at = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-    if u32_at(0) != MAGIC {
-        return None;
-    }
+    let group = match u32_at(0) {
+        MAGIC => false,
+        GROUP_MAGIC => true,
+        _ => return None,
+    };
     let mut first = [0u8; 8];
     first.copy_from_slice(&h[8..16]);
     let body_len = u32_at(4) as usize;
     (body_len <= MAX_BODY).then_some(Header {
+        group,
         body_len,
         first: u64::from_be_bytes(first),
         count: u32_at(16),
@@ -127,6 +204,8 @@ impl SegmentLog {
             dir: dir.to_owned(),
             segments: Vec::new(),
             last_seq: 0,
+            groups: std::collections::BTreeMap::new(),
+            segment_bytes: SEGMENT_BYTES,
             dirty: false,
             dir_dirty: created,
         };
@@ -138,7 +217,7 @@ impl SegmentLog {
                 path,
                 file: file.try_clone()?,
                 len: 0,
-                allocated: 0,
+                file_len,
                 chunks: Vec::new(),
             };
             let mut pos = 0u64;
@@ -149,7 +228,30 @@ impl SegmentLog {
                 file.read_exact_at(&mut h, pos)?;
                 let Some(hd) = parse_header(&h) else { break };
                 let end = pos + (HEADER + hd.body_len) as u64;
-                if end > file_len || hd.first != expect || hd.count == 0 {
+                if end > file_len {
+                    break;
+                }
+                if hd.group {
+                    body.resize(hd.body_len, 0);
+                    file.read_exact_at(&mut body, pos + HEADER as u64)?;
+                    match (crc32fast::hash(&body) == hd.crc)
+                        .then(|| parse_group_body(&body))
+                        .flatten()
+                    {
+                        Some((name, rec)) => {
+                            log.groups.insert(name, rec);
+                        }
+                        // A torn write at the tail; further back, an older copy of a record a
+                        // later segment repeats.
+                        None if last_segment => break,
+                        None => {
+                            tracing::error!(segment = %seg.path.display(), offset = pos, "corrupt group record skipped");
+                        }
+                    }
+                    pos = end;
+                    continue;
+                }
+                if hd.first != expect || hd.count == 0 {
                     break;
                 }
                 if last_segment {
@@ -164,11 +266,14 @@ impl SegmentLog {
                 expect = hd.first + hd.count as u64;
                 pos = end;
             }
-            if pos < file_len {
+            if pos < file_len && is_zero(&file, pos, file_len)? {
+                // The unused part of the zeros written ahead: kept for the next appends.
+            } else if pos < file_len {
                 if last_segment {
                     tracing::warn!(segment = %seg.path.display(), valid = pos, len = file_len, "truncating a torn tail (an unacknowledged write cut by a crash)");
                     file.set_len(pos)?;
                     file.sync_all()?;
+                    seg.file_len = pos;
                 } else {
                     tracing::error!(segment = %seg.path.display(), valid = pos, len = file_len, "corrupt segment: messages after this offset are not served");
                 }
@@ -200,59 +305,112 @@ impl SegmentLog {
     /// Appends one chunk `body` holding `count` messages from `last_seq + 1`. Not durable until
     /// [`SegmentLog::sync`].
     pub fn append_chunk(&mut self, count: u32, body: &[Bytes]) -> Result<u64, StoreError> {
-        let body_len: usize = body.iter().map(Bytes::len).sum();
         let first = self.last_seq + 1;
-        let roll = self.segments.last().is_none_or(|s| s.len >= SEGMENT_BYTES);
+        // A segment without messages is never rolled (its name is the next message's seq).
+        let roll = self
+            .segments
+            .last()
+            .is_none_or(|s| s.len >= self.segment_bytes && !s.chunks.is_empty());
         if roll {
-            let path = self.dir.join(format!("{first:020}.seg"));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)?;
-
-            self.segments.push(Segment {
-                path,
-                file,
-                len: 0,
-                allocated: 0,
-                chunks: Vec::new(),
-            });
-            self.dir_dirty = true;
-        }
-        let seg = self.segments.last_mut().ok_or(StoreError::Unavailable)?;
-        let need = seg.len + (HEADER + body_len) as u64;
-        if need > seg.allocated {
-            // Reserve blocks ahead of the writes (KEEP_SIZE: the file length stays the data's):
-            // most commits' fdatasync then only flushes data, with no block allocation to
-            // journal. Measured here: 200k x 256 B publishes 2.4 s -> 0.8 s under fsync=always.
-            let target = (need + PREALLOCATE).min(SEGMENT_BYTES.max(need));
-            match rustix::fs::fallocate(
-                &seg.file,
-                rustix::fs::FallocateFlags::KEEP_SIZE,
-                seg.len,
-                target - seg.len,
-            ) {
-                Ok(()) => seg.allocated = target,
-                Err(e) => {
-                    tracing::debug!(error = %e, "fallocate unsupported: segments grow as written");
-                    seg.allocated = u64::MAX;
-                }
+            self.new_segment(first)?;
+            // Every segment carries each group's current record (see the module docs).
+            let records: Vec<Bytes> = self
+                .groups
+                .iter()
+                .map(|(name, rec)| group_body(name, rec))
+                .collect();
+            for b in records {
+                self.write_chunk(GROUP_MAGIC, first, 0, &[b])?;
             }
         }
-        let h = header(first, count, body_len, body);
+        let off = self.write_chunk(MAGIC, first, count, body)?;
+        let seg = self.segments.last_mut().ok_or(StoreError::Unavailable)?;
+        seg.chunks.push((first, off));
+        self.last_seq = first + count as u64 - 1;
+        Ok(first)
+    }
+
+    /// Writes `group`'s record (MessagePack) to the log. Not durable until
+    /// [`SegmentLog::sync`].
+    pub fn put_group(&mut self, group: &str, record: Bytes) -> Result<(), StoreError> {
+        if group.len() > u16::MAX as usize {
+            return Err(StoreError::Io(std::io::Error::other("group name too long")));
+        }
+        if self.segments.is_empty() {
+            self.new_segment(self.last_seq + 1)?;
+        }
+        let first = self.last_seq + 1;
+        self.write_chunk(GROUP_MAGIC, first, 0, &[group_body(group, &record)])?;
+        self.groups.insert(group.to_string(), record);
+        Ok(())
+    }
+
+    /// The newest record of `group` (MessagePack), if any.
+    pub fn group(&self, group: &str) -> Option<&Bytes> {
+        self.groups.get(group)
+    }
+
+    /// Every group's newest record.
+    pub fn groups(&self) -> impl Iterator<Item = (&str, &Bytes)> {
+        self.groups.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    fn new_segment(&mut self, first: u64) -> Result<(), StoreError> {
+        let path = self.dir.join(format!("{first:020}.seg"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        self.segments.push(Segment {
+            path,
+            file,
+            len: 0,
+            file_len: 0,
+            chunks: Vec::new(),
+        });
+        self.dir_dirty = true;
+        Ok(())
+    }
+
+    /// Writes one chunk at the end of the last segment; returns its offset.
+    fn write_chunk(
+        &mut self,
+        magic: u32,
+        first: u64,
+        count: u32,
+        body: &[Bytes],
+    ) -> Result<u64, StoreError> {
+        let body_len: usize = body.iter().map(Bytes::len).sum();
+        let roll_at = self.segment_bytes;
+        let seg = self.segments.last_mut().ok_or(StoreError::Unavailable)?;
+        let need = seg.len + (HEADER + body_len) as u64;
+        if (body_len as u64) < ZERO_STEP && need + ZERO_STEP / 2 > seg.file_len {
+            // Written zeros ahead of the data (see the module docs); never past the roll size.
+            let end = (need + ZERO_STEP).min(roll_at.max(need));
+            if end > need {
+                if let Err(e) = write_zeros(&seg.file, seg.file_len, end) {
+                    let _ = seg.file.set_len(seg.len);
+                    seg.file_len = seg.len;
+                    return Err(e.into());
+                }
+                seg.file_len = end;
+            }
+        }
+        let h = header_of(magic, first, count, body_len, body);
         if let Err(e) = write_all_parts(&mut seg.file, &h, body) {
             // Leave the file as it was: a partial chunk would poison later appends.
             let _ = seg.file.set_len(seg.len);
             let _ = seg.file.seek(SeekFrom::Start(seg.len));
+            seg.file_len = seg.len;
             return Err(e.into());
         }
-        seg.chunks.push((first, seg.len));
+        let off = seg.len;
         seg.len += (HEADER + body_len) as u64;
-        self.last_seq = first + count as u64 - 1;
+        seg.file_len = seg.file_len.max(seg.len);
         self.dirty = true;
-        Ok(first)
+        Ok(off)
     }
 
     /// Reads chunk bodies from the one holding `from`, calling `f(first_seq, body)` until it
@@ -408,6 +566,72 @@ mod tests {
         assert_eq!(log.last_seq(), 5);
         assert_eq!(read_all(&seg).len() as u64, log.size());
         assert_eq!(collect(&log, 1).len(), 2);
+    }
+
+    fn file_len(p: &Path) -> u64 {
+        std::fs::metadata(p).unwrap().len()
+    }
+
+    #[test]
+    fn group_records_survive_reopen_and_ride_along_into_new_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        {
+            let mut log = SegmentLog::open(&p).unwrap();
+            // A group before any message: the first segment is created for it.
+            log.put_group("g1", Bytes::from_static(b"one")).unwrap();
+            log.segment_bytes = 200;
+            log.append_chunk(1, &[Bytes::from(vec![7u8; 150])]).unwrap();
+            log.put_group("g2", Bytes::from_static(b"two")).unwrap();
+            log.put_group("g1", Bytes::from_static(b"one-b")).unwrap();
+            // Past 200 bytes: the next chunk rolls, and the new segment starts with both records.
+            log.append_chunk(2, &[Bytes::from(vec![8u8; 300])]).unwrap();
+            log.sync().unwrap();
+            assert_eq!(log.segments.len(), 2);
+            assert_eq!(collect(&log, 1), vec![Ok(1), Ok(2)]);
+        }
+        // The first segment alone would no longer be needed for the groups.
+        std::fs::remove_file(p.join(format!("{:020}.seg", 1))).unwrap();
+        let log = SegmentLog::open(&p).unwrap();
+        assert_eq!(log.last_seq(), 3);
+        assert_eq!(log.group("g1").unwrap().as_ref(), b"one-b");
+        assert_eq!(log.group("g2").unwrap().as_ref(), b"two");
+        assert_eq!(collect(&log, 2), vec![Ok(2)]);
+    }
+
+    #[test]
+    fn zeros_written_ahead_are_kept_and_a_torn_group_record_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let seg = p.join(format!("{:020}.seg", 1));
+        {
+            let mut log = SegmentLog::open(&p).unwrap();
+            log.append_chunk(1, &[Bytes::from_static(b"m")]).unwrap();
+            log.put_group("g", Bytes::from_static(b"r1")).unwrap();
+            log.sync().unwrap();
+            assert!(file_len(&seg) >= ZERO_STEP, "zeros written ahead");
+        }
+        let data_end = {
+            let log = SegmentLog::open(&p).unwrap();
+            assert_eq!(log.group("g").unwrap().as_ref(), b"r1");
+            assert!(file_len(&seg) >= ZERO_STEP, "a tail of zeros is kept");
+            log.segments[0].len
+        };
+        // A torn group record in the zeros: only its first bytes made it.
+        let h = header_of(GROUP_MAGIC, 2, 0, 5, &[group_body("g", b"r2")]);
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.write_all_at(&h, data_end).unwrap();
+        drop(f);
+        let mut log = SegmentLog::open(&p).unwrap();
+        assert_eq!(log.group("g").unwrap().as_ref(), b"r1");
+        assert_eq!(file_len(&seg), data_end, "torn tail truncated");
+        log.put_group("g", Bytes::from_static(b"r3")).unwrap();
+        log.append_chunk(1, &[Bytes::from_static(b"n")]).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let log = SegmentLog::open(&p).unwrap();
+        assert_eq!(log.group("g").unwrap().as_ref(), b"r3");
+        assert_eq!(collect(&log, 1), vec![Ok(1), Ok(2)]);
     }
 
     #[test]
