@@ -395,7 +395,20 @@ impl Client {
         if self.is_closed() {
             return Err(self.closed_error());
         }
-        let payload = request_payload(route, req)?;
+        let data = sluice_protocol::encode(req)?;
+        self.request_data(route, data).await
+    }
+
+    /// Like [`Client::request`], with the request already encoded as MessagePack: `data`
+    /// becomes the payload's data as is.
+    pub(crate) async fn request_data<Resp>(&self, route: &str, data: Bytes) -> Result<Resp>
+    where
+        Resp: DeserializeOwned,
+    {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        let payload = Payload::new(Some(data), Some(route_metadata(route)?));
         let timeout = self.inner.config.request_timeout;
         let answer = tokio::select! {
             r = tokio::time::timeout(timeout, self.inner.socket.request_response(payload)) => r,

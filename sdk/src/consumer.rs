@@ -17,8 +17,13 @@
 //!
 //! Messages of a subscription that ended but were not handed out yet are dropped, not replayed:
 //! the broker redelivers them on the new subscription.
+//!
+//! Payloads are not copied out of the received frame: [`Received::payload`] is a slice of the
+//! batch as it arrived, so a message kept alive keeps that batch's memory alive (copy the
+//! payload, e.g. with `Bytes::copy_from_slice`, to keep one message of a big batch for long).
+//! Settling a message finds it by its position in its batch, without hashing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +33,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
+use rsocket_rust::prelude::Payload;
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use sluice_protocol::{
     route, AckReply, AckRequest, Batch, DeliveredMessage, ErrorCode, GroupMode, NackRequest,
@@ -36,9 +42,9 @@ use sluice_protocol::{
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::client::{decode_data, Client, ClientConfig};
+use crate::client::{Client, ClientConfig};
 use crate::error::{Result, SdkError};
-use crate::producer::validate_topic;
+use crate::producer::{validate_topic, FxBuildHasher};
 
 /// Attempts for one ack/nack request before its failure is reported.
 const MAX_ACK_ATTEMPTS: u32 = 5;
@@ -202,6 +208,8 @@ pub struct Received {
     pub message: DeliveredMessage,
     consumer_id: u64,
     subscription: u64,
+    /// Position in its batch.
+    index: usize,
 }
 
 impl Received {
@@ -210,7 +218,8 @@ impl Received {
         self.message.seq
     }
 
-    /// The message's payload.
+    /// The message's payload (a slice of the frame its batch arrived in; see the module
+    /// documentation).
     pub fn payload(&self) -> &Bytes {
         &self.message.payload
     }
@@ -224,6 +233,13 @@ impl Received {
         BatchKey {
             subscription: self.subscription,
             batch_id: self.batch_id,
+        }
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            index: self.index,
+            seq: self.message.seq,
         }
     }
 }
@@ -305,7 +321,7 @@ impl Consumer {
                     return Poll::Ready(Some(Ok(r)));
                 }
                 // Its subscription ended: the broker will redeliver it.
-                let jobs = self.shared.tracker().abandon(r.key(), r.seq());
+                let jobs = self.shared.tracker().abandon(r.key(), r.position());
                 self.submit_logged(jobs);
                 continue;
             }
@@ -354,15 +370,21 @@ impl Consumer {
             group,
             messages,
         } = batch;
-        self.buffer
-            .extend(messages.into_iter().map(|message| Received {
-                topic: topic.clone(),
-                group: group.clone(),
-                batch_id,
-                message,
-                consumer_id: self.shared.consumer_id,
-                subscription,
-            }));
+        let consumer_id = self.shared.consumer_id;
+        self.buffer.extend(
+            messages
+                .into_iter()
+                .enumerate()
+                .map(|(index, message)| Received {
+                    topic: topic.clone(),
+                    group: group.clone(),
+                    batch_id,
+                    message,
+                    consumer_id,
+                    subscription,
+                    index,
+                }),
+        );
     }
 
     /// Acknowledges a message. Never waits: once every message of its batch is settled, one
@@ -387,7 +409,7 @@ impl Consumer {
         let jobs = self
             .shared
             .tracker()
-            .settle(message.key(), message.seq(), kind);
+            .settle(message.key(), message.position(), kind);
         self.submit(jobs)
     }
 
@@ -437,6 +459,10 @@ impl Consumer {
     }
 
     fn submit(&self, jobs: Vec<AckJob>) -> Result<()> {
+        if jobs.is_empty() {
+            // The common case (a message of a batch not settled yet): no need for the ledger.
+            return Ok(());
+        }
         self.submit_returning_target(jobs).map(|_| ())
     }
 
@@ -604,6 +630,14 @@ pub(crate) struct BatchKey {
     batch_id: u64,
 }
 
+/// Where a message sits in its batch: its index (to find it without hashing) and its seq (to
+/// check it is the message registered there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    index: usize,
+    seq: u64,
+}
+
 /// How a message was settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Settle {
@@ -625,12 +659,28 @@ pub(crate) struct AckJob {
 struct TrackedBatch {
     topic: String,
     group: String,
-    unsettled: HashSet<u64>,
+    /// The batch's seqs, in delivery order.
+    seqs: Vec<u64>,
+    /// Per message (same order): settled (acked, nacked or abandoned) yet?
+    settled: Vec<bool>,
+    unsettled: usize,
     acked: Vec<u64>,
     nacked: Vec<u64>,
 }
 
 impl TrackedBatch {
+    /// Marks the message at `at` settled; false if it is not this batch's or already settled.
+    fn take(&mut self, at: Position) -> bool {
+        match (self.seqs.get(at.index), self.settled.get_mut(at.index)) {
+            (Some(&seq), Some(done)) if seq == at.seq && !*done => {
+                *done = true;
+                self.unsettled -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The requests for what was settled since the last drain.
     fn drain(&mut self, batch_id: u64) -> Vec<AckJob> {
         let mut jobs = Vec::with_capacity(2);
@@ -656,7 +706,7 @@ impl TrackedBatch {
 /// sent yet. Every method returns the requests that became due.
 #[derive(Debug, Default)]
 pub(crate) struct AckTracker {
-    batches: HashMap<BatchKey, TrackedBatch>,
+    batches: HashMap<BatchKey, TrackedBatch, FxBuildHasher>,
 }
 
 impl AckTracker {
@@ -669,8 +719,8 @@ impl AckTracker {
         group: &str,
         seqs: impl Iterator<Item = u64>,
     ) -> Vec<AckJob> {
-        let unsettled: HashSet<u64> = seqs.collect();
-        if unsettled.is_empty() {
+        let seqs: Vec<u64> = seqs.collect();
+        if seqs.is_empty() {
             return vec![AckJob {
                 kind: Settle::Ack,
                 topic: topic.to_string(),
@@ -684,9 +734,12 @@ impl AckTracker {
             TrackedBatch {
                 topic: topic.to_string(),
                 group: group.to_string(),
-                unsettled,
-                acked: Vec::new(),
+                settled: vec![false; seqs.len()],
+                unsettled: seqs.len(),
+                // Usually every message is acked: room for all of them up front.
+                acked: Vec::with_capacity(seqs.len()),
                 nacked: Vec::new(),
+                seqs,
             },
         );
         Vec::new()
@@ -694,28 +747,32 @@ impl AckTracker {
 
     /// Settles one message; when it was the batch's last unsettled one, returns the batch's
     /// requests and forgets the batch. Unknown or already settled messages are ignored.
-    pub(crate) fn settle(&mut self, key: BatchKey, seq: u64, kind: Settle) -> Vec<AckJob> {
+    pub(crate) fn settle(&mut self, key: BatchKey, at: Position, kind: Settle) -> Vec<AckJob> {
         let Some(batch) = self.batches.get_mut(&key) else {
             return Vec::new();
         };
-        if !batch.unsettled.remove(&seq) {
+        if !batch.take(at) {
             return Vec::new();
         }
         match kind {
-            Settle::Ack => batch.acked.push(seq),
-            Settle::Nack => batch.nacked.push(seq),
+            Settle::Ack => batch.acked.push(at.seq),
+            Settle::Nack => batch.nacked.push(at.seq),
         }
-        self.complete_if_done(key)
+        if batch.unsettled == 0 {
+            self.complete(key)
+        } else {
+            Vec::new()
+        }
     }
 
     /// A message that will never be handed out (its subscription ended): stop waiting for it.
-    pub(crate) fn abandon(&mut self, key: BatchKey, seq: u64) -> Vec<AckJob> {
-        let removed = self
+    pub(crate) fn abandon(&mut self, key: BatchKey, at: Position) -> Vec<AckJob> {
+        let done = self
             .batches
             .get_mut(&key)
-            .is_some_and(|batch| batch.unsettled.remove(&seq));
-        if removed {
-            self.complete_if_done(key)
+            .is_some_and(|batch| batch.take(at) && batch.unsettled == 0);
+        if done {
+            self.complete(key)
         } else {
             Vec::new()
         }
@@ -744,11 +801,8 @@ impl AckTracker {
         self.batches.len()
     }
 
-    fn complete_if_done(&mut self, key: BatchKey) -> Vec<AckJob> {
-        match self.batches.get(&key) {
-            Some(batch) if batch.unsettled.is_empty() => {}
-            _ => return Vec::new(),
-        }
+    /// Forgets a fully settled batch; returns its last requests.
+    fn complete(&mut self, key: BatchKey) -> Vec<AckJob> {
         match self.batches.remove(&key) {
             Some(mut batch) => batch.drain(key.batch_id),
             None => Vec::new(),
@@ -959,7 +1013,7 @@ async fn pump(
             item = stream.next() => match item {
                 Some(Ok(payload)) => {
                     delivered = true;
-                    match decode_data::<IncomingEvent>(route::SUBSCRIBE, &payload) {
+                    match decode_event(&payload) {
                         Ok(IncomingEvent::Batch(batch)) => {
                             tracing::debug!(
                                 batch_id = batch.batch_id,
@@ -1116,6 +1170,233 @@ impl<'de> Deserialize<'de> for IncomingEvent {
     }
 }
 
+/// Decodes one `subscribe` stream payload. A batch in the usual encoding is read by
+/// [`fast_batch`] (payloads not copied: slices of the received frame, so a message kept alive
+/// keeps its frame's memory alive); anything else goes through serde and the protocol's types.
+fn decode_event(p: &Payload) -> Result<IncomingEvent> {
+    let Some(frame) = p.data() else {
+        return Err(SdkError::Protocol(format!(
+            "'{}' sent an empty payload",
+            route::SUBSCRIBE
+        )));
+    };
+    if let Some(batch) = fast_batch::decode(frame) {
+        return Ok(IncomingEvent::Batch(batch));
+    }
+    Ok(sluice_protocol::decode(frame)?)
+}
+
+/// A hand-written reader for the one event that comes per batch of messages:
+/// `{"batch": Batch}` as `sluice_protocol::encode` writes it (structs as maps keyed by field
+/// name, integers unsigned, payloads `bin`), about ten times cheaper than serde's generic
+/// path. It gives up (`None`) on anything it does not expect (another event, an unknown or
+/// repeated field, a missing one, another integer or byte-string form, bytes left over):
+/// [`decode_event`] then decodes with serde, which stays the reference for what is valid.
+mod fast_batch {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use sluice_protocol::{Batch, DeliveredMessage};
+
+    /// `frame` as a `{"batch": ...}` event, if it is one in the usual encoding.
+    pub(super) fn decode(frame: &Bytes) -> Option<Batch> {
+        let mut r = Reader { frame, pos: 0 };
+        if r.map_len()? != 1 || r.str_bytes()? != b"batch" {
+            return None;
+        }
+        let batch = r.batch()?;
+        (r.pos == frame.len()).then_some(batch)
+    }
+
+    struct Reader<'a> {
+        frame: &'a Bytes,
+        pos: usize,
+    }
+
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            let end = self.pos.checked_add(n)?;
+            let frame: &'a [u8] = self.frame;
+            let bytes = frame.get(self.pos..end)?;
+            self.pos = end;
+            Some(bytes)
+        }
+
+        fn byte(&mut self) -> Option<u8> {
+            let b = *self.frame.get(self.pos)?;
+            self.pos += 1;
+            Some(b)
+        }
+
+        fn be<const N: usize>(&mut self) -> Option<[u8; N]> {
+            self.take(N)?.try_into().ok()
+        }
+
+        /// A length after a marker: `fix` forms carry it in the marker's low bits.
+        fn len(&mut self, marker: u8) -> Option<usize> {
+            match marker {
+                // fixmap, fixarray
+                0x80..=0x9f => Some(usize::from(marker & 0x0f)),
+                0xa0..=0xbf => Some(usize::from(marker & 0x1f)),
+                0xc4 | 0xd9 => self.byte().map(usize::from),
+                0xc5 | 0xda | 0xdc | 0xde => Some(usize::from(u16::from_be_bytes(self.be()?))),
+                0xc6 | 0xdb | 0xdd | 0xdf => usize::try_from(u32::from_be_bytes(self.be()?)).ok(),
+                _ => None,
+            }
+        }
+
+        fn map_len(&mut self) -> Option<usize> {
+            match self.byte()? {
+                m @ (0x80..=0x8f | 0xde | 0xdf) => self.len(m),
+                _ => None,
+            }
+        }
+
+        fn array_len(&mut self) -> Option<usize> {
+            match self.byte()? {
+                m @ (0x90..=0x9f | 0xdc | 0xdd) => self.len(m),
+                _ => None,
+            }
+        }
+
+        fn str_bytes(&mut self) -> Option<&'a [u8]> {
+            let n = match self.byte()? {
+                m @ (0xa0..=0xbf | 0xd9..=0xdb) => self.len(m)?,
+                _ => return None,
+            };
+            self.take(n)
+        }
+
+        fn string(&mut self) -> Option<String> {
+            std::str::from_utf8(self.str_bytes()?)
+                .ok()
+                .map(str::to_owned)
+        }
+
+        fn uint(&mut self) -> Option<u64> {
+            Some(match self.byte()? {
+                b @ 0x00..=0x7f => u64::from(b),
+                0xcc => u64::from(self.byte()?),
+                0xcd => u64::from(u16::from_be_bytes(self.be()?)),
+                0xce => u64::from(u32::from_be_bytes(self.be()?)),
+                0xcf => u64::from_be_bytes(self.be()?),
+                _ => return None,
+            })
+        }
+
+        /// A `bin` value, as a slice of the frame (no copy).
+        fn bin(&mut self) -> Option<Bytes> {
+            let n = match self.byte()? {
+                m @ 0xc4..=0xc6 => self.len(m)?,
+                _ => return None,
+            };
+            let start = self.pos;
+            self.take(n)?;
+            Some(self.frame.slice(start..start + n))
+        }
+
+        /// Sets `slot` once; a repeated field makes the whole read give up.
+        fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
+            if slot.is_some() {
+                return None;
+            }
+            *slot = Some(value?);
+            Some(())
+        }
+
+        fn batch(&mut self) -> Option<Batch> {
+            let (mut batch_id, mut topic, mut group, mut messages) = (None, None, None, None);
+            for _ in 0..self.map_len()? {
+                match self.str_bytes()? {
+                    b"batch_id" => Self::once(&mut batch_id, self.uint())?,
+                    b"topic" => Self::once(&mut topic, self.string())?,
+                    b"group" => Self::once(&mut group, self.string())?,
+                    b"messages" => {
+                        let list = self.messages();
+                        Self::once(&mut messages, list)?
+                    }
+                    _ => return None,
+                }
+            }
+            Some(Batch {
+                batch_id: batch_id?,
+                topic: topic?,
+                group: group?,
+                messages: messages?,
+            })
+        }
+
+        fn messages(&mut self) -> Option<Vec<DeliveredMessage>> {
+            let n = self.array_len()?;
+            // Every message takes more than 8 bytes: a bogus count cannot reserve much.
+            let mut list = Vec::with_capacity(n.min(self.frame.len().saturating_sub(self.pos) / 8));
+            for _ in 0..n {
+                list.push(self.message()?);
+            }
+            Some(list)
+        }
+
+        fn message(&mut self) -> Option<DeliveredMessage> {
+            let (mut seq, mut timestamp_ms, mut attempt, mut payload) = (None, None, None, None);
+            let (mut key, mut headers, mut priority) = (None, None, None);
+            for _ in 0..self.map_len()? {
+                match self.str_bytes()? {
+                    b"seq" => Self::once(&mut seq, self.uint())?,
+                    b"timestamp_ms" => Self::once(&mut timestamp_ms, self.uint())?,
+                    b"attempt" => {
+                        let value = self.uint().and_then(|v| u32::try_from(v).ok());
+                        Self::once(&mut attempt, value)?
+                    }
+                    b"priority" => {
+                        let value = self.uint().and_then(|v| u8::try_from(v).ok());
+                        Self::once(&mut priority, value)?
+                    }
+                    b"payload" => {
+                        let value = self.bin();
+                        Self::once(&mut payload, value)?
+                    }
+                    b"key" => {
+                        let value = if self.frame.get(self.pos) == Some(&0xc0) {
+                            self.pos += 1;
+                            Some(None)
+                        } else {
+                            self.string().map(Some)
+                        };
+                        Self::once(&mut key, value)?
+                    }
+                    b"headers" => {
+                        let value = self.headers();
+                        Self::once(&mut headers, value)?
+                    }
+                    _ => return None,
+                }
+            }
+            Some(DeliveredMessage {
+                seq: seq?,
+                timestamp_ms: timestamp_ms?,
+                key: key.unwrap_or_default(),
+                headers: headers.unwrap_or_default(),
+                priority: priority.unwrap_or_default(),
+                attempt: attempt?,
+                payload: payload?,
+            })
+        }
+
+        fn headers(&mut self) -> Option<BTreeMap<String, String>> {
+            let mut headers = BTreeMap::new();
+            for _ in 0..self.map_len()? {
+                let name = self.string()?;
+                let value = self.string()?;
+                // A repeated name: let serde decide what that means.
+                if headers.insert(name, value).is_some() {
+                    return None;
+                }
+            }
+            Some(headers)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1128,6 +1409,10 @@ mod tests {
         }
     }
 
+    fn at(index: usize, seq: u64) -> Position {
+        Position { index, seq }
+    }
+
     fn register(t: &mut AckTracker, k: BatchKey, seqs: &[u64]) {
         let jobs = t.register(k, "t", "g", seqs.iter().copied());
         assert!(jobs.is_empty());
@@ -1137,9 +1422,9 @@ mod tests {
     fn one_ack_per_fully_acked_batch() {
         let mut t = AckTracker::default();
         register(&mut t, key(1, 7), &[10, 11, 12]);
-        assert!(t.settle(key(1, 7), 11, Settle::Ack).is_empty());
-        assert!(t.settle(key(1, 7), 10, Settle::Ack).is_empty());
-        let jobs = t.settle(key(1, 7), 12, Settle::Ack);
+        assert!(t.settle(key(1, 7), at(1, 11), Settle::Ack).is_empty());
+        assert!(t.settle(key(1, 7), at(0, 10), Settle::Ack).is_empty());
+        let jobs = t.settle(key(1, 7), at(2, 12), Settle::Ack);
         assert_eq!(
             jobs,
             vec![AckJob {
@@ -1157,10 +1442,10 @@ mod tests {
     fn mixed_batch_gives_one_ack_and_one_nack() {
         let mut t = AckTracker::default();
         register(&mut t, key(1, 1), &[1, 2, 3, 4]);
-        t.settle(key(1, 1), 1, Settle::Ack);
-        t.settle(key(1, 1), 2, Settle::Nack);
-        t.settle(key(1, 1), 3, Settle::Ack);
-        let jobs = t.settle(key(1, 1), 4, Settle::Nack);
+        t.settle(key(1, 1), at(0, 1), Settle::Ack);
+        t.settle(key(1, 1), at(1, 2), Settle::Nack);
+        t.settle(key(1, 1), at(2, 3), Settle::Ack);
+        let jobs = t.settle(key(1, 1), at(3, 4), Settle::Nack);
         assert_eq!(jobs.len(), 2);
         assert_eq!(
             (jobs[0].kind, jobs[0].seqs.clone()),
@@ -1176,13 +1461,17 @@ mod tests {
     fn double_and_unknown_settles_are_ignored() {
         let mut t = AckTracker::default();
         register(&mut t, key(1, 1), &[1, 2]);
-        assert!(t.settle(key(1, 1), 1, Settle::Ack).is_empty());
-        assert!(t.settle(key(1, 1), 1, Settle::Ack).is_empty());
-        assert!(t.settle(key(1, 1), 99, Settle::Ack).is_empty());
-        assert!(t.settle(key(2, 1), 2, Settle::Ack).is_empty());
-        assert_eq!(t.settle(key(1, 1), 2, Settle::Ack)[0].seqs, vec![1, 2]);
+        assert!(t.settle(key(1, 1), at(0, 1), Settle::Ack).is_empty());
+        assert!(t.settle(key(1, 1), at(0, 1), Settle::Ack).is_empty());
+        assert!(t.settle(key(1, 1), at(0, 99), Settle::Ack).is_empty());
+        assert!(t.settle(key(1, 1), at(7, 2), Settle::Ack).is_empty());
+        assert!(t.settle(key(2, 1), at(1, 2), Settle::Ack).is_empty());
+        assert_eq!(
+            t.settle(key(1, 1), at(1, 2), Settle::Ack)[0].seqs,
+            vec![1, 2]
+        );
         // The batch is gone: a late ack of it does nothing.
-        assert!(t.settle(key(1, 1), 2, Settle::Ack).is_empty());
+        assert!(t.settle(key(1, 1), at(1, 2), Settle::Ack).is_empty());
     }
 
     #[test]
@@ -1191,7 +1480,7 @@ mod tests {
         register(&mut t, key(1, 5), &[1]);
         register(&mut t, key(2, 5), &[1]);
         assert_eq!(t.len(), 2);
-        assert_eq!(t.settle(key(2, 5), 1, Settle::Ack).len(), 1);
+        assert_eq!(t.settle(key(2, 5), at(0, 1), Settle::Ack).len(), 1);
         assert_eq!(t.len(), 1);
     }
 
@@ -1199,15 +1488,15 @@ mod tests {
     fn abandoned_messages_complete_the_batch_without_being_acked() {
         let mut t = AckTracker::default();
         register(&mut t, key(1, 1), &[1, 2, 3]);
-        t.settle(key(1, 1), 1, Settle::Ack);
-        assert!(t.abandon(key(1, 1), 2).is_empty());
-        let jobs = t.abandon(key(1, 1), 3);
+        t.settle(key(1, 1), at(0, 1), Settle::Ack);
+        assert!(t.abandon(key(1, 1), at(1, 2)).is_empty());
+        let jobs = t.abandon(key(1, 1), at(2, 3));
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].seqs, vec![1]);
 
         // Nothing settled at all: nothing to send.
         register(&mut t, key(1, 2), &[4]);
-        assert!(t.abandon(key(1, 2), 4).is_empty());
+        assert!(t.abandon(key(1, 2), at(0, 4)).is_empty());
         assert_eq!(t.len(), 0);
     }
 
@@ -1216,8 +1505,8 @@ mod tests {
         let mut t = AckTracker::default();
         register(&mut t, key(1, 1), &[1, 2, 3]);
         register(&mut t, key(1, 2), &[4, 5]);
-        t.settle(key(1, 1), 1, Settle::Ack);
-        t.settle(key(1, 2), 4, Settle::Nack);
+        t.settle(key(1, 1), at(0, 1), Settle::Ack);
+        t.settle(key(1, 2), at(0, 4), Settle::Nack);
         let drained = t.drain_all_settled();
         assert_eq!(drained.len(), 2);
         assert_eq!((drained[0].batch_id, drained[0].seqs.clone()), (1, vec![1]));
@@ -1231,8 +1520,8 @@ mod tests {
         );
         assert!(t.drain_all_settled().is_empty());
         assert!(t.drain_settled(key(1, 1)).is_empty());
-        t.settle(key(1, 1), 2, Settle::Ack);
-        let rest = t.settle(key(1, 1), 3, Settle::Ack);
+        t.settle(key(1, 1), at(1, 2), Settle::Ack);
+        let rest = t.settle(key(1, 1), at(2, 3), Settle::Ack);
         assert_eq!(rest[0].seqs, vec![2, 3]);
         assert_eq!(t.len(), 1);
     }
@@ -1329,6 +1618,178 @@ mod tests {
         let empty: BTreeMap<String, u8> = BTreeMap::new();
         let bytes = sluice_protocol::encode(&empty).expect("encode");
         assert!(sluice_protocol::decode::<IncomingEvent>(&bytes).is_err());
+    }
+
+    #[test]
+    fn batch_payloads_are_slices_of_the_frame() {
+        let mut keyed = delivered(3, 70_000);
+        keyed.key = Some("k".into());
+        keyed.headers.insert("region".into(), "eu".into());
+        keyed.priority = 2;
+        keyed.attempt = 4;
+        let batch = Batch {
+            batch_id: 8,
+            topic: "t".into(),
+            group: "g".into(),
+            messages: vec![delivered(1, 5), delivered(2, 0), keyed],
+        };
+        let frame = frame_of(&batch);
+        let event = decode_event(&Payload::new(Some(frame.clone()), None)).expect("decode");
+        let IncomingEvent::Batch(decoded) = event else {
+            panic!("not a batch: {event:?}");
+        };
+        assert_eq!(decoded, batch);
+        let range = frame.as_ptr_range();
+        for m in decoded.messages.iter().filter(|m| !m.payload.is_empty()) {
+            assert!(range.contains(&m.payload.as_ptr()), "payload was copied");
+        }
+        assert!(decode_event(&Payload::new(None, None)).is_err());
+    }
+
+    fn delivered(seq: u64, payload: usize) -> DeliveredMessage {
+        DeliveredMessage {
+            seq,
+            timestamp_ms: 1_700_000_000_000u64.wrapping_add(seq),
+            key: None,
+            headers: BTreeMap::new(),
+            priority: 0,
+            attempt: 1,
+            payload: Bytes::from(vec![(seq % 251) as u8; payload]),
+        }
+    }
+
+    fn frame_of(batch: &Batch) -> Bytes {
+        sluice_protocol::encode(&StreamEvent::Batch(batch.clone())).expect("encode")
+    }
+
+    #[test]
+    fn fast_batch_reader_agrees_with_serde() {
+        let mut messages = Vec::new();
+        for (i, size) in [0, 1, 255, 256, 65_535, 65_536].into_iter().enumerate() {
+            messages.push(delivered(i as u64 + 1, size));
+        }
+        for (i, seq) in [
+            127,
+            128,
+            255,
+            256,
+            65_536,
+            u64::from(u32::MAX) + 1,
+            u64::MAX,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut m = delivered(seq, 3);
+            m.timestamp_ms = seq;
+            m.attempt = [1, 127, 128, 300, 70_000, u32::MAX, 2][i];
+            m.priority = [0, 1, 9, 127, 128, 255, 3][i];
+            m.key = Some("k".repeat([0, 1, 31, 32, 255, 256, 70_000][i]));
+            m.headers = (0..[0, 1, 15, 16, 17, 2, 40][i])
+                .map(|h| (format!("h{h}"), "v".repeat(h * 9)))
+                .collect();
+            messages.push(m);
+        }
+        messages.extend((100..110).map(|seq| delivered(seq, 10)));
+        for n in [0, 1, 15, 16, messages.len()] {
+            let batch = Batch {
+                batch_id: 9_000_000_000 + n as u64,
+                topic: "t".repeat(n * 3),
+                group: "g".repeat(40),
+                messages: messages[..n].to_vec(),
+            };
+            let frame = frame_of(&batch);
+            let fast = fast_batch::decode(&frame).expect("the usual encoding");
+            assert_eq!(fast, batch, "{n} messages");
+            match sluice_protocol::decode::<IncomingEvent>(&frame).expect("serde") {
+                IncomingEvent::Batch(slow) => assert_eq!(slow, fast),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn fast_batch_reader_leaves_the_unexpected_to_serde() {
+        let batch = Batch {
+            batch_id: 1,
+            topic: "t".into(),
+            group: "g".into(),
+            messages: vec![delivered(1, 4), delivered(2, 0)],
+        };
+        // Truncated or with bytes left over: not read (serde rejects the first).
+        let frame = frame_of(&batch);
+        for cut in 0..frame.len() {
+            assert!(
+                fast_batch::decode(&frame.slice(..cut)).is_none(),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = frame.to_vec();
+        longer.push(0xc0);
+        assert!(fast_batch::decode(&Bytes::from(longer)).is_none());
+
+        // A message with a field this SDK does not know yet: serde ignores the field.
+        #[derive(serde::Serialize)]
+        struct Newer {
+            seq: u64,
+            timestamp_ms: u64,
+            attempt: u32,
+            #[serde(with = "serde_bytes_like")]
+            payload: Vec<u8>,
+            shard: u8,
+        }
+        mod serde_bytes_like {
+            pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(b)
+            }
+        }
+        #[derive(serde::Serialize)]
+        struct NewerBatch {
+            batch_id: u64,
+            topic: String,
+            group: String,
+            messages: Vec<Newer>,
+        }
+        let newer = BTreeMap::from([(
+            "batch",
+            NewerBatch {
+                batch_id: 4,
+                topic: "t".into(),
+                group: "g".into(),
+                messages: vec![Newer {
+                    seq: 7,
+                    timestamp_ms: 8,
+                    attempt: 1,
+                    payload: b"hi".to_vec(),
+                    shard: 3,
+                }],
+            },
+        )]);
+        let frame = sluice_protocol::encode(&newer).expect("encode");
+        assert!(fast_batch::decode(&frame).is_none());
+        match decode_event(&Payload::new(Some(frame), None)).expect("decode") {
+            IncomingEvent::Batch(b) => {
+                assert_eq!((b.batch_id, b.messages.len()), (4, 1));
+                assert_eq!(
+                    (b.messages[0].seq, &b.messages[0].payload[..]),
+                    (7, &b"hi"[..])
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        // Other events go to serde as well.
+        let status = StatusUpdate {
+            head_seq: 3,
+            lag: 1,
+        };
+        let frame = sluice_protocol::encode(&StreamEvent::Status(status.clone())).expect("encode");
+        assert!(fast_batch::decode(&frame).is_none());
+        assert!(matches!(
+            decode_event(&Payload::new(Some(frame), None)).expect("decode"),
+            IncomingEvent::Status(s) if s == status
+        ));
+        assert!(decode_event(&Payload::new(Some(Bytes::from_static(b"\xc1")), None)).is_err());
     }
 
     #[test]

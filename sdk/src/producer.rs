@@ -15,16 +15,33 @@
 //!
 //! The connection is re-opened on the next batch if it closed; a failed request is *not*
 //! retried (publish is not idempotent): its callers get the error.
+//!
+//! Per-message cost (the producer runs beside the broker, often on the same cores):
+//! - a publish is one entry on the queue (its message inline, its topic an `Arc<str>` shared
+//!   with the previous publishes to that topic through this handle, validated once) and one
+//!   oneshot for the answer; the returned future is that oneshot's receiver, a pointer, unless
+//!   the queue was full;
+//! - the queue is a `VecDeque` behind a lock held for a push, which the task swaps out whole;
+//!   its room is counted by a fair semaphore, so callers that found it full get in in the order
+//!   they came;
+//! - a request's data is written once, straight from the queued entries, into a buffer sized
+//!   up front (MessagePack written by hand, byte for byte what `sluice_protocol::encode` would
+//!   write for the same `PublishRequest`; a test compares the two).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::Arc;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures::future::poll_fn;
 use futures::stream::FuturesUnordered;
+use futures::task::AtomicWaker;
 use futures::StreamExt;
-use sluice_protocol::{route, ErrorCode, NewMessage, PublishReply, PublishRequest, MAX_PRIORITY};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use sluice_protocol::{route, ErrorCode, NewMessage, PublishReply, MAX_PRIORITY};
+use tokio::sync::{oneshot, Mutex, Semaphore, TryAcquireError};
 
 use crate::client::{Client, ClientConfig};
 use crate::error::{Result, SdkError};
@@ -92,14 +109,15 @@ impl ProducerOptions {
 /// and the connection. Must be created inside a tokio runtime.
 #[derive(Clone)]
 pub struct Producer {
-    queue: mpsc::Sender<Entry<Reply>>,
+    queue: QueueSender,
     max_payload_bytes: usize,
+    last_topic: TopicCache,
 }
 
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Producer")
-            .field("queue_room", &self.queue.capacity())
+            .field("queue_room", &self.queue.0.room.available_permits())
             .finish()
     }
 }
@@ -132,15 +150,16 @@ impl Producer {
     }
 
     fn spawn(client: Client, options: ProducerOptions) -> Producer {
-        // The channel carries entries; the bound on queued messages is enforced by the task
-        // (it stops reading the channel while its own queue is full).
-        let (queue, rx) = mpsc::channel(options.queue_capacity.clamp(1, 8192));
+        // The queue holds entries; the bound on queued messages is enforced by the task (it
+        // stops taking entries while its own queue is full).
+        let (queue, rx) = queue(options.queue_capacity.clamp(1, 8192));
         let max_payload_bytes = options.max_payload_bytes;
         let slot = Arc::new(ClientSlot::new(client));
         tokio::spawn(run_pipeline(rx, slot, options));
         Producer {
             queue,
             max_payload_bytes,
+            last_topic: TopicCache::default(),
         }
     }
 
@@ -157,12 +176,20 @@ impl Producer {
         topic: impl Into<String>,
         message: NewMessage,
     ) -> impl Future<Output = Result<u64>> + Send + 'static {
-        let topic = topic.into();
-        let checked = validate_topic(&topic).and_then(|()| self.validate_message(&message));
-        let (tx, rx) = oneshot::channel();
-        let queued =
-            checked.map(|()| self.enqueue(Entry::new(topic, vec![message], Reply::One(tx))));
-        Self::wait(queued, rx)
+        let checked = self
+            .last_topic
+            .intern(topic.into())
+            .and_then(|topic| self.validate_message(&message).map(|()| topic));
+        match checked {
+            Ok(topic) => {
+                let (tx, rx) = oneshot::channel();
+                self.enqueue(
+                    Entry::new(topic, Messages::One(message), Reply::One(tx)),
+                    rx,
+                )
+            }
+            Err(e) => Pending::failed(e),
+        }
     }
 
     /// Publishes `payload` as a message without key, headers or priority; see
@@ -189,39 +216,61 @@ impl Producer {
         topic: impl Into<String>,
         messages: Vec<NewMessage>,
     ) -> impl Future<Output = Result<PublishReply>> + Send + 'static {
-        let topic = topic.into();
-        let checked = validate_topic(&topic).and_then(|()| {
+        let checked = self.last_topic.intern(topic.into()).and_then(|topic| {
             if messages.is_empty() {
                 return Err(SdkError::InvalidArgument(
                     "publish_batch needs at least one message".into(),
                 ));
             }
-            messages.iter().try_for_each(|m| self.validate_message(m))
+            messages
+                .iter()
+                .try_for_each(|m| self.validate_message(m))
+                .map(|()| topic)
         });
-        let (tx, rx) = oneshot::channel();
-        let queued = checked.map(|()| self.enqueue(Entry::new(topic, messages, Reply::Many(tx))));
-        Self::wait(queued, rx)
-    }
-
-    /// Queues `entry` now if the queue has room; otherwise returns it with a sender to wait on
-    /// (the channel's waiters are served in order, so call order is kept).
-    fn enqueue(&self, entry: Entry<Reply>) -> Queued {
-        match self.queue.try_send(entry) {
-            Ok(()) => Queued::Done,
-            Err(mpsc::error::TrySendError::Full(entry)) => {
-                Queued::Waiting(self.queue.clone(), entry)
+        match checked {
+            Ok(topic) => {
+                let (tx, rx) = oneshot::channel();
+                self.enqueue(
+                    Entry::new(topic, Messages::Many(messages), Reply::Many(tx)),
+                    rx,
+                )
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Queued::Stopped,
+            Err(e) => Pending::failed(e),
         }
     }
 
-    async fn wait<T>(queued: Result<Queued>, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
-        match queued? {
-            Queued::Done => {}
-            Queued::Waiting(queue, entry) => queue.send(entry).await.map_err(|_| stopped())?,
-            Queued::Stopped => return Err(stopped()),
+    /// Queues `entry` now if the queue has room; otherwise the returned future queues it first
+    /// (callers waiting for room are let in in order, so call order is kept), then waits on
+    /// `rx`.
+    fn enqueue<T: Send + 'static>(
+        &self,
+        entry: Entry<Reply>,
+        rx: oneshot::Receiver<Result<T>>,
+    ) -> Pending<T> {
+        match self.queue.0.room.try_acquire() {
+            Ok(place) => {
+                place.forget();
+                match self.queue.0.push(entry) {
+                    Ok(()) => Pending::Queued(rx),
+                    Err(e) => Pending::failed(e),
+                }
+            }
+            Err(TryAcquireError::NoPermits) => {
+                let queue = self.queue.clone();
+                Pending::Slow(Box::pin(async move {
+                    queue
+                        .0
+                        .room
+                        .acquire()
+                        .await
+                        .map_err(|_| stopped())?
+                        .forget();
+                    queue.0.push(entry)?;
+                    rx.await.unwrap_or_else(|_| Err(stopped()))
+                }))
+            }
+            Err(TryAcquireError::Closed) => Pending::failed(stopped()),
         }
-        rx.await.unwrap_or_else(|_| Err(stopped()))
     }
 
     fn validate_message(&self, m: &NewMessage) -> Result<()> {
@@ -242,11 +291,201 @@ impl Producer {
     }
 }
 
-/// Where a new entry stands after `Producer::enqueue`.
-enum Queued {
-    Done,
-    Waiting(mpsc::Sender<Entry<Reply>>, Entry<Reply>),
-    Stopped,
+/// The future `publish` and `publish_batch` return. In the common case (the entry was queued at
+/// once) it is just the receiver of the answer, one pointer: callers that keep thousands of
+/// publishes in flight store and move little per publish.
+enum Pending<T> {
+    /// Queued; waiting for the answer.
+    Queued(oneshot::Receiver<Result<T>>),
+    /// The queue was full (waits for room, then for the answer), or the call already failed.
+    Slow(Pin<Box<dyn Future<Output = Result<T>> + Send>>),
+}
+
+impl<T: Send + 'static> Pending<T> {
+    fn failed(e: SdkError) -> Self {
+        Pending::Slow(Box::pin(std::future::ready(Err(e))))
+    }
+}
+
+impl<T> Future for Pending<T> {
+    type Output = Result<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        match self.get_mut() {
+            Pending::Queued(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or_else(|_| Err(stopped()))),
+            Pending::Slow(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+/// The topic of the last successful call on this handle, so that publishing to the same topic
+/// again neither re-validates its name nor allocates it again: entries share one `Arc<str>`.
+/// Each clone of a [`Producer`] has its own; never waited on (a busy cache is skipped).
+#[derive(Default)]
+struct TopicCache(StdMutex<Option<Arc<str>>>);
+
+impl Clone for TopicCache {
+    fn clone(&self) -> Self {
+        let last = self.0.try_lock().ok().and_then(|t| t.clone());
+        TopicCache(StdMutex::new(last))
+    }
+}
+
+impl TopicCache {
+    /// `topic`, validated, as a shared string.
+    fn intern(&self, topic: String) -> Result<Arc<str>> {
+        let Ok(mut last) = self.0.try_lock() else {
+            validate_topic(&topic)?;
+            return Ok(Arc::from(topic));
+        };
+        if let Some(known) = last.as_ref().filter(|t| ***t == *topic) {
+            return Ok(known.clone());
+        }
+        validate_topic(&topic)?;
+        let topic: Arc<str> = Arc::from(topic);
+        *last = Some(topic.clone());
+        Ok(topic)
+    }
+}
+
+/// The queue between the callers and the pipeline task: `publish` appends under a short lock,
+/// the task takes everything queued at once. Room is counted in entries by a fair semaphore,
+/// so callers that found the queue full get in in the order they came.
+struct Queue {
+    state: StdMutex<QueueState>,
+    /// Free places, in entries. Closed once the pipeline task is gone.
+    room: Semaphore,
+    /// The pipeline task, while it waits for entries.
+    pipeline: AtomicWaker,
+}
+
+struct QueueState {
+    entries: VecDeque<Entry<Reply>>,
+    /// Live [`QueueSender`]s: once none is left and nothing is queued, the pipeline stops.
+    senders: usize,
+    /// False once the pipeline task is gone: nothing would take a new entry.
+    open: bool,
+}
+
+/// A new queue with `places` places: the producers' end and the pipeline's end.
+fn queue(places: usize) -> (QueueSender, QueueReceiver) {
+    let queue = Arc::new(Queue {
+        state: StdMutex::new(QueueState {
+            entries: VecDeque::new(),
+            senders: 1,
+            open: true,
+        }),
+        room: Semaphore::new(places),
+        pipeline: AtomicWaker::new(),
+    });
+    (
+        QueueSender(queue.clone()),
+        QueueReceiver {
+            queue,
+            taken: VecDeque::new(),
+        },
+    )
+}
+
+impl Queue {
+    fn state(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends `entry`, whose place was already taken; fails if the pipeline is gone.
+    fn push(&self, entry: Entry<Reply>) -> Result<()> {
+        {
+            let mut state = self.state();
+            if !state.open {
+                return Err(stopped());
+            }
+            state.entries.push_back(entry);
+        }
+        self.pipeline.wake();
+        Ok(())
+    }
+}
+
+/// A producer's end of the queue (counted, so that the pipeline stops with the last one).
+struct QueueSender(Arc<Queue>);
+
+impl Clone for QueueSender {
+    fn clone(&self) -> Self {
+        self.0.state().senders += 1;
+        QueueSender(self.0.clone())
+    }
+}
+
+impl Drop for QueueSender {
+    fn drop(&mut self) {
+        let last = {
+            let mut state = self.0.state();
+            state.senders = state.senders.saturating_sub(1);
+            state.senders == 0
+        };
+        if last {
+            self.0.pipeline.wake();
+        }
+    }
+}
+
+/// The pipeline's end of the queue. Dropping it (the task ended, or its runtime shut down)
+/// closes the queue: entries still queued are dropped, so their callers get an error.
+struct QueueReceiver {
+    queue: Arc<Queue>,
+    /// Entries taken off the queue, not yet handed to the batcher (they keep their places).
+    taken: VecDeque<Entry<Reply>>,
+}
+
+impl QueueReceiver {
+    /// Ready with `true` once entries are taken, with `false` once every sender is gone and
+    /// nothing is left.
+    fn poll_taken(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if !self.taken.is_empty() {
+            return Poll::Ready(true);
+        }
+        // Registered before looking, so that a push right after the look wakes us.
+        self.queue.pipeline.register(cx.waker());
+        let mut state = self.queue.state();
+        if !state.entries.is_empty() {
+            std::mem::swap(&mut state.entries, &mut self.taken);
+            Poll::Ready(true)
+        } else if state.senders == 0 {
+            Poll::Ready(false)
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Hands taken entries to `batcher`, in order, while it holds fewer than `capacity`
+    /// messages; frees their places.
+    fn drain_into(&mut self, batcher: &mut Batcher<Reply>, capacity: usize) {
+        let mut moved = 0;
+        while batcher.queued_messages() < capacity {
+            let Some(entry) = self.taken.pop_front() else {
+                break;
+            };
+            batcher.push(entry);
+            moved += 1;
+        }
+        if moved > 0 {
+            self.queue.room.add_permits(moved);
+        }
+    }
+}
+
+impl Drop for QueueReceiver {
+    fn drop(&mut self) {
+        self.queue.room.close();
+        let left = {
+            let mut state = self.queue.state();
+            state.open = false;
+            std::mem::take(&mut state.entries)
+        };
+        drop(left);
+    }
 }
 
 fn stopped() -> SdkError {
@@ -271,7 +510,8 @@ pub fn validate_topic(topic: &str) -> Result<()> {
     }
 }
 
-/// Estimated MessagePack size of one message inside a `PublishRequest` (map keys included).
+/// Estimated MessagePack size of one message inside a `PublishRequest` (map keys included);
+/// never below the real size.
 pub(crate) fn estimated_size(m: &NewMessage) -> usize {
     const FIXED: usize = 48; // map header, four keys, markers, priority
     FIXED
@@ -320,17 +560,37 @@ impl Reply {
     }
 }
 
+/// The messages of one entry: `publish` brings one (kept inline, no `Vec`), `publish_batch`
+/// several.
+pub(crate) enum Messages {
+    One(NewMessage),
+    Many(Vec<NewMessage>),
+}
+
+impl Messages {
+    fn as_slice(&self) -> &[NewMessage] {
+        match self {
+            Messages::One(m) => std::slice::from_ref(m),
+            Messages::Many(v) => v,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+}
+
 /// One caller's contribution to the queue: one or more messages for one topic, kept together.
 pub(crate) struct Entry<R> {
-    topic: String,
-    messages: Vec<NewMessage>,
+    topic: Arc<str>,
+    messages: Messages,
     bytes: usize,
     reply: R,
 }
 
 impl<R> Entry<R> {
-    pub(crate) fn new(topic: String, messages: Vec<NewMessage>, reply: R) -> Self {
-        let bytes = messages.iter().map(estimated_size).sum();
+    pub(crate) fn new(topic: Arc<str>, messages: Messages, reply: R) -> Self {
+        let bytes = messages.as_slice().iter().map(estimated_size).sum();
         Entry {
             topic,
             messages,
@@ -342,25 +602,107 @@ impl<R> Entry<R> {
 
 /// A group of entries for one topic that goes out as one `publish` request.
 pub(crate) struct PlannedBatch<R> {
-    topic: String,
+    topic: Arc<str>,
     entries: Vec<Entry<R>>,
 }
+
+/// FxHash (rustc's hasher): a multiply and a rotate per word. The producer's maps are keyed by
+/// topic names it chose itself, so SipHash's protection against crafted keys buys nothing
+/// there, and hashing is on the per-message path.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher {
+    hash: u64,
+}
+
+impl FxHasher {
+    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(Self::SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(w);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
+pub(crate) type FxBuildHasher = BuildHasherDefault<FxHasher>;
+
+/// Topics with a request in flight.
+pub(crate) type TopicSet = HashSet<Arc<str>, FxBuildHasher>;
 
 /// Groups queued entries into requests: by topic, within the message and byte limits, topics
 /// served round-robin, queue order kept within a topic. Pure: no I/O, unit-tested.
 pub(crate) struct Batcher<R> {
-    by_topic: HashMap<String, VecDeque<Entry<R>>>,
-    order: VecDeque<String>,
+    /// Queued entries per topic; a topic keeps its slot while it has entries queued.
+    slots: Vec<TopicQueue<R>>,
+    /// The slot of each topic with entries queued.
+    by_topic: HashMap<Arc<str>, usize, FxBuildHasher>,
+    /// Slots not in use.
+    free: Vec<usize>,
+    /// Slots with entries queued, in round-robin order.
+    order: VecDeque<usize>,
+    /// The slot the last entry went to. An entry with the very same topic `Arc` (the usual
+    /// case: a producer hands out one `Arc` per topic) goes there without a map lookup.
+    last: usize,
+    /// The buffer of the last emptied topic queue, reused for the next new one (one topic
+    /// that empties and refills all the time does not reallocate its queue).
+    spare: VecDeque<Entry<R>>,
     queued_messages: usize,
     max_messages: usize,
     max_bytes: usize,
 }
 
+/// The queued entries of one topic (`topic` is `None` while the slot is free).
+struct TopicQueue<R> {
+    topic: Option<Arc<str>>,
+    entries: VecDeque<Entry<R>>,
+}
+
+impl<R> TopicQueue<R> {
+    fn holds(&self, topic: &Arc<str>) -> bool {
+        self.topic.as_ref().is_some_and(|t| Arc::ptr_eq(t, topic))
+    }
+}
+
 impl<R> Batcher<R> {
     pub(crate) fn new(max_messages: usize, max_bytes: usize) -> Self {
         Batcher {
-            by_topic: HashMap::new(),
+            slots: Vec::new(),
+            by_topic: HashMap::default(),
+            free: Vec::new(),
             order: VecDeque::new(),
+            last: 0,
+            spare: VecDeque::new(),
             queued_messages: 0,
             max_messages: max_messages.max(1),
             max_bytes: max_bytes.max(1),
@@ -369,14 +711,43 @@ impl<R> Batcher<R> {
 
     pub(crate) fn push(&mut self, entry: Entry<R>) {
         self.queued_messages += entry.messages.len();
-        match self.by_topic.get_mut(&entry.topic) {
-            Some(q) => q.push_back(entry),
-            None => {
-                self.order.push_back(entry.topic.clone());
-                let topic = entry.topic.clone();
-                self.by_topic.insert(topic, VecDeque::from([entry]));
+        if let Some(queue) = self.slots.get_mut(self.last) {
+            if queue.holds(&entry.topic) {
+                queue.entries.push_back(entry);
+                return;
             }
         }
+        let slot = match self.by_topic.get(&entry.topic) {
+            Some(&slot) => slot,
+            None => self.open_slot(entry.topic.clone()),
+        };
+        self.last = slot;
+        match self.slots.get_mut(slot) {
+            Some(queue) => queue.entries.push_back(entry),
+            // Unreachable: `by_topic` only names slots that exist.
+            None => self.queued_messages -= entry.messages.len(),
+        }
+    }
+
+    /// A slot for a topic that has nothing queued, last in the round-robin order.
+    fn open_slot(&mut self, topic: Arc<str>) -> usize {
+        let queue = TopicQueue {
+            topic: Some(topic.clone()),
+            entries: std::mem::take(&mut self.spare),
+        };
+        let slot = match self.free.pop() {
+            Some(slot) if slot < self.slots.len() => {
+                self.slots[slot] = queue;
+                slot
+            }
+            _ => {
+                self.slots.push(queue);
+                self.slots.len() - 1
+            }
+        };
+        self.by_topic.insert(topic, slot);
+        self.order.push_back(slot);
+        slot
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -391,37 +762,45 @@ impl<R> Batcher<R> {
     /// one over the limits, which then goes alone).
     #[cfg(test)]
     pub(crate) fn next_batch(&mut self) -> Option<PlannedBatch<R>> {
-        self.next_batch_except(&HashSet::new())
+        self.next_batch_except(&TopicSet::default())
     }
 
     /// Like `next_batch`, skipping the topics in `busy` (they keep their turn).
-    pub(crate) fn next_batch_except(&mut self, busy: &HashSet<String>) -> Option<PlannedBatch<R>> {
-        let position = self.order.iter().position(|t| !busy.contains(t))?;
-        let topic = self.order.remove(position)?;
-        let Some(queue) = self.by_topic.get_mut(&topic) else {
-            return self.next_batch_except(busy);
-        };
-        let mut entries = Vec::new();
-        let (mut messages, mut bytes) = (0usize, 0usize);
-        while let Some(front) = queue.front() {
-            let fits = entries.is_empty()
-                || (messages + front.messages.len() <= self.max_messages
-                    && bytes + front.bytes <= self.max_bytes);
+    pub(crate) fn next_batch_except(&mut self, busy: &TopicSet) -> Option<PlannedBatch<R>> {
+        let slots = &self.slots;
+        let position = self.order.iter().position(|&slot| {
+            slots
+                .get(slot)
+                .and_then(|q| q.topic.as_ref())
+                .is_some_and(|t| !busy.contains(t))
+        })?;
+        let slot = self.order.remove(position)?;
+        let queue = self.slots.get_mut(slot)?;
+        let topic = queue.topic.clone()?;
+        let (mut take, mut messages, mut bytes) = (0usize, 0usize, 0usize);
+        for entry in queue.entries.iter() {
+            let fits = take == 0
+                || (messages + entry.messages.len() <= self.max_messages
+                    && bytes + entry.bytes <= self.max_bytes);
             if !fits {
                 break;
             }
-            let Some(entry) = queue.pop_front() else {
-                break;
-            };
+            take += 1;
             messages += entry.messages.len();
             bytes += entry.bytes;
-            entries.push(entry);
         }
+        let entries: Vec<Entry<R>> = queue.entries.drain(..take).collect();
         self.queued_messages -= messages;
-        if queue.is_empty() {
+        if queue.entries.is_empty() {
+            queue.topic = None;
+            let emptied = std::mem::take(&mut queue.entries);
+            if emptied.capacity() > self.spare.capacity() {
+                self.spare = emptied;
+            }
             self.by_topic.remove(&topic);
+            self.free.push(slot);
         } else {
-            self.order.push_back(topic.clone());
+            self.order.push_back(slot);
         }
         Some(PlannedBatch { topic, entries })
     }
@@ -454,15 +833,11 @@ impl ClientSlot {
     }
 }
 
-async fn run_pipeline(
-    mut rx: mpsc::Receiver<Entry<Reply>>,
-    slot: Arc<ClientSlot>,
-    options: ProducerOptions,
-) {
+async fn run_pipeline(mut rx: QueueReceiver, slot: Arc<ClientSlot>, options: ProducerOptions) {
     let mut batcher = Batcher::new(options.max_batch_messages, options.max_batch_bytes);
     let mut in_flight = FuturesUnordered::new();
     // Topics with a request in flight, when order must be preserved.
-    let mut busy: HashSet<String> = HashSet::new();
+    let mut busy = TopicSet::default();
     let mut open = true;
     loop {
         while in_flight.len() < options.max_in_flight_requests {
@@ -479,19 +854,14 @@ async fn run_pipeline(
         }
         let room = batcher.queued_messages() < options.queue_capacity;
         tokio::select! {
-            entry = rx.recv(), if open && room => match entry {
-                Some(entry) => {
-                    batcher.push(entry);
-                    // Take everything already queued, so it can share requests.
-                    while batcher.queued_messages() < options.queue_capacity {
-                        match rx.try_recv() {
-                            Ok(entry) => batcher.push(entry),
-                            Err(_) => break,
-                        }
-                    }
+            // Takes everything already queued, so it can share requests.
+            taken = poll_fn(|cx| rx.poll_taken(cx)), if open && room => {
+                if taken {
+                    rx.drain_into(&mut batcher, options.queue_capacity);
+                } else {
+                    open = false;
                 }
-                None => open = false,
-            },
+            }
             Some(topic) = in_flight.next(), if !in_flight.is_empty() => {
                 busy.remove(&topic);
             }
@@ -511,61 +881,203 @@ fn refused_before_storing(e: &SdkError) -> bool {
 }
 
 /// Sends one planned batch and answers its callers; returns the topic.
-async fn send_batch(slot: Arc<ClientSlot>, batch: PlannedBatch<Reply>) -> String {
+async fn send_batch(slot: Arc<ClientSlot>, batch: PlannedBatch<Reply>) -> Arc<str> {
     let PlannedBatch { topic, entries } = batch;
-    let total: usize = entries.iter().map(|e| e.messages.len()).sum();
-    let mut messages = Vec::with_capacity(total);
-    let mut replies = Vec::with_capacity(entries.len());
-    for entry in entries {
-        replies.push((entry.messages.len(), entry.reply));
-        messages.extend(entry.messages);
-    }
-    let request = PublishRequest {
-        topic: topic.clone(),
-        messages,
-    };
-    match publish_once(&slot, &request).await {
+    match publish_entries(&slot, &topic, &entries).await {
         Ok(first_seq) => {
             let mut seq = first_seq;
-            for (count, reply) in replies {
+            for Entry {
+                messages, reply, ..
+            } in entries
+            {
+                let count = messages.len();
                 reply.send(&topic, seq, count);
                 seq += count as u64;
             }
         }
-        Err(e) if replies.len() > 1 && refused_before_storing(&e) => {
+        Err(e) if entries.len() > 1 && refused_before_storing(&e) => {
             tracing::debug!(error = %e, "batch refused; retrying its entries one by one");
-            let mut messages = request.messages.into_iter();
-            for (count, reply) in replies {
-                let single = PublishRequest {
-                    topic: topic.clone(),
-                    messages: messages.by_ref().take(count).collect(),
-                };
-                match publish_once(&slot, &single).await {
-                    Ok(first_seq) => reply.send(&topic, first_seq, count),
+            for entry in entries {
+                let sent = publish_entries(&slot, &topic, std::slice::from_ref(&entry)).await;
+                let Entry {
+                    messages, reply, ..
+                } = entry;
+                match sent {
+                    Ok(first_seq) => reply.send(&topic, first_seq, messages.len()),
                     Err(e) => reply.fail(e),
                 }
             }
         }
         Err(e) => {
-            for (_, reply) in replies {
-                reply.fail(e.clone());
+            for entry in entries {
+                entry.reply.fail(e.clone());
             }
         }
     }
     topic
 }
 
-/// Sends one `publish` request; returns the first sequence number after checking that the
-/// reply covers exactly the request's messages.
-async fn publish_once(slot: &ClientSlot, request: &PublishRequest) -> Result<u64> {
+/// Sends the messages of `entries` as one `publish` request; returns the first sequence number
+/// after checking that the reply covers exactly those messages.
+async fn publish_entries<R>(slot: &ClientSlot, topic: &str, entries: &[Entry<R>]) -> Result<u64> {
+    let count = entries.iter().map(|e| e.messages.len()).sum();
+    let data = Bytes::from(encode_publish(topic, entries, count)?);
     let client = slot.get().await?;
-    let reply: PublishReply = client.request(route::PUBLISH, request).await?;
-    check_reply(request, &reply)?;
+    let reply: PublishReply = client.request_data(route::PUBLISH, data).await?;
+    check_reply(topic, count, &reply)?;
     Ok(reply.first_seq)
 }
 
-fn check_reply(request: &PublishRequest, reply: &PublishReply) -> Result<()> {
-    let expected = request.messages.len() as u64;
+/// Room for a `PublishRequest`'s own fields around its messages: map header, the two keys,
+/// the topic's string header and the array header.
+const PUBLISH_OVERHEAD: usize = 32;
+
+/// The data of a `publish` request carrying the `count` messages of `entries` in order: the
+/// bytes `sluice_protocol::encode` gives for the equivalent [`sluice_protocol::PublishRequest`]
+/// (a test compares them), written straight from the entries into one buffer sized up front
+/// from the entries' estimates: no `Vec<NewMessage>` is collected, the buffer never grows.
+fn encode_publish<R>(topic: &str, entries: &[Entry<R>], count: usize) -> Result<Vec<u8>> {
+    let estimate: usize = entries.iter().map(|e| e.bytes).sum();
+    let mut buf = Vec::with_capacity(PUBLISH_OVERHEAD + topic.len() + estimate);
+    msgpack::map_len(&mut buf, 2)?;
+    msgpack::str(&mut buf, "topic")?;
+    msgpack::str(&mut buf, topic)?;
+    msgpack::str(&mut buf, "messages")?;
+    msgpack::array_len(&mut buf, count)?;
+    for m in entries.iter().flat_map(|e| e.messages.as_slice()) {
+        encode_message(&mut buf, m)?;
+    }
+    Ok(buf)
+}
+
+/// A [`NewMessage`] as `sluice_protocol::encode` writes it: a map of its four fields, in
+/// declaration order, by name.
+fn encode_message(buf: &mut Vec<u8>, m: &NewMessage) -> Result<()> {
+    if m.key.is_none() && m.headers.is_empty() && m.priority < 0x80 {
+        // The usual message: everything up to the payload in one go.
+        // fixmap(4), "key": nil, "headers": fixmap(0), "priority": fixint, "payload": ...
+        const PLAIN: &[u8] = b"\x84\xa3key\xc0\xa7headers\x80\xa8priority";
+        buf.extend_from_slice(PLAIN);
+        buf.push(m.priority);
+        buf.extend_from_slice(b"\xa7payload");
+        return msgpack::bin(buf, &m.payload);
+    }
+    // fixmap(4), "key"
+    buf.extend_from_slice(b"\x84\xa3key");
+    match &m.key {
+        None => buf.push(msgpack::NIL),
+        Some(key) => msgpack::str(buf, key)?,
+    }
+    buf.extend_from_slice(b"\xa7headers");
+    msgpack::map_len(buf, m.headers.len())?;
+    for (name, value) in &m.headers {
+        msgpack::str(buf, name)?;
+        msgpack::str(buf, value)?;
+    }
+    buf.extend_from_slice(b"\xa8priority");
+    msgpack::uint(buf, u64::from(m.priority));
+    buf.extend_from_slice(b"\xa7payload");
+    msgpack::bin(buf, &m.payload)
+}
+
+/// The few MessagePack writers the `publish` request needs, each choosing the shortest form
+/// (as the `rmp` encoder behind `sluice_protocol::encode` does).
+mod msgpack {
+    use crate::error::{Result, SdkError};
+
+    pub(super) const NIL: u8 = 0xc0;
+
+    fn too_long(what: &str, len: usize) -> SdkError {
+        SdkError::InvalidArgument(format!("{what} of {len} bytes is too long to encode"))
+    }
+
+    /// A length header: `fix` (OR-ed with the length) below `fix_max`, else the 8-bit form
+    /// (if any), the 16-bit or the 32-bit one.
+    #[inline]
+    fn header(
+        buf: &mut Vec<u8>,
+        len: usize,
+        (fix, fix_max): (u8, usize),
+        [m8, m16, m32]: [Option<u8>; 3],
+        what: &str,
+    ) -> Result<()> {
+        if len < fix_max {
+            // len < fix_max <= 32: fits the low bits of the marker.
+            buf.push(fix | len as u8);
+        } else if let (Some(m8), Ok(n)) = (m8, u8::try_from(len)) {
+            buf.extend_from_slice(&[m8, n]);
+        } else if let (Some(m16), Ok(n)) = (m16, u16::try_from(len)) {
+            buf.push(m16);
+            buf.extend_from_slice(&n.to_be_bytes());
+        } else if let (Some(m32), Ok(n)) = (m32, u32::try_from(len)) {
+            buf.push(m32);
+            buf.extend_from_slice(&n.to_be_bytes());
+        } else {
+            return Err(too_long(what, len));
+        }
+        Ok(())
+    }
+
+    pub(super) fn str(buf: &mut Vec<u8>, s: &str) -> Result<()> {
+        header(
+            buf,
+            s.len(),
+            (0xa0, 32),
+            [Some(0xd9), Some(0xda), Some(0xdb)],
+            "string",
+        )?;
+        buf.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+
+    pub(super) fn bin(buf: &mut Vec<u8>, b: &[u8]) -> Result<()> {
+        header(
+            buf,
+            b.len(),
+            (0, 0),
+            [Some(0xc4), Some(0xc5), Some(0xc6)],
+            "payload",
+        )?;
+        buf.extend_from_slice(b);
+        Ok(())
+    }
+
+    pub(super) fn map_len(buf: &mut Vec<u8>, len: usize) -> Result<()> {
+        header(buf, len, (0x80, 16), [None, Some(0xde), Some(0xdf)], "map")
+    }
+
+    pub(super) fn array_len(buf: &mut Vec<u8>, len: usize) -> Result<()> {
+        header(
+            buf,
+            len,
+            (0x90, 16),
+            [None, Some(0xdc), Some(0xdd)],
+            "array",
+        )
+    }
+
+    pub(super) fn uint(buf: &mut Vec<u8>, v: u64) {
+        if let Ok(small) = u8::try_from(v) {
+            if small < 0x80 {
+                buf.push(small);
+            } else {
+                buf.extend_from_slice(&[0xcc, small]);
+            }
+        } else if let Ok(n) = u16::try_from(v) {
+            buf.push(0xcd);
+            buf.extend_from_slice(&n.to_be_bytes());
+        } else if let Ok(n) = u32::try_from(v) {
+            buf.push(0xce);
+            buf.extend_from_slice(&n.to_be_bytes());
+        } else {
+            buf.push(0xcf);
+            buf.extend_from_slice(&v.to_be_bytes());
+        }
+    }
+}
+
+fn check_reply(topic: &str, expected: usize, reply: &PublishReply) -> Result<()> {
+    let expected = expected as u64;
     let got = reply
         .last_seq
         .checked_sub(reply.first_seq)
@@ -573,8 +1085,8 @@ fn check_reply(request: &PublishRequest, reply: &PublishReply) -> Result<()> {
         .unwrap_or(0);
     if got != expected || reply.first_seq == 0 {
         return Err(SdkError::Protocol(format!(
-            "publish of {expected} messages to '{}' answered with seq {}..={}",
-            request.topic, reply.first_seq, reply.last_seq
+            "publish of {expected} messages to '{topic}' answered with seq {}..={}",
+            reply.first_seq, reply.last_seq
         )));
     }
     Ok(())
@@ -592,7 +1104,12 @@ mod tests {
     }
 
     fn entry(topic: &str, count: usize, size: usize, id: u32) -> Entry<u32> {
-        Entry::new(topic.into(), (0..count).map(|_| msg(size)).collect(), id)
+        let messages = if count == 1 {
+            Messages::One(msg(size))
+        } else {
+            Messages::Many((0..count).map(|_| msg(size)).collect())
+        };
+        Entry::new(topic.into(), messages, id)
     }
 
     fn ids(b: &PlannedBatch<u32>) -> Vec<u32> {
@@ -609,11 +1126,11 @@ mod tests {
         b.push(entry("c", 1, 10, 5));
         assert_eq!(b.queued_messages(), 5);
         let first = b.next_batch().expect("batch");
-        assert_eq!((first.topic.as_str(), ids(&first)), ("a", vec![1, 3]));
+        assert_eq!((&*first.topic, ids(&first)), ("a", vec![1, 3]));
         let second = b.next_batch().expect("batch");
-        assert_eq!((second.topic.as_str(), ids(&second)), ("b", vec![2, 4]));
+        assert_eq!((&*second.topic, ids(&second)), ("b", vec![2, 4]));
         let third = b.next_batch().expect("batch");
-        assert_eq!((third.topic.as_str(), ids(&third)), ("c", vec![5]));
+        assert_eq!((&*third.topic, ids(&third)), ("c", vec![5]));
         assert!(b.next_batch().is_none());
         assert!(b.is_empty());
         assert_eq!(b.queued_messages(), 0);
@@ -641,12 +1158,51 @@ mod tests {
             b.push(entry("a", 1, 1, i));
         }
         b.push(entry("b", 1, 1, 10));
-        let busy = HashSet::from(["a".to_string()]);
+        let mut busy = TopicSet::default();
+        busy.insert("a".into());
         assert_eq!(ids(&b.next_batch_except(&busy).expect("batch")), vec![10]);
         assert!(b.next_batch_except(&busy).is_none());
         assert_eq!(ids(&b.next_batch().expect("batch")), vec![0, 1]);
         assert_eq!(ids(&b.next_batch().expect("batch")), vec![2]);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn shared_topic_names_and_reused_slots() {
+        let a: Arc<str> = "a".into();
+        let b: Arc<str> = "b".into();
+        let one = |topic: &Arc<str>, id| Entry::new(topic.clone(), Messages::One(msg(1)), id);
+        let mut q = Batcher::new(512, 1 << 20);
+        q.push(one(&a, 1));
+        q.push(one(&a, 2));
+        q.push(one(&b, 3));
+        q.push(one(&a, 4));
+        // Another `Arc` with the same name is the same topic.
+        q.push(Entry::new("b".into(), Messages::One(msg(1)), 5));
+        let first = q.next_batch().expect("batch");
+        assert_eq!((&*first.topic, ids(&first)), ("a", vec![1, 2, 4]));
+        let second = q.next_batch().expect("batch");
+        assert_eq!((&*second.topic, ids(&second)), ("b", vec![3, 5]));
+        assert!(q.next_batch().is_none());
+        // Both slots are free now; new topics reuse them, old names start afresh.
+        q.push(one(&b, 6));
+        q.push(Entry::new("c".into(), Messages::One(msg(1)), 7));
+        q.push(one(&a, 8));
+        q.push(one(&b, 9));
+        assert_eq!(q.slots.len(), 3);
+        let order: Vec<_> = std::iter::from_fn(|| q.next_batch())
+            .map(|b| (b.topic.to_string(), ids(&b)))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                ("b".to_string(), vec![6, 9]),
+                ("c".to_string(), vec![7]),
+                ("a".to_string(), vec![8]),
+            ]
+        );
+        assert!(q.is_empty());
+        assert_eq!(q.queued_messages(), 0);
     }
 
     #[test]
@@ -706,19 +1262,216 @@ mod tests {
 
     #[test]
     fn reply_must_cover_the_request() {
-        let req = PublishRequest {
-            topic: "t".into(),
-            messages: vec![msg(1), msg(1), msg(1)],
-        };
         let reply = |first_seq, last_seq| PublishReply {
             topic: "t".into(),
             first_seq,
             last_seq,
         };
-        assert!(check_reply(&req, &reply(5, 7)).is_ok());
-        assert!(check_reply(&req, &reply(5, 6)).is_err());
-        assert!(check_reply(&req, &reply(7, 5)).is_err());
-        assert!(check_reply(&req, &reply(0, 2)).is_err());
+        assert!(check_reply("t", 3, &reply(5, 7)).is_ok());
+        assert!(check_reply("t", 3, &reply(5, 6)).is_err());
+        assert!(check_reply("t", 3, &reply(7, 5)).is_err());
+        assert!(check_reply("t", 3, &reply(0, 2)).is_err());
+    }
+
+    #[test]
+    fn request_is_encoded_like_a_publish_request_in_one_buffer() {
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert("region".to_string(), "eu-west".to_string());
+        let keyed = NewMessage {
+            key: Some("customer-42".into()),
+            headers,
+            priority: 3,
+            payload: Bytes::from(vec![7u8; 70_000]),
+        };
+        let entries = vec![
+            Entry::new("orders".into(), Messages::One(msg(300)), 1u32),
+            Entry::new(
+                "orders".into(),
+                Messages::Many(vec![keyed.clone(), msg(0), msg(20)]),
+                2,
+            ),
+            Entry::new("orders".into(), Messages::One(msg(1)), 3),
+        ];
+        let data = encode_publish("orders", &entries, 5).expect("encode");
+        let expected = sluice_protocol::encode(&sluice_protocol::PublishRequest {
+            topic: "orders".into(),
+            messages: vec![msg(300), keyed, msg(0), msg(20), msg(1)],
+        })
+        .expect("encode");
+        assert_eq!(data, &expected[..]);
+        let estimate: usize = entries.iter().map(|e| e.bytes).sum();
+        assert!(data.len() <= PUBLISH_OVERHEAD + "orders".len() + estimate);
+        // Written in place: the buffer never had to grow.
+        assert_eq!(
+            data.capacity(),
+            PUBLISH_OVERHEAD + "orders".len() + estimate
+        );
+        // A topic of the longest allowed name fits the overhead too.
+        let long = "t".repeat(120);
+        let one = [Entry::new(
+            long.as_str().into(),
+            Messages::One(msg(0)),
+            0u32,
+        )];
+        let data = encode_publish(&long, &one, 1).expect("encode");
+        assert!(data.len() <= PUBLISH_OVERHEAD + long.len() + one[0].bytes);
+    }
+
+    #[test]
+    fn hand_written_encoding_matches_the_protocol_at_every_length_boundary() {
+        let message =
+            |key_len: Option<usize>, headers: usize, priority: u8, payload: usize| NewMessage {
+                key: key_len.map(|n| "k".repeat(n)),
+                headers: (0..headers)
+                    .map(|i| (format!("h{i}"), "v".repeat(i * 7)))
+                    .collect(),
+                priority,
+                payload: Bytes::from(vec![0x5a; payload]),
+            };
+        let mut cases = Vec::new();
+        for payload in [0, 1, 255, 256, 65_535, 65_536] {
+            cases.push(message(None, 0, 0, payload));
+        }
+        for key in [0, 31, 32, 255, 256, 65_535, 65_536] {
+            cases.push(message(Some(key), 1, 1, 3));
+        }
+        for headers in [15, 16, 40] {
+            cases.push(message(None, headers, 2, 10));
+        }
+        for priority in 0..=MAX_PRIORITY {
+            cases.push(message(None, 0, priority, 1));
+        }
+        for topic in ["t".repeat(31), "t".repeat(32), "t".repeat(120)] {
+            for n in [1, 15, 16, cases.len()] {
+                let messages = cases[..n].to_vec();
+                let entries = [Entry::new(
+                    topic.as_str().into(),
+                    Messages::Many(messages.clone()),
+                    0u32,
+                )];
+                let data = encode_publish(&topic, &entries, n).expect("encode");
+                let expected = sluice_protocol::encode(&sluice_protocol::PublishRequest {
+                    topic: topic.clone(),
+                    messages,
+                })
+                .expect("encode");
+                assert_eq!(
+                    data,
+                    &expected[..],
+                    "topic {} bytes, {n} messages",
+                    topic.len()
+                );
+                assert!(data.len() <= PUBLISH_OVERHEAD + topic.len() + entries[0].bytes);
+            }
+        }
+        for v in [
+            0,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX),
+            u64::from(u32::MAX) + 1,
+            u64::MAX,
+        ] {
+            let mut buf = Vec::new();
+            msgpack::uint(&mut buf, v);
+            assert_eq!(
+                buf,
+                &sluice_protocol::encode(&v).expect("encode")[..],
+                "{v}"
+            );
+        }
+    }
+
+    type Call = Pin<Box<dyn Future<Output = Result<u64>> + Send>>;
+
+    fn unspawned_producer(places: usize) -> (Producer, QueueReceiver) {
+        let (queue, rx) = queue(places);
+        let producer = Producer {
+            queue,
+            max_payload_bytes: 1024,
+            last_topic: TopicCache::default(),
+        };
+        (producer, rx)
+    }
+
+    #[tokio::test]
+    async fn full_queue_lets_waiting_callers_in_in_call_order() {
+        let (producer, mut rx) = unspawned_producer(2);
+        let mut calls: Vec<Call> = (0..6u8)
+            .map(|i| Box::pin(producer.send("t", vec![i])) as Call)
+            .collect();
+        let mut answers = vec![None; calls.len()];
+        let mut batcher = Batcher::new(512, 1 << 20);
+        let mut stored = Vec::new();
+        for _ in 0..20 {
+            for (call, answer) in calls.iter_mut().zip(&mut answers) {
+                if answer.is_none() {
+                    if let Poll::Ready(r) = futures::poll!(call.as_mut()) {
+                        *answer = Some(r.expect("stored"));
+                    }
+                }
+            }
+            if let Poll::Ready(true) = futures::poll!(poll_fn(|cx| rx.poll_taken(cx))) {
+                // Room for one message at a time: the queue stays full.
+                rx.drain_into(&mut batcher, 1);
+            }
+            while let Some(batch) = batcher.next_batch() {
+                for entry in batch.entries {
+                    stored.push(entry.messages.as_slice()[0].payload[0]);
+                    entry.reply.send("t", stored.len() as u64, 1);
+                }
+            }
+        }
+        assert_eq!(stored, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(answers, (1..=6).map(Some).collect::<Vec<_>>());
+        drop(calls);
+        drop(producer);
+        assert!(!poll_fn(|cx| rx.poll_taken(cx)).await);
+    }
+
+    #[tokio::test]
+    async fn callers_fail_once_the_pipeline_is_gone() {
+        let (producer, rx) = unspawned_producer(1);
+        let queued: Call = Box::pin(producer.send("t", "a"));
+        let mut waiting: Call = Box::pin(producer.send("t", "b"));
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        drop(rx);
+        assert!(matches!(queued.await, Err(SdkError::Closed(_))));
+        assert!(matches!(waiting.await, Err(SdkError::Closed(_))));
+        assert!(matches!(
+            producer.send("t", "c").await,
+            Err(SdkError::Closed(_))
+        ));
+    }
+
+    #[test]
+    fn topic_cache_validates_and_shares_names() {
+        let cache = TopicCache::default();
+        let a = cache.intern("orders".to_string()).expect("valid");
+        let b = cache.intern("orders".to_string()).expect("valid");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(cache.intern("bad/name".to_string()).is_err());
+        // A refused name does not replace the cached one.
+        let c = cache.intern("orders".to_string()).expect("valid");
+        assert!(Arc::ptr_eq(&a, &c));
+        let d = cache.intern("other".to_string()).expect("valid");
+        assert_eq!(&*d, "other");
+        assert!(cache.clone().intern(String::new()).is_err());
+    }
+
+    #[test]
+    fn fx_hasher_spreads_topic_names() {
+        use std::hash::BuildHasher;
+        let build = FxBuildHasher::default();
+        let hashes: HashSet<u64> = (0..1000)
+            .map(|i| build.hash_one(format!("bench.w1.{i}")))
+            .collect();
+        assert_eq!(hashes.len(), 1000);
+        assert_ne!(build.hash_one("ab"), build.hash_one("ba"));
     }
 
     #[test]
