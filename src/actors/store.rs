@@ -3,10 +3,12 @@
 //! Group commit: `AppendMessages` and `CommitGroup` only queue their writes and schedule one
 //! `Commit`; every message already in the mailbox is handled before it, so one commit writes all
 //! the publishes and acks that arrived meanwhile. Under `fsync = "always"` the commit is
-//! *pipelined*: the fsyncs run on a blocking thread (`SyncJob`) while this actor writes the next
-//! requests (and serves reads); when a sync finishes its requests are replied and the next sync
-//! covers everything written in the meantime. New messages are announced to the orchestrators
-//! only once durable, so nothing is delivered that could still be lost.
+//! *pipelined*: the fsyncs run on blocking threads (`SyncJob`) while this actor writes the next
+//! requests (and serves reads). Two sync jobs may overlap, so a request written while one runs
+//! does not wait for it to end before its own starts (measured at 10,000 msg/s paced: p99
+//! publish → receive 2.2–15.6 ms with one job at a time, 1.95–2.8 ms with two, in interleaved
+//! runs); jobs are settled in the order they started. New messages are announced to the
+//! orchestrators only once durable, so nothing is delivered that could still be lost.
 
 use super::{now_ms, ActorCounters, GetActorStats, InjectFault};
 use crate::config::FsyncPolicy;
@@ -14,7 +16,7 @@ use crate::store::record::StoredMessage;
 use crate::store::{GroupRecord, ReadResult, Storage, StoreError};
 use actix::prelude::*;
 use sluice_protocol::NewMessage;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
@@ -92,6 +94,9 @@ struct Commit;
 #[rtype(result = "()")]
 struct PeriodicSync;
 
+/// Most sync jobs running at once (see [`StoreActor::start_sync`]).
+const MAX_SYNCS: usize = 2;
+
 type AppendReply = oneshot::Sender<Result<(u64, u64), StoreError>>;
 type GroupReply = oneshot::Sender<Result<(), StoreError>>;
 
@@ -108,6 +113,9 @@ impl Written {
     }
 }
 
+/// A sync job started: its id, what it makes durable, and its result once finished.
+type SyncInFlight = (u64, Written, Option<Result<(), String>>);
+
 /// The store actor.
 pub struct StoreActor {
     storage: Storage,
@@ -118,8 +126,10 @@ pub struct StoreActor {
     commit_scheduled: bool,
     /// Written, waiting for the next sync.
     written: Written,
-    /// A sync job is running on a blocking thread.
-    syncing: bool,
+    /// Sync jobs started, oldest first, with their result once finished: replies go out in
+    /// this order, so messages are announced in seq order.
+    syncs: VecDeque<SyncInFlight>,
+    next_sync_id: u64,
     dirty: bool,
     counters: ActorCounters,
     commits: u64,
@@ -136,7 +146,8 @@ impl StoreActor {
             pending_groups: HashMap::new(),
             commit_scheduled: false,
             written: Written::default(),
-            syncing: false,
+            syncs: VecDeque::new(),
+            next_sync_id: 0,
             dirty: false,
             counters: ActorCounters::default(),
             commits: 0,
@@ -210,10 +221,12 @@ impl StoreActor {
     }
 
     /// Pipelined group commit: the fsyncs of everything written so far run on a blocking thread
-    /// while this actor goes on writing the next requests; when they finish, their batch is
-    /// replied and the next sync starts with whatever was written meanwhile.
+    /// while this actor goes on writing the next requests. Up to [`MAX_SYNCS`] jobs overlap: a
+    /// request written while a sync runs starts its own at once instead of waiting for that one
+    /// to end (concurrent fdatasyncs of one file are fine: each covers what was written before
+    /// it started). Jobs are settled in the order they started.
     fn start_sync(&mut self, ctx: &mut Context<Self>) {
-        if self.syncing || self.written.is_empty() {
+        if self.syncs.len() >= MAX_SYNCS || self.written.is_empty() {
             return;
         }
         let batch = std::mem::take(&mut self.written);
@@ -222,14 +235,18 @@ impl StoreActor {
             Err(e) => {
                 self.storage.mark_dirty();
                 tracing::error!(error = %e, "cannot prepare the sync: failing the requests of this commit");
-                self.settle_written(batch, Err(e.to_string()));
+                self.syncs
+                    .push_back((self.next_sync_id, batch, Some(Err(e.to_string()))));
+                self.next_sync_id += 1;
+                self.settle_finished();
                 return;
             }
         };
-        self.syncing = true;
+        let id = self.next_sync_id;
+        self.next_sync_id += 1;
+        self.syncs.push_back((id, batch, None));
         let fut = actix_rt::task::spawn_blocking(move || job.run());
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-            act.syncing = false;
             let res = match res {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(e.to_string()),
@@ -239,9 +256,22 @@ impl StoreActor {
                 tracing::error!(error = %e, "sync failed: failing every request of this commit");
                 act.storage.mark_dirty();
             }
-            act.settle_written(batch, res);
+            if let Some(slot) = act.syncs.iter_mut().find(|s| s.0 == id) {
+                slot.2 = Some(res);
+            }
+            act.settle_finished();
             act.start_sync(ctx);
         }));
+    }
+
+    /// Settles the finished jobs at the front of the queue.
+    fn settle_finished(&mut self) {
+        while self.syncs.front().is_some_and(|s| s.2.is_some()) {
+            let Some((_, batch, Some(res))) = self.syncs.pop_front() else {
+                break;
+            };
+            self.settle_written(batch, res);
+        }
     }
 
     /// Writes and syncs everything queued, on this thread (shutdown and restarts).
@@ -285,9 +315,12 @@ impl Supervised for StoreActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.counters.restarts += 1;
         self.commit_scheduled = false;
-        // A sync job that was running is gone with the old context (its requests were answered
-        // with an error); everything written is synced again.
-        self.syncing = false;
+        // A sync job that was running is gone with the old context: its requests are answered
+        // with an error (they may or may not be durable), and everything written is synced
+        // again.
+        for (_, batch, _) in std::mem::take(&mut self.syncs) {
+            self.settle_written(batch, Err("the store restarted during the sync".into()));
+        }
         self.storage.mark_dirty();
         tracing::warn!(
             restarts = self.counters.restarts,
