@@ -11,11 +11,11 @@ use std::time::Duration;
 /// When a write is made durable (fsynced) relative to its acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {
-    /// Flush sled and fsync its files before any publish or ack is acknowledged (default).
+    /// fdatasync the topic's segment file before any publish or ack is acknowledged (default).
     Always,
-    /// Acknowledge once written to sled; flush + fsync every interval.
+    /// Acknowledge once written; fdatasync every interval.
     Interval(Duration),
-    /// Acknowledge once written to sled; leave flushing to sled (every 500 ms, no fsync).
+    /// Acknowledge once written; leave writing back to the OS (no fsync).
     Never,
 }
 
@@ -72,7 +72,7 @@ impl<'de> Deserialize<'de> for FsyncPolicy {
 pub struct Config {
     /// Address to listen on (`127.0.0.1:0` picks a free port).
     pub listen: SocketAddr,
-    /// Directory of the sled database.
+    /// Data directory: topic segment files and the sled database.
     pub data_dir: PathBuf,
     /// Durability policy for publishes and acks.
     pub fsync: FsyncPolicy,
@@ -103,8 +103,8 @@ pub struct Config {
     pub setup_timeout: Duration,
     /// sled page cache size in bytes.
     pub cache_capacity: u64,
-    /// Number of orchestrator actors (topics are spread over them by hash), each on its own
-    /// arbiter thread.
+    /// Number of orchestrator actors (topics are spread over them by hash): the first shares
+    /// the store's arbiter thread, every further one has its own.
     pub orchestrators: u32,
     /// Enables the `admin.fault` route (tests only).
     pub enable_fault_injection: bool,

@@ -5,8 +5,8 @@
 //!                             │ publish            │ subscribe/ack/nack        │ admin.*
 //!                             ▼                    ▼                           ▼
 //!                         StoreActor ◀──read── OrchestratorActor (per shard) RegistryActor
-//!                         (sled, group  ──MessagesAppended──▶ │ batches,       (connections,
-//!                          commit, fsync)                     │ timers, DLQ     stats, faults)
+//!                         (segments,    ──MessagesAppended──▶ │ batches,       (connections,
+//!                          group commit)                      │ timers, DLQ     stats, faults)
 //!                                                             └──DeliverBatch──▶ ConnectionActor
 //! ```
 //!
@@ -17,7 +17,7 @@
 //! | [`server`] | `start(config)`: store, actors, accept loop |
 //! | [`actors`] | connection, registry, orchestrator, store actors (who-sends-what table) |
 //! | [`session`] | the server half of RSocket in plain pieces |
-//! | [`store`] | sled layout, record encoding with CRC, fsync |
+//! | [`store`] | segment files (messages, group cursors), record encoding with CRC, fsync |
 //! | [`cli`] | the client subcommands of the `sluice` binary |
 pub use sluice_protocol as protocol;
 

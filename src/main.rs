@@ -40,7 +40,7 @@ struct ServeArgs {
     /// Address to listen on (port 0 picks a free one; the bound address is printed).
     #[arg(long, env = "SLUICE_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Data directory (sled database).
+    /// Data directory (segment files and a sled database).
     #[arg(long, env = "SLUICE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// TOML config file (see config/sluice.example.toml).

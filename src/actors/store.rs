@@ -1,4 +1,5 @@
-//! StoreActor: the only writer of the storage (segment files, sled), on its own arbiter thread.
+//! StoreActor: the only writer of the storage (segment files, sled), on its arbiter thread
+//! (shared with orchestrator shard 0).
 //!
 //! Group commit: `AppendMessages` and `CommitGroup` only queue their writes and schedule one
 //! `Commit`; every message already in the mailbox is handled before it, so one commit writes all
@@ -7,7 +8,8 @@
 //! requests (and serves reads). Two sync jobs may overlap, so a request written while one runs
 //! does not wait for it to end before its own starts (measured at 10,000 msg/s paced: p99
 //! publish → receive 2.2–15.6 ms with one job at a time, 1.95–2.8 ms with two, in interleaved
-//! runs); jobs are settled in the order they started. New messages are announced to the
+//! runs); jobs are settled in the order they started, and when one fails, the jobs overlapping
+//! it fail too. Reads stop at the last durable seq of the topic. New messages are announced to the
 //! orchestrators only once durable, so nothing is delivered that could still be lost.
 
 use super::{now_ms, ActorCounters, GetActorStats, InjectFault};
@@ -130,6 +132,10 @@ pub struct StoreActor {
     /// this order, so messages are announced in seq order.
     syncs: VecDeque<SyncInFlight>,
     next_sync_id: u64,
+    /// Per topic, the last seq known durable (under the policy): reads and the head reported
+    /// to orchestrators stop there, so nothing is delivered that a power cut could take back
+    /// (and whose seq a later publish could then reuse).
+    durable: HashMap<String, u64>,
     dirty: bool,
     counters: ActorCounters,
     commits: u64,
@@ -138,7 +144,13 @@ pub struct StoreActor {
 impl StoreActor {
     /// A store actor over an opened storage.
     pub fn new(storage: Storage, fsync: FsyncPolicy) -> Self {
+        // What the store found at open is durable (the open syncs the segments' tails).
+        let durable = storage
+            .topics()
+            .map(|(t, last)| (t.to_string(), last))
+            .collect();
         StoreActor {
+            durable,
             storage,
             fsync,
             listeners: Vec::new(),
@@ -152,6 +164,11 @@ impl StoreActor {
             counters: ActorCounters::default(),
             commits: 0,
         }
+    }
+
+    /// The last durable seq of `topic` (0 if none).
+    fn durable_head(&self, topic: &str) -> u64 {
+        self.durable.get(topic).copied().unwrap_or(0)
     }
 
     fn schedule_commit(&mut self, ctx: &mut Context<Self>) {
@@ -204,6 +221,8 @@ impl StoreActor {
                 Ok(()) => {
                     let first = msgs.first().map(|m| m.seq).unwrap_or(0);
                     let last = msgs.last().map(|m| m.seq).unwrap_or(0);
+                    let d = self.durable.entry(topic.clone()).or_insert(0);
+                    *d = (*d).max(last);
                     let _ = tx.send(Ok((first, last)));
                     self.announce(topic, msgs);
                 }
@@ -253,11 +272,20 @@ impl StoreActor {
                 Err(e) => Err(e.to_string()),
             };
             if let Err(e) = &res {
-                tracing::error!(error = %e, "sync failed: failing every request of this commit");
+                tracing::error!(error = %e, "sync failed: failing every request of this commit and of the syncs overlapping it");
                 act.storage.mark_dirty();
+                // An overlapping job may have counted on this one (a new segment's directory
+                // fsync) or lost its own error report to it (the kernel keeps one error state
+                // per open file): every job started before this failure was seen fails too.
+                for slot in act.syncs.iter_mut().filter(|s| s.0 != id) {
+                    slot.2 = Some(Err(format!("an overlapping sync failed: {e}")));
+                }
             }
             if let Some(slot) = act.syncs.iter_mut().find(|s| s.0 == id) {
-                slot.2 = Some(res);
+                // A job already failed by an overlapping failure stays failed.
+                if !matches!(slot.2, Some(Err(_))) {
+                    slot.2 = Some(res);
+                }
             }
             act.settle_finished();
             act.start_sync(ctx);
@@ -277,8 +305,16 @@ impl StoreActor {
     /// Writes and syncs everything queued, on this thread (shutdown and restarts).
     fn commit_now(&mut self) {
         self.write_pending();
+        if !self.syncs.is_empty() {
+            // Jobs still running (their results will not come back to this context): sync
+            // everything again and settle them, in order, with that sync's result.
+            self.storage.mark_dirty();
+        }
         let batch = std::mem::take(&mut self.written);
         let res = self.storage.sync().map_err(|e| e.to_string());
+        for (_, b, _) in std::mem::take(&mut self.syncs) {
+            self.settle_written(b, res.clone());
+        }
         self.settle_written(batch, res);
     }
 
@@ -315,9 +351,8 @@ impl Supervised for StoreActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.counters.restarts += 1;
         self.commit_scheduled = false;
-        // A sync job that was running is gone with the old context: its requests are answered
-        // with an error (they may or may not be durable), and everything written is synced
-        // again.
+        // `stopping` settled every sync job; should one be left, its requests are answered with
+        // an error (they may or may not be durable), and everything written is synced again.
         for (_, batch, _) in std::mem::take(&mut self.syncs) {
             self.settle_written(batch, Err("the store restarted during the sync".into()));
         }
@@ -407,8 +442,12 @@ impl Handler<ReadRange> for StoreActor {
     type Result = Result<ReadResult, StoreError>;
     fn handle(&mut self, msg: ReadRange, _: &mut Context<Self>) -> Self::Result {
         self.counters.handled += 1;
-        self.storage
-            .read(&msg.topic, msg.from, msg.max, msg.max_bytes)
+        let durable = self.durable_head(&msg.topic);
+        if msg.from > durable {
+            return Ok(ReadResult::default());
+        }
+        let max = msg.max.min((durable - msg.from + 1) as usize);
+        self.storage.read(&msg.topic, msg.from, max, msg.max_bytes)
     }
 }
 
@@ -421,11 +460,11 @@ impl Handler<LoadGroup> for StoreActor {
             .pending_groups
             .get(&(msg.topic.clone(), msg.group.clone()))
         {
-            return Ok((Some(rec.clone()), self.storage.last_seq(&msg.topic)));
+            return Ok((Some(rec.clone()), self.durable_head(&msg.topic)));
         }
         Ok((
             self.storage.group(&msg.topic, &msg.group)?,
-            self.storage.last_seq(&msg.topic),
+            self.durable_head(&msg.topic),
         ))
     }
 }
@@ -439,7 +478,7 @@ impl Handler<ListGroups> for StoreActor {
             .all_groups()?
             .into_iter()
             .map(|(t, g, r)| {
-                let head = self.storage.last_seq(&t);
+                let head = self.durable_head(&t);
                 (t, g, r, head)
             })
             .collect())

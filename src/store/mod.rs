@@ -327,7 +327,7 @@ impl Storage {
     }
 
     /// Makes everything written so far durable: fdatasync the segments written since the last
-    /// sync (and fsync directories that gained files), flush sled and fsync its `db` file.
+    /// sync (and fsync directories that gained files).
     pub fn sync(&mut self) -> Result<(), StoreError> {
         match self.take_sync_job() {
             Ok(job) => job.run().inspect_err(|_| self.mark_dirty()),

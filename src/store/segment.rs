@@ -16,9 +16,10 @@
 //! new segment starts with a copy of each group's current record, so a segment never needs an
 //! older one (retention can drop whole segments).
 //! An in-memory index (first seq → file offset per chunk) is rebuilt at open from the chunk
-//! headers alone; the last segment's chunks are CRC-checked and a torn tail (a write cut by a
-//! crash, never acknowledged) is truncated. Durability: `sync` fdatasyncs every segment written
-//! since the last sync, and fsyncs a directory that gained a file.
+//! headers alone; the last segment's message chunks (and every group record) are CRC-checked
+//! and a torn tail (a write cut by a crash, never acknowledged) is truncated. Durability: `sync`
+//! fdatasyncs every segment written since the last sync, and fsyncs a directory that gained a
+//! file; at open, the last two segments are fdatasynced (a crash may have cut a roll).
 //!
 //! Zero-filled tail: while chunks are small, the file is extended with written zeros
 //! (`ZERO_STEP` at a time) ahead of the data, so that most appends overwrite blocks that are
@@ -71,8 +72,11 @@ pub struct SegmentLog {
     groups: std::collections::BTreeMap<String, Bytes>,
     /// Roll size ([`SEGMENT_BYTES`]; smaller in tests).
     segment_bytes: u64,
-    dirty: bool,
+    /// Index of the first segment that may hold writes not yet handed to a sync.
+    unsynced_from: Option<usize>,
     dir_dirty: bool,
+    /// A roll failed before every group record was copied into the new segment.
+    copies_pending: bool,
 }
 
 #[cfg(test)]
@@ -109,6 +113,10 @@ fn write_all_parts(file: &mut File, head: &[u8], parts: &[Bytes]) -> std::io::Re
         IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
+}
+
+fn seq_overflow() -> StoreError {
+    StoreError::Io(std::io::Error::other("sequence numbers exhausted"))
 }
 
 /// A group chunk's body: `name_len u16 | name | record`.
@@ -194,7 +202,8 @@ impl SegmentLog {
                     .to_str()?
                     .strip_suffix(".seg")?
                     .parse()
-                    .ok()?;
+                    .ok()
+                    .filter(|f: &u64| *f > 0)?;
                 Some((first, p))
             })
             .collect();
@@ -206,8 +215,9 @@ impl SegmentLog {
             last_seq: 0,
             groups: std::collections::BTreeMap::new(),
             segment_bytes: SEGMENT_BYTES,
-            dirty: false,
+            unsynced_from: None,
             dir_dirty: created,
+            copies_pending: false,
         };
         for (i, (first, path)) in names.into_iter().enumerate() {
             let last_segment = i + 1 == n;
@@ -262,8 +272,11 @@ impl SegmentLog {
                         break;
                     }
                 }
+                let Some(next) = hd.first.checked_add(hd.count as u64) else {
+                    break;
+                };
                 seg.chunks.push((hd.first, pos));
-                expect = hd.first + hd.count as u64;
+                expect = next;
                 pos = end;
             }
             if pos < file_len && is_zero(&file, pos, file_len)? {
@@ -278,10 +291,11 @@ impl SegmentLog {
                     tracing::error!(segment = %seg.path.display(), valid = pos, len = file_len, "corrupt segment: messages after this offset are not served");
                 }
             }
-            if last_segment {
+            if i + 2 >= n {
                 // What a crash left in the page cache was never acknowledged, but once served
                 // (and acked by a consumer) it must not vanish in a later power cut, taking its
-                // seqs with it: make the tail durable before anything is read from it.
+                // seqs with it: make the tail durable before anything is read from it (the
+                // segment before the last too: a crash during a roll leaves both unsynced).
                 file.sync_data()?;
             }
             file.seek(SeekFrom::Start(pos))?;
@@ -305,28 +319,15 @@ impl SegmentLog {
     /// Appends one chunk `body` holding `count` messages from `last_seq + 1`. Not durable until
     /// [`SegmentLog::sync`].
     pub fn append_chunk(&mut self, count: u32, body: &[Bytes]) -> Result<u64, StoreError> {
-        let first = self.last_seq + 1;
-        // A segment without messages is never rolled (its name is the next message's seq).
-        let roll = self
-            .segments
-            .last()
-            .is_none_or(|s| s.len >= self.segment_bytes && !s.chunks.is_empty());
-        if roll {
-            self.new_segment(first)?;
-            // Every segment carries each group's current record (see the module docs).
-            let records: Vec<Bytes> = self
-                .groups
-                .iter()
-                .map(|(name, rec)| group_body(name, rec))
-                .collect();
-            for b in records {
-                self.write_chunk(GROUP_MAGIC, first, 0, &[b])?;
-            }
-        }
+        let first = self.next_seq()?;
+        let last = first
+            .checked_add(count.saturating_sub(1) as u64)
+            .ok_or_else(seq_overflow)?;
+        self.roll_if_full(first)?;
         let off = self.write_chunk(MAGIC, first, count, body)?;
         let seg = self.segments.last_mut().ok_or(StoreError::Unavailable)?;
         seg.chunks.push((first, off));
-        self.last_seq = first + count as u64 - 1;
+        self.last_seq = last;
         Ok(first)
     }
 
@@ -336,12 +337,40 @@ impl SegmentLog {
         if group.len() > u16::MAX as usize {
             return Err(StoreError::Io(std::io::Error::other("group name too long")));
         }
-        if self.segments.is_empty() {
-            self.new_segment(self.last_seq + 1)?;
-        }
-        let first = self.last_seq + 1;
+        let first = self.next_seq()?;
+        self.roll_if_full(first)?;
         self.write_chunk(GROUP_MAGIC, first, 0, &[group_body(group, &record)])?;
         self.groups.insert(group.to_string(), record);
+        Ok(())
+    }
+
+    fn next_seq(&self) -> Result<u64, StoreError> {
+        self.last_seq.checked_add(1).ok_or_else(seq_overflow)
+    }
+
+    /// Starts a new segment (named `first`) when there is none or the last one is full, and
+    /// makes sure it starts with a copy of every group's record (see the module docs). A
+    /// segment without messages is never rolled: its successor would get its name.
+    fn roll_if_full(&mut self, first: u64) -> Result<(), StoreError> {
+        let roll = self
+            .segments
+            .last()
+            .is_none_or(|s| s.len >= self.segment_bytes && !s.chunks.is_empty());
+        if roll {
+            self.new_segment(first)?;
+            self.copies_pending = !self.groups.is_empty();
+        }
+        if self.copies_pending {
+            let records: Vec<Bytes> = self
+                .groups
+                .iter()
+                .map(|(name, rec)| group_body(name, rec))
+                .collect();
+            for b in records {
+                self.write_chunk(GROUP_MAGIC, first, 0, &[b])?;
+            }
+            self.copies_pending = false;
+        }
         Ok(())
     }
 
@@ -389,7 +418,7 @@ impl SegmentLog {
         if (body_len as u64) < ZERO_STEP && need + ZERO_STEP / 2 > seg.file_len {
             // Written zeros ahead of the data (see the module docs); never past the roll size.
             let end = (need + ZERO_STEP).min(roll_at.max(need));
-            if end > need {
+            if end > need && end > seg.file_len {
                 if let Err(e) = write_zeros(&seg.file, seg.file_len, end) {
                     let _ = seg.file.set_len(seg.len);
                     seg.file_len = seg.len;
@@ -409,7 +438,8 @@ impl SegmentLog {
         let off = seg.len;
         seg.len += (HEADER + body_len) as u64;
         seg.file_len = seg.file_len.max(seg.len);
-        self.dirty = true;
+        let last = self.segments.len() - 1;
+        self.unsynced_from = Some(self.unsynced_from.map_or(last, |k| k.min(last)));
         Ok(off)
     }
 
@@ -480,13 +510,13 @@ impl SegmentLog {
     /// to fsync) and marks the log clean, so the job can run on another thread while appends
     /// go on. If the job fails, call [`SegmentLog::mark_dirty`].
     pub fn take_sync(&mut self, job: &mut super::SyncJob) -> Result<(), StoreError> {
-        if self.dirty {
-            // Only the last segment (and, after a roll, the one before it) can be dirty.
-            let n = self.segments.len();
-            for seg in self.segments.iter().skip(n.saturating_sub(2)) {
+        if let Some(from) = self.unsynced_from {
+            // Every segment written since the last take (several, if big commits rolled more
+            // than once meanwhile).
+            for seg in self.segments.iter().skip(from) {
                 job.files.push(seg.file.try_clone()?);
             }
-            self.dirty = false;
+            self.unsynced_from = None;
         }
         if self.dir_dirty {
             job.dirs.push(self.dir.clone());
@@ -500,13 +530,14 @@ impl SegmentLog {
 
     /// After a failed sync: everything must be synced again.
     pub fn mark_dirty(&mut self) {
-        self.dirty = true;
+        // Which jobs' writes were lost is unknown: every segment is synced again.
+        self.unsynced_from = (!self.segments.is_empty()).then_some(0);
         self.dir_dirty = true;
     }
 
     /// Whether appends since the last sync are pending.
     pub fn is_dirty(&self) -> bool {
-        self.dirty || self.dir_dirty
+        self.unsynced_from.is_some() || self.dir_dirty
     }
 
     /// Bytes on disk.
@@ -597,6 +628,28 @@ mod tests {
         assert_eq!(log.group("g1").unwrap().as_ref(), b"one-b");
         assert_eq!(log.group("g2").unwrap().as_ref(), b"two");
         assert_eq!(collect(&log, 2), vec![Ok(2)]);
+    }
+
+    #[test]
+    fn a_sync_covers_every_segment_written_since_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(&dir.path().join("t")).unwrap();
+        log.segment_bytes = 200;
+        // Four chunks of 300 bytes: four segments, none synced yet.
+        for _ in 0..4 {
+            log.append_chunk(1, &[Bytes::from(vec![1u8; 300])]).unwrap();
+        }
+        let mut job = crate::store::SyncJob::default();
+        log.take_sync(&mut job).unwrap();
+        assert_eq!(job.files.len(), 4);
+        log.append_chunk(1, &[Bytes::from(vec![1u8; 300])]).unwrap();
+        let mut job = crate::store::SyncJob::default();
+        log.take_sync(&mut job).unwrap();
+        assert_eq!(job.files.len(), 1, "only the segment written since");
+        log.mark_dirty();
+        let mut job = crate::store::SyncJob::default();
+        log.take_sync(&mut job).unwrap();
+        assert_eq!(job.files.len(), 5, "after a failure, all of them again");
     }
 
     #[test]
