@@ -221,8 +221,12 @@ impl StoreActor {
                 Ok(()) => {
                     let first = msgs.first().map(|m| m.seq).unwrap_or(0);
                     let last = msgs.last().map(|m| m.seq).unwrap_or(0);
-                    let d = self.durable.entry(topic.clone()).or_insert(0);
-                    *d = (*d).max(last);
+                    match self.durable.get_mut(&topic) {
+                        Some(d) => *d = (*d).max(last),
+                        None => {
+                            self.durable.insert(topic.clone(), last);
+                        }
+                    }
                     let _ = tx.send(Ok((first, last)));
                     self.announce(topic, msgs);
                 }

@@ -79,11 +79,6 @@ pub struct SegmentLog {
     copies_pending: bool,
 }
 
-#[cfg(test)]
-fn header(first: u64, count: u32, body_len: usize, body: &[Bytes]) -> [u8; HEADER] {
-    header_of(MAGIC, first, count, body_len, body)
-}
-
 fn header_of(magic: u32, first: u64, count: u32, body_len: usize, body: &[Bytes]) -> [u8; HEADER] {
     let mut crc = crc32fast::Hasher::new();
     for part in body {
@@ -169,6 +164,13 @@ struct Header {
     crc: u32,
 }
 
+/// Reads the body of the chunk at `pos` into `body`; whether it passes its CRC.
+fn read_body(file: &File, pos: u64, hd: &Header, body: &mut Vec<u8>) -> std::io::Result<bool> {
+    body.resize(hd.body_len, 0);
+    file.read_exact_at(body, pos + HEADER as u64)?;
+    Ok(crc32fast::hash(body) == hd.crc)
+}
+
 fn parse_header(h: &[u8; HEADER]) -> Option<Header> {
     let u32_at = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     let group = match u32_at(0) {
@@ -242,9 +244,7 @@ impl SegmentLog {
                     break;
                 }
                 if hd.group {
-                    body.resize(hd.body_len, 0);
-                    file.read_exact_at(&mut body, pos + HEADER as u64)?;
-                    match (crc32fast::hash(&body) == hd.crc)
+                    match read_body(&file, pos, &hd, &mut body)?
                         .then(|| parse_group_body(&body))
                         .flatten()
                     {
@@ -266,9 +266,7 @@ impl SegmentLog {
                 }
                 if last_segment {
                     // Only the tail can hold a write cut by a crash: check it fully.
-                    body.resize(hd.body_len, 0);
-                    file.read_exact_at(&mut body, pos + HEADER as u64)?;
-                    if crc32fast::hash(&body) != hd.crc {
+                    if !read_body(&file, pos, &hd, &mut body)? {
                         break;
                     }
                 }
@@ -590,7 +588,7 @@ mod tests {
         // A torn write at the end: half a chunk.
         let seg = p.join(format!("{:020}.seg", 1));
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-        f.write_all(&header(6, 1, 4, &[Bytes::from_static(b"zzzz")])[..10])
+        f.write_all(&header_of(MAGIC, 6, 1, 4, &[Bytes::from_static(b"zzzz")])[..10])
             .unwrap();
         drop(f);
         let log = SegmentLog::open(&p).unwrap();
