@@ -11,6 +11,13 @@
 //! runs); jobs are settled in the order they started, and when one fails, the jobs overlapping
 //! it fail too. Reads stop at the last durable seq of the topic. New messages are announced to the
 //! orchestrators only once durable, so nothing is delivered that could still be lost.
+//!
+//! Settling happens in one place, the [`SyncLedger`] shared by the actor and its sync jobs: the
+//! job thread that finishes the oldest job settles it there at once (replies to the publishers
+//! and the group commits, the durable watermark, the announcements), without first waking this
+//! actor's thread; the actor is told afterwards only to start the next sync. On this VM that
+//! hand-off cost 60-230 µs per commit (p50-p90, W1); without it, W1 ran 9.5% faster (median of
+//! 10 interleaved pairs, 352k → 386k msg/s in a slow hour of the machine).
 
 use super::{now_ms, ActorCounters, GetActorStats, InjectFault};
 use crate::config::FsyncPolicy;
@@ -19,7 +26,7 @@ use crate::store::{GroupRecord, ReadResult, Storage, StoreError};
 use actix::prelude::*;
 use sluice_protocol::NewMessage;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
 /// Announces durable messages to the orchestrator that owns the topic.
@@ -118,24 +125,125 @@ impl Written {
 /// A sync job started: its id, what it makes durable, and its result once finished.
 type SyncInFlight = (u64, Written, Option<Result<(), String>>);
 
+/// What the actor and its sync jobs share: the jobs in flight, in start order, and what settling
+/// them needs. Every result is decided and every request answered here, under one lock, in
+/// start order, by whichever thread finishes the oldest job (or by the actor, for the policies
+/// without per-commit sync and at shutdown).
+#[derive(Default)]
+struct SyncLedger {
+    /// Sync jobs started, oldest first, with their result once finished.
+    jobs: VecDeque<SyncInFlight>,
+    /// A job failed and the actor has not yet marked the storage dirty: jobs started meanwhile
+    /// fail too (they may count on what failed, or have lost their error report to it).
+    poisoned: bool,
+    /// Per topic, the last seq known durable (under the policy): reads and the head reported
+    /// to orchestrators stop there, so nothing is delivered that a power cut could take back
+    /// (and whose seq a later publish could then reuse).
+    durable: HashMap<String, u64>,
+    /// Where new durable messages are announced: one recipient per orchestrator shard.
+    listeners: Vec<Recipient<MessagesAppended>>,
+}
+
+/// The ledger's lock. A panic while it was held cannot leave it half-updated in a way that
+/// matters more than losing the broker (every update is a few assignments), so a poisoned lock
+/// is used as is.
+fn lock(ledger: &Mutex<SyncLedger>) -> MutexGuard<'_, SyncLedger> {
+    ledger.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SyncLedger {
+    /// The last durable seq of `topic` (0 if none).
+    fn durable_head(&self, topic: &str) -> u64 {
+        self.durable.get(topic).copied().unwrap_or(0)
+    }
+
+    /// Records a job's result; a failure fails every other job in flight and the jobs started
+    /// until the actor has reacted. Then settles the finished jobs at the front.
+    fn finish(&mut self, id: u64, res: Result<(), String>) {
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "sync failed: failing every request of this commit and of the syncs overlapping it");
+            // An overlapping job may have counted on this one (a new segment's directory
+            // fsync) or lost its own error report to it (the kernel keeps one error state
+            // per open file): every job started before this failure was seen fails too.
+            self.poisoned = true;
+            for slot in self.jobs.iter_mut().filter(|s| s.0 != id) {
+                slot.2 = Some(Err(format!("an overlapping sync failed: {e}")));
+            }
+        }
+        if let Some(slot) = self.jobs.iter_mut().find(|s| s.0 == id) {
+            // A job already failed by an overlapping failure stays failed.
+            if !matches!(slot.2, Some(Err(_))) {
+                slot.2 = Some(res);
+            }
+        }
+        self.settle_finished();
+    }
+
+    /// Settles the finished jobs at the front of the queue.
+    fn settle_finished(&mut self) {
+        while self.jobs.front().is_some_and(|s| s.2.is_some()) {
+            let Some((_, batch, Some(res))) = self.jobs.pop_front() else {
+                break;
+            };
+            self.settle(batch, res);
+        }
+    }
+
+    /// Replies to a written batch once its sync finished (or failed), and announces the new
+    /// messages: nothing is delivered before it is durable.
+    fn settle(&mut self, batch: Written, res: Result<(), String>) {
+        for (topic, msgs, tx) in batch.appends {
+            match &res {
+                Ok(()) => {
+                    let first = msgs.first().map(|m| m.seq).unwrap_or(0);
+                    let last = msgs.last().map(|m| m.seq).unwrap_or(0);
+                    match self.durable.get_mut(&topic) {
+                        Some(d) => *d = (*d).max(last),
+                        None => {
+                            self.durable.insert(topic.clone(), last);
+                        }
+                    }
+                    let _ = tx.send(Ok((first, last)));
+                    self.announce(topic, msgs);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(StoreError::Io(std::io::Error::other(e.clone()))));
+                }
+            }
+        }
+        for tx in batch.groups {
+            let _ = tx.send(
+                res.clone()
+                    .map_err(|e| StoreError::Io(std::io::Error::other(e))),
+            );
+        }
+    }
+
+    fn announce(&self, topic: String, msgs: Vec<StoredMessage>) {
+        if self.listeners.is_empty() {
+            return;
+        }
+        let shard = super::shard_for(&topic, self.listeners.len());
+        let messages = Arc::new(msgs.into_iter().map(Arc::new).collect());
+        self.listeners[shard].do_send(MessagesAppended { topic, messages });
+    }
+}
+
 /// The store actor.
 pub struct StoreActor {
     storage: Storage,
     fsync: FsyncPolicy,
-    listeners: Vec<Recipient<MessagesAppended>>,
     pending_appends: Vec<(String, Vec<StoredMessage>, AppendReply)>,
     pending_groups: HashMap<(String, String), (GroupRecord, Vec<GroupReply>)>,
     commit_scheduled: bool,
     /// Written, waiting for the next sync.
     written: Written,
-    /// Sync jobs started, oldest first, with their result once finished: replies go out in
-    /// this order, so messages are announced in seq order.
-    syncs: VecDeque<SyncInFlight>,
+    /// Sync jobs in flight and their settling, shared with the jobs: replies go out in start
+    /// order, so messages are announced in seq order.
+    ledger: Arc<Mutex<SyncLedger>>,
+    /// Sync jobs running (their completions not yet seen by this actor).
+    running: usize,
     next_sync_id: u64,
-    /// Per topic, the last seq known durable (under the policy): reads and the head reported
-    /// to orchestrators stop there, so nothing is delivered that a power cut could take back
-    /// (and whose seq a later publish could then reuse).
-    durable: HashMap<String, u64>,
     dirty: bool,
     counters: ActorCounters,
     commits: u64,
@@ -150,15 +258,17 @@ impl StoreActor {
             .map(|(t, last)| (t.to_string(), last))
             .collect();
         StoreActor {
-            durable,
             storage,
             fsync,
-            listeners: Vec::new(),
             pending_appends: Vec::new(),
             pending_groups: HashMap::new(),
             commit_scheduled: false,
             written: Written::default(),
-            syncs: VecDeque::new(),
+            ledger: Arc::new(Mutex::new(SyncLedger {
+                durable,
+                ..SyncLedger::default()
+            })),
+            running: 0,
             next_sync_id: 0,
             dirty: false,
             counters: ActorCounters::default(),
@@ -168,7 +278,7 @@ impl StoreActor {
 
     /// The last durable seq of `topic` (0 if none).
     fn durable_head(&self, topic: &str) -> u64 {
-        self.durable.get(topic).copied().unwrap_or(0)
+        lock(&self.ledger).durable_head(topic)
     }
 
     fn schedule_commit(&mut self, ctx: &mut Context<Self>) {
@@ -213,122 +323,77 @@ impl StoreActor {
         }
     }
 
-    /// Replies to a written batch once its sync finished (or failed), and announces the new
-    /// messages: nothing is delivered before it is durable.
-    fn settle_written(&mut self, batch: Written, res: Result<(), String>) {
-        for (topic, msgs, tx) in batch.appends {
-            match &res {
-                Ok(()) => {
-                    let first = msgs.first().map(|m| m.seq).unwrap_or(0);
-                    let last = msgs.last().map(|m| m.seq).unwrap_or(0);
-                    match self.durable.get_mut(&topic) {
-                        Some(d) => *d = (*d).max(last),
-                        None => {
-                            self.durable.insert(topic.clone(), last);
-                        }
-                    }
-                    let _ = tx.send(Ok((first, last)));
-                    self.announce(topic, msgs);
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(StoreError::Io(std::io::Error::other(e.clone()))));
-                }
-            }
-        }
-        for tx in batch.groups {
-            let _ = tx.send(
-                res.clone()
-                    .map_err(|e| StoreError::Io(std::io::Error::other(e))),
-            );
-        }
-    }
-
     /// Pipelined group commit: the fsyncs of everything written so far run on a blocking thread
     /// while this actor goes on writing the next requests. Up to [`MAX_SYNCS`] jobs overlap: a
     /// request written while a sync runs starts its own at once instead of waiting for that one
     /// to end (concurrent fdatasyncs of one file are fine: each covers what was written before
     /// it started). Jobs are settled in the order they started.
     fn start_sync(&mut self, ctx: &mut Context<Self>) {
-        if self.syncs.len() >= MAX_SYNCS || self.written.is_empty() {
+        if self.running >= MAX_SYNCS || self.written.is_empty() {
             return;
         }
         let batch = std::mem::take(&mut self.written);
+        let id = self.next_sync_id;
+        self.next_sync_id += 1;
         let job = match self.storage.take_sync_job() {
             Ok(job) => job,
             Err(e) => {
                 self.storage.mark_dirty();
                 tracing::error!(error = %e, "cannot prepare the sync: failing the requests of this commit");
-                self.syncs
-                    .push_back((self.next_sync_id, batch, Some(Err(e.to_string()))));
-                self.next_sync_id += 1;
-                self.settle_finished();
+                let mut l = lock(&self.ledger);
+                l.jobs.push_back((id, batch, Some(Err(e.to_string()))));
+                l.settle_finished();
                 return;
             }
         };
-        let id = self.next_sync_id;
-        self.next_sync_id += 1;
-        self.syncs.push_back((id, batch, None));
-        let fut = actix_rt::task::spawn_blocking(move || job.run());
+        {
+            let mut l = lock(&self.ledger);
+            // Started while a failure is unanswered: fails with it (see `SyncLedger::finish`).
+            let res = l
+                .poisoned
+                .then(|| Err("an overlapping sync failed".to_string()));
+            l.jobs.push_back((id, batch, res));
+        }
+        self.running += 1;
+        let ledger = self.ledger.clone();
+        let fut = actix_rt::task::spawn_blocking(move || {
+            let res = job.run().map_err(|e| e.to_string());
+            let failed = res.is_err();
+            lock(&ledger).finish(id, res);
+            failed
+        });
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-            let res = match res {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = &res {
-                tracing::error!(error = %e, "sync failed: failing every request of this commit and of the syncs overlapping it");
+            act.running = act.running.saturating_sub(1);
+            // A job that died without settling (it cannot panic, but the pool may refuse it).
+            let failed = res.unwrap_or_else(|e| {
+                lock(&act.ledger).finish(id, Err(e.to_string()));
+                true
+            });
+            if failed {
                 act.storage.mark_dirty();
-                // An overlapping job may have counted on this one (a new segment's directory
-                // fsync) or lost its own error report to it (the kernel keeps one error state
-                // per open file): every job started before this failure was seen fails too.
-                for slot in act.syncs.iter_mut().filter(|s| s.0 != id) {
-                    slot.2 = Some(Err(format!("an overlapping sync failed: {e}")));
-                }
+                lock(&act.ledger).poisoned = false;
             }
-            if let Some(slot) = act.syncs.iter_mut().find(|s| s.0 == id) {
-                // A job already failed by an overlapping failure stays failed.
-                if !matches!(slot.2, Some(Err(_))) {
-                    slot.2 = Some(res);
-                }
-            }
-            act.settle_finished();
             act.start_sync(ctx);
         }));
-    }
-
-    /// Settles the finished jobs at the front of the queue.
-    fn settle_finished(&mut self) {
-        while self.syncs.front().is_some_and(|s| s.2.is_some()) {
-            let Some((_, batch, Some(res))) = self.syncs.pop_front() else {
-                break;
-            };
-            self.settle_written(batch, res);
-        }
     }
 
     /// Writes and syncs everything queued, on this thread (shutdown and restarts).
     fn commit_now(&mut self) {
         self.write_pending();
-        if !self.syncs.is_empty() {
+        let mut l = lock(&self.ledger);
+        if !l.jobs.is_empty() {
             // Jobs still running (their results will not come back to this context): sync
             // everything again and settle them, in order, with that sync's result.
             self.storage.mark_dirty();
         }
         let batch = std::mem::take(&mut self.written);
         let res = self.storage.sync().map_err(|e| e.to_string());
-        for (_, b, _) in std::mem::take(&mut self.syncs) {
-            self.settle_written(b, res.clone());
+        for (_, b, _) in std::mem::take(&mut l.jobs) {
+            l.settle(b, res.clone());
         }
-        self.settle_written(batch, res);
-    }
-
-    fn announce(&self, topic: String, msgs: Vec<StoredMessage>) {
-        if self.listeners.is_empty() {
-            return;
-        }
-        let shard = super::shard_for(&topic, self.listeners.len());
-        let messages = Arc::new(msgs.into_iter().map(Arc::new).collect());
-        self.listeners[shard].do_send(MessagesAppended { topic, messages });
+        l.settle(batch, res);
+        l.poisoned = false;
+        self.running = 0;
     }
 }
 
@@ -357,9 +422,14 @@ impl Supervised for StoreActor {
         self.commit_scheduled = false;
         // `stopping` settled every sync job; should one be left, its requests are answered with
         // an error (they may or may not be durable), and everything written is synced again.
-        for (_, batch, _) in std::mem::take(&mut self.syncs) {
-            self.settle_written(batch, Err("the store restarted during the sync".into()));
+        {
+            let mut l = lock(&self.ledger);
+            for (_, batch, _) in std::mem::take(&mut l.jobs) {
+                l.settle(batch, Err("the store restarted during the sync".into()));
+            }
+            l.poisoned = false;
         }
+        self.running = 0;
         self.storage.mark_dirty();
         tracing::warn!(
             restarts = self.counters.restarts,
@@ -424,7 +494,7 @@ impl Handler<Commit> for StoreActor {
                 // Durable at the next periodic sync (interval) or when the OS writes it back (never).
                 self.dirty = true;
                 let batch = std::mem::take(&mut self.written);
-                self.settle_written(batch, Ok(()));
+                lock(&self.ledger).settle(batch, Ok(()));
             }
         }
     }
@@ -492,7 +562,7 @@ impl Handler<ListGroups> for StoreActor {
 impl Handler<SetAppendListeners> for StoreActor {
     type Result = ();
     fn handle(&mut self, msg: SetAppendListeners, _: &mut Context<Self>) {
-        self.listeners = msg.0;
+        lock(&self.ledger).listeners = msg.0;
     }
 }
 
@@ -509,5 +579,73 @@ impl Handler<InjectFault> for StoreActor {
     fn handle(&mut self, _: InjectFault, ctx: &mut Context<Self>) {
         tracing::warn!("fault injected: stopping the store actor");
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    type AppendRx = oneshot::Receiver<Result<(u64, u64), StoreError>>;
+
+    /// A written batch of one append of `count` messages to "t" from `first`, and its reply.
+    fn batch(first: u64, count: u64) -> (Written, AppendRx) {
+        let (tx, rx) = oneshot::channel();
+        let msgs = (first..first + count)
+            .map(|seq| StoredMessage {
+                seq,
+                timestamp_ms: 0,
+                key: None,
+                headers: Default::default(),
+                priority: 0,
+                payload: Bytes::new(),
+            })
+            .collect();
+        let w = Written {
+            appends: vec![("t".into(), msgs, tx)],
+            groups: Vec::new(),
+        };
+        (w, rx)
+    }
+
+    #[test]
+    fn jobs_settle_in_start_order_and_raise_the_durable_seq() {
+        let mut l = SyncLedger::default();
+        let (b1, mut r1) = batch(1, 3);
+        let (b2, mut r2) = batch(4, 2);
+        l.jobs.push_back((1, b1, None));
+        l.jobs.push_back((2, b2, None));
+        // The younger job finishes first: nothing is answered before the older one is.
+        l.finish(2, Ok(()));
+        assert!(r1.try_recv().is_err() && r2.try_recv().is_err());
+        assert_eq!(l.durable_head("t"), 0);
+        l.finish(1, Ok(()));
+        assert_eq!(r1.try_recv().ok().and_then(Result::ok), Some((1, 3)));
+        assert_eq!(r2.try_recv().ok().and_then(Result::ok), Some((4, 5)));
+        assert_eq!(l.durable_head("t"), 5);
+        assert!(l.jobs.is_empty() && !l.poisoned);
+    }
+
+    #[test]
+    fn a_failure_fails_the_overlapping_jobs_and_poisons_until_cleared() {
+        let mut l = SyncLedger::default();
+        let (b1, mut r1) = batch(1, 1);
+        let (b2, mut r2) = batch(2, 1);
+        l.jobs.push_back((1, b1, None));
+        l.jobs.push_back((2, b2, None));
+        l.finish(2, Err("EIO".into()));
+        assert!(
+            l.poisoned,
+            "jobs started before the actor reacts must fail too"
+        );
+        // The older job's own sync succeeds, but it overlapped the failure: it fails.
+        l.finish(1, Ok(()));
+        assert!(matches!(r1.try_recv(), Ok(Err(_))));
+        assert!(matches!(r2.try_recv(), Ok(Err(_))));
+        assert_eq!(l.durable_head("t"), 0, "nothing failed counts as durable");
+        // A result for a job settled elsewhere (shutdown) is ignored.
+        l.finish(7, Ok(()));
+        assert!(l.jobs.is_empty());
     }
 }
