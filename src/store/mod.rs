@@ -381,7 +381,8 @@ impl Storage {
 /// blocking thread.
 #[derive(Default)]
 pub struct SyncJob {
-    files: Vec<File>,
+    /// Segment files by path (a handle of their own each).
+    files: Vec<(PathBuf, File)>,
     dirs: Vec<PathBuf>,
 }
 
@@ -391,9 +392,23 @@ impl SyncJob {
         self.files.is_empty() && self.dirs.is_empty()
     }
 
+    /// Adds what `other` must do (a file or directory both name is synced once).
+    pub fn absorb(&mut self, other: SyncJob) {
+        for (path, file) in other.files {
+            if !self.files.iter().any(|(p, _)| *p == path) {
+                self.files.push((path, file));
+            }
+        }
+        for d in other.dirs {
+            if !self.dirs.contains(&d) {
+                self.dirs.push(d);
+            }
+        }
+    }
+
     /// fdatasync the segment files, fsync the directories.
     pub fn run(self) -> Result<(), StoreError> {
-        for f in &self.files {
+        for (_, f) in &self.files {
             f.sync_data()?;
         }
         for d in &self.dirs {
@@ -454,6 +469,25 @@ mod tests {
             priority: 0,
             payload: Bytes::from(p.to_string()),
         }
+    }
+
+    #[test]
+    fn queued_sync_jobs_merge_into_one_sync_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
+        s.append("t", &[msg("a")]).unwrap();
+        let mut job = s.take_sync_job().unwrap();
+        assert_eq!(
+            (job.files.len(), job.dirs.len()),
+            (1, 2),
+            "new topic: its dir and the parent"
+        );
+        s.append("t", &[msg("b")]).unwrap();
+        s.append("u", &[msg("c")]).unwrap();
+        job.absorb(s.take_sync_job().unwrap());
+        assert_eq!(job.files.len(), 2, "t's segment once, u's once");
+        assert_eq!(job.dirs.len(), 3, "the topics' parent once");
+        job.run().unwrap();
     }
 
     #[test]

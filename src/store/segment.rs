@@ -512,7 +512,7 @@ impl SegmentLog {
             // Every segment written since the last take (several, if big commits rolled more
             // than once meanwhile).
             for seg in self.segments.iter().skip(from) {
-                job.files.push(seg.file.try_clone()?);
+                job.files.push((seg.path.clone(), seg.file.try_clone()?));
             }
             self.unsynced_from = None;
         }
