@@ -5,7 +5,7 @@
 //! | `AppendMessages` | connection (publish), orchestrator (dead letters) → store | `(first_seq, last_seq)` once durable |
 //! | `CommitGroup` | orchestrator → store | `()` once the group record is durable |
 //! | `ReadRange`, `LoadGroup`, `ListGroups` | orchestrator / registry → store | messages / group record |
-//! | `MessagesAppended` | store → orchestrator (shard of the topic) | new durable messages, for the read-ahead tail |
+//! | `MessagesAppended` | store (from the sync thread that made them durable) → orchestrator (shard of the topic) | new durable messages, for the read-ahead tail |
 //! | `JoinGroup`, `LeaveGroup`, `GrantCredits` | connection → orchestrator | join result / – / – |
 //! | `AckBatch`, `NackBatch` | connection → orchestrator | [`sluice_protocol::AckReply`] once durable |
 //! | `BatchTimedOut` | orchestrator → itself (`notify_later`) | – |
