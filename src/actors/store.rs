@@ -22,9 +22,11 @@
 //!   threads, under its lock and in queue order: replies to the publishers and the group
 //!   commits, the durable watermark, the announcements to the orchestrators. The thread that
 //!   finishes the oldest job does it at once, without a hop through this actor's thread.
-//! - When a sync fails, every job in flight fails with it, and so does every job queued until
-//!   this actor has marked the storage dirty (`SyncFailed`): they may count on what failed, or
-//!   have lost their error report to it (the kernel keeps one error state per open file).
+//! - When a sync fails, every job in flight or queued fails with it (they may count on what
+//!   failed), and the store then refuses every write until the broker restarts (`SyncFailed`,
+//!   `StoreActor::fail`): Linux marks the pages of a failed write-back clean, so a second sync
+//!   would report success over lost data. Each sync opens the segment files anew, so each sees
+//!   a write-back error (the kernel reports one once per open file).
 //! - Reads stop at the last durable seq of the topic, and new messages are announced only once
 //!   durable, so nothing is delivered that could still be lost.
 //!
@@ -147,8 +149,8 @@ type SyncInFlight = (u64, Written, Option<Result<(), String>>);
 struct SyncLedger {
     /// Sync jobs started, oldest first, with their result once finished.
     jobs: VecDeque<SyncInFlight>,
-    /// A job failed and the actor has not yet marked the storage dirty: jobs started meanwhile
-    /// fail too (they may count on what failed, or have lost their error report to it).
+    /// A job failed: jobs queued from then on fail too (they may count on what failed), and
+    /// the actor refuses every write once it hears of it.
     poisoned: bool,
     /// Per topic, the last seq known durable (under the policy): reads and the head reported
     /// to orchestrators stop there, so nothing is delivered that a power cut could take back
@@ -248,55 +250,73 @@ impl SyncLedger {
     }
 }
 
-/// Tells the actor that a sync failed: it marks the storage dirty (everything is synced again)
-/// and lifts the ledger's poison.
+/// Tells the actor that a sync failed: it refuses writes from then on.
 #[derive(Message)]
 #[rtype(result = "()")]
 struct SyncFailed;
+
+/// A sync thread's place among the [`MAX_SYNCS`]: made before the thread is spawned and moved
+/// into it, so the place is given back however the thread ends (even if the runtime drops it
+/// unrun at shutdown), and the jobs it had taken fail rather than stay unanswered.
+struct SyncPlace {
+    ledger: Arc<Mutex<SyncLedger>>,
+    on_failure: Recipient<SyncFailed>,
+    /// The jobs taken and not yet settled.
+    taken: Vec<u64>,
+    /// The place was given back under the lock (the queue was empty).
+    left: bool,
+}
+
+impl Drop for SyncPlace {
+    fn drop(&mut self) {
+        if self.left {
+            return;
+        }
+        let mut l = lock(&self.ledger);
+        l.workers = l.workers.saturating_sub(1);
+        if !self.taken.is_empty() {
+            // Only a panic gets here with jobs taken: fail them, like any failed sync.
+            for id in self.taken.drain(..) {
+                l.finish(id, Err("the sync thread ended before finishing".into()));
+            }
+            drop(l);
+            self.on_failure.do_send(SyncFailed);
+        }
+    }
+}
 
 /// A sync thread: takes every queued job, runs them as one (each file and directory once),
 /// settles them, and goes on while more are queued. The thread that finishes a sync thus starts
 /// the next one at once, without waking the actor; the actor only starts a thread when fewer
 /// than [`MAX_SYNCS`] run.
-fn sync_worker(ledger: Arc<Mutex<SyncLedger>>, on_failure: Recipient<SyncFailed>) {
-    /// Gives the thread's place back if it ends other than by finding the queue empty.
-    struct Place(Option<Arc<Mutex<SyncLedger>>>);
-    impl Drop for Place {
-        fn drop(&mut self) {
-            if let Some(l) = self.0.take() {
-                let mut l = lock(&l);
-                l.workers = l.workers.saturating_sub(1);
-            }
-        }
-    }
-    let mut place = Place(Some(ledger.clone()));
+fn sync_worker(mut place: SyncPlace) {
     loop {
-        let (ids, job) = {
-            let mut l = lock(&ledger);
+        let queued = {
+            let mut l = lock(&place.ledger);
             if l.queued.is_empty() {
                 // Leaving under the lock, so a job queued from now on starts a new thread.
                 l.workers = l.workers.saturating_sub(1);
-                place.0 = None;
+                place.left = true;
                 return;
             }
-            let mut job = SyncJob::default();
-            let mut ids = Vec::with_capacity(l.queued.len());
-            for (id, j) in l.queued.drain(..) {
-                ids.push(id);
-                job.absorb(j);
-            }
-            (ids, job)
+            std::mem::take(&mut l.queued)
         };
+        // Merged outside the lock.
+        let mut job = SyncJob::default();
+        for (id, j) in queued {
+            place.taken.push(id);
+            job.absorb(j);
+        }
         let res = job.run().map_err(|e| e.to_string());
         let failed = res.is_err();
         {
-            let mut l = lock(&ledger);
-            for id in ids {
+            let mut l = lock(&place.ledger);
+            for id in place.taken.drain(..) {
                 l.finish(id, res.clone());
             }
         }
         if failed {
-            on_failure.do_send(SyncFailed);
+            place.on_failure.do_send(SyncFailed);
         }
     }
 }
@@ -313,6 +333,8 @@ pub struct StoreActor {
     /// Sync jobs in flight and their settling, shared with the jobs: replies go out in start
     /// order, so messages are announced in seq order.
     ledger: Arc<Mutex<SyncLedger>>,
+    /// A sync failed: writes are refused until the broker restarts (see [`StoreActor::fail`]).
+    failed: Option<String>,
     next_sync_id: u64,
     dirty: bool,
     counters: ActorCounters,
@@ -338,6 +360,7 @@ impl StoreActor {
                 durable,
                 ..SyncLedger::default()
             })),
+            failed: None,
             next_sync_id: 0,
             dirty: false,
             counters: ActorCounters::default(),
@@ -425,22 +448,83 @@ impl StoreActor {
         if l.workers < MAX_SYNCS {
             l.workers += 1;
             drop(l);
-            let ledger = self.ledger.clone();
-            let on_failure = ctx.address().recipient();
+            let place = SyncPlace {
+                ledger: self.ledger.clone(),
+                on_failure: ctx.address().recipient(),
+                taken: Vec::new(),
+                left: false,
+            };
             // Detached: the thread settles through the ledger and reports failures by message.
-            drop(actix_rt::task::spawn_blocking(move || {
-                sync_worker(ledger, on_failure)
-            }));
+            drop(actix_rt::task::spawn_blocking(move || sync_worker(place)));
+        }
+    }
+
+    /// After a failed sync: refuses every write from now on, until the broker restarts.
+    ///
+    /// Linux marks the pages of a failed write-back clean, so syncing again would report
+    /// success over data that never reached the disk; and messages acknowledged after such a
+    /// hole would be cut off with it when the log is checked at the next start. So nothing
+    /// more is written: what is durable stays readable, publishes and acks get a storage error
+    /// saying why, and a restart rebuilds the logs from what the disk holds.
+    fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            tracing::error!(error = %why, "a sync failed: the store refuses writes until the broker restarts");
+            self.failed = Some(why);
+        }
+        // Jobs still queued fail with the one that failed.
+        lock(&self.ledger).poisoned = true;
+        self.refuse_pending();
+    }
+
+    /// The error for a write refused after a failed sync.
+    fn refusal(&self) -> Option<StoreError> {
+        self.failed.as_ref().map(|why| {
+            StoreError::Io(std::io::Error::other(format!(
+                "storage failed to sync ({why}): writes are refused until the broker restarts"
+            )))
+        })
+    }
+
+    /// Answers the queued, unwritten requests with the refusal.
+    fn refuse_pending(&mut self) {
+        let Some(_) = self.failed else { return };
+        let reply = |s: &Self| s.refusal().unwrap_or(StoreError::Unavailable);
+        for (_, _, tx) in std::mem::take(&mut self.pending_appends) {
+            let _ = tx.send(Err(reply(self)));
+        }
+        for (_, (_, txs)) in std::mem::take(&mut self.pending_groups) {
+            for tx in txs {
+                let _ = tx.send(Err(reply(self)));
+            }
         }
     }
 
     /// Writes and syncs everything queued, on this thread (shutdown and restarts).
     fn commit_now(&mut self) {
+        let poisoned = lock(&self.ledger).poisoned;
+        if poisoned && self.failed.is_none() {
+            // A sync failed and the actor has not heard yet: it has now.
+            self.fail("a sync failed".into());
+        }
+        if self.failed.is_some() {
+            self.refuse_pending();
+            let batch = std::mem::take(&mut self.written);
+            let mut l = lock(&self.ledger);
+            l.queued.clear();
+            let why = "an earlier sync failed".to_string();
+            for (_, b, _) in std::mem::take(&mut l.jobs) {
+                l.settle(b, Err(why.clone()));
+            }
+            l.settle(batch, Err(why));
+            return;
+        }
         self.write_pending();
         let mut l = lock(&self.ledger);
         if !l.jobs.is_empty() {
             // Jobs queued or running: sync everything again here and settle them, in order,
-            // with that sync's result (a thread still running finds its jobs gone).
+            // with that sync's result (a thread still running finds its jobs gone). Each sync
+            // opens the files anew, so it sees a write-back error even if a running thread's
+            // sync saw it first.
             self.storage.mark_dirty();
             l.queued.clear();
         }
@@ -449,8 +533,11 @@ impl StoreActor {
         for (_, b, _) in std::mem::take(&mut l.jobs) {
             l.settle(b, res.clone());
         }
-        l.settle(batch, res);
-        l.poisoned = false;
+        l.settle(batch, res.clone());
+        drop(l);
+        if let Err(e) = res {
+            self.fail(e);
+        }
     }
 }
 
@@ -485,7 +572,9 @@ impl Supervised for StoreActor {
             for (_, batch, _) in std::mem::take(&mut l.jobs) {
                 l.settle(batch, Err("the store restarted during the sync".into()));
             }
-            l.poisoned = false;
+            // A failed store stays failed across restarts of the actor (the storage and the
+            // page cache are the same).
+            l.poisoned = self.failed.is_some();
         }
         self.storage.mark_dirty();
         tracing::warn!(
@@ -513,9 +602,12 @@ impl Handler<AppendMessages> for StoreActor {
                 payload: m.payload,
             })
             .collect::<Vec<_>>();
+        if let Some(e) = self.refusal() {
+            return Box::pin(async move { Err(e) });
+        }
         let (tx, rx) = oneshot::channel();
         if stored.is_empty() {
-            let last = self.storage.last_seq(&msg.topic);
+            let last = self.durable_head(&msg.topic);
             return Box::pin(async move { Ok((last + 1, last)) });
         }
         self.pending_appends.push((msg.topic, stored, tx));
@@ -529,6 +621,9 @@ impl Handler<CommitGroup> for StoreActor {
 
     fn handle(&mut self, msg: CommitGroup, ctx: &mut Context<Self>) -> Self::Result {
         self.counters.handled += 1;
+        if let Some(e) = self.refusal() {
+            return Box::pin(async move { Err(e) });
+        }
         let (tx, rx) = oneshot::channel();
         let entry = self
             .pending_groups
@@ -560,10 +655,7 @@ impl Handler<Commit> for StoreActor {
 impl Handler<SyncFailed> for StoreActor {
     type Result = ();
     fn handle(&mut self, _: SyncFailed, _: &mut Context<Self>) {
-        // Which writes were lost is unknown: everything is synced again from the next commit,
-        // and jobs queued from now on no longer fail with the failed one.
-        self.storage.mark_dirty();
-        lock(&self.ledger).poisoned = false;
+        self.fail("a sync failed".into());
     }
 }
 
@@ -573,7 +665,7 @@ impl Handler<PeriodicSync> for StoreActor {
         if self.dirty {
             self.dirty = false;
             if let Err(e) = self.storage.sync() {
-                tracing::error!(error = %e, "periodic fsync failed");
+                self.fail(format!("periodic fsync: {e}"));
             }
         }
     }
@@ -677,6 +769,61 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_sync_fails_its_requests_and_refuses_writes_until_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        let fail = dir.path().join("fail-syncs");
+        actix_rt::System::new().block_on(async move {
+            let store = StoreActor::new(storage, FsyncPolicy::Always).start();
+            let publish = |p: &'static str| AppendMessages {
+                topic: "t".into(),
+                messages: vec![NewMessage {
+                    payload: Bytes::from_static(p.as_bytes()),
+                    ..Default::default()
+                }],
+            };
+            assert_eq!(store.send(publish("a")).await.unwrap().unwrap(), (1, 1));
+            std::fs::write(&fail, b"").unwrap();
+            assert!(store.send(publish("b")).await.unwrap().is_err());
+            std::fs::remove_file(&fail).unwrap();
+            // Every write from now on fails, with the reason once the actor has heard of the
+            // failure (a publish racing that news fails with the failed sync instead).
+            let mut refused = None;
+            for _ in 0..50 {
+                let e = store.send(publish("c")).await.unwrap().unwrap_err();
+                if e.to_string().contains("until the broker restarts") {
+                    refused = Some(e);
+                    break;
+                }
+            }
+            assert!(refused.is_some(), "writes are refused after a failed sync");
+            let record = GroupRecord {
+                mode: sluice_protocol::GroupMode::Shared,
+                filters: Default::default(),
+                acked_floor: 1,
+                acked_above: Vec::new(),
+                created_ms: 0,
+            };
+            let ack = CommitGroup {
+                topic: "t".into(),
+                group: "g".into(),
+                record,
+            };
+            assert!(store.send(ack).await.unwrap().is_err(), "acks too");
+            // What was durable stays readable; nothing after it is served.
+            let read = ReadRange {
+                topic: "t".into(),
+                from: 1,
+                max: 10,
+                max_bytes: 1 << 20,
+            };
+            let r = store.send(read).await.unwrap().unwrap();
+            assert_eq!(r.messages.len(), 1);
+            assert_eq!(r.messages[0].payload, Bytes::from_static(b"a"));
+        });
+    }
+
+    #[test]
     fn jobs_settle_in_start_order_and_raise_the_durable_seq() {
         let mut l = SyncLedger::default();
         let (b1, mut r1) = batch(1, 3);
@@ -695,7 +842,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_fails_the_overlapping_jobs_and_poisons_until_cleared() {
+    fn a_failure_fails_the_overlapping_jobs_and_the_ones_queued_after_it() {
         let mut l = SyncLedger::default();
         let (b1, mut r1) = batch(1, 1);
         let (b2, mut r2) = batch(2, 1);

@@ -345,6 +345,10 @@ impl Storage {
     /// job fails, call [`Storage::mark_dirty`].
     pub fn take_sync_job(&mut self) -> Result<SyncJob, StoreError> {
         let mut job = SyncJob::default();
+        #[cfg(test)]
+        {
+            job.fail_if = Some(self.dir.join("fail-syncs"));
+        }
         for log in self.topics.values_mut() {
             if log.is_dirty() {
                 log.take_sync(&mut job)?;
@@ -384,6 +388,9 @@ pub struct SyncJob {
     /// Segment files by path (a handle of their own each).
     files: Vec<(PathBuf, File)>,
     dirs: Vec<PathBuf>,
+    /// Tests: the job fails while this file exists.
+    #[cfg(test)]
+    fail_if: Option<PathBuf>,
 }
 
 impl SyncJob {
@@ -394,6 +401,10 @@ impl SyncJob {
 
     /// Adds what `other` must do (a file or directory both name is synced once).
     pub fn absorb(&mut self, other: SyncJob) {
+        #[cfg(test)]
+        if self.fail_if.is_none() {
+            self.fail_if = other.fail_if.clone();
+        }
         for (path, file) in other.files {
             if !self.files.iter().any(|(p, _)| *p == path) {
                 self.files.push((path, file));
@@ -408,6 +419,12 @@ impl SyncJob {
 
     /// fdatasync the segment files, fsync the directories.
     pub fn run(self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail_if.as_ref().is_some_and(|p| p.exists()) {
+            return Err(StoreError::Io(std::io::Error::other(
+                "injected sync failure",
+            )));
+        }
         for (_, f) in &self.files {
             f.sync_data()?;
         }

@@ -512,7 +512,11 @@ impl SegmentLog {
             // Every segment written since the last take (several, if big commits rolled more
             // than once meanwhile).
             for seg in self.segments.iter().skip(from) {
-                job.files.push((seg.path.clone(), seg.file.try_clone()?));
+                // A handle opened anew, not a copy of the writer's: the kernel reports a
+                // write-back error once per open file, so with copies, a sync running at the
+                // same time could take the error and this one report success over lost pages.
+                // A new open file still sees an error nobody has seen yet.
+                job.files.push((seg.path.clone(), File::open(&seg.path)?));
             }
             self.unsynced_from = None;
         }
