@@ -15,9 +15,17 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 log() { echo "powerloss-setup: $*" >&2; }
 
+# shared/ sits beside the checkout; a clone made elsewhere (e.g. /tmp/ci) finds it beside the
+# local repository it was cloned from.
 tool="${SLUICE_POWERLOSS_TOOL:-$repo/../shared/tools/powerloss/powerloss}"
+if [ ! -f "$tool" ] && [ -z "${SLUICE_POWERLOSS_TOOL:-}" ]; then
+  origin="$(git -C "$repo" remote get-url origin 2>/dev/null || true)"
+  if [ -n "$origin" ] && [ -d "$origin" ]; then
+    tool="$origin/../shared/tools/powerloss/powerloss"
+  fi
+fi
 if [ ! -f "$tool" ]; then
-  log "the powerloss tool is not at $tool (shared/ must sit beside the clone)"
+  log "the powerloss tool is not at $tool (shared/ must sit beside the clone or its origin)"
   exit 1
 fi
 tool="$(readlink -f "$tool")"

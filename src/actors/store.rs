@@ -178,23 +178,23 @@ impl SyncLedger {
         self.durable.get(topic).copied().unwrap_or(0)
     }
 
-    /// Records a job's result; a failure fails every other job in flight and the jobs started
-    /// until the actor has reacted. Then settles the finished jobs at the front.
-    fn finish(&mut self, id: u64, res: Result<(), String>) {
+    /// Records the result of one sync run covering the jobs `ids`; a failure fails every other
+    /// job in flight and the jobs queued after it. Then settles the finished jobs at the front
+    /// (ids no longer here, settled at shutdown, are ignored).
+    fn finish(&mut self, ids: &[u64], res: Result<(), String>) {
         if let Err(e) = &res {
             tracing::error!(error = %e, "sync failed: failing every request of this commit and of the syncs overlapping it");
             // An overlapping job may have counted on this one (a new segment's directory
-            // fsync) or lost its own error report to it (the kernel keeps one error state
-            // per open file): every job started before this failure was seen fails too.
+            // fsync): every job in flight fails too, and so do the ones queued from now on.
             self.poisoned = true;
-            for slot in self.jobs.iter_mut().filter(|s| s.0 != id) {
+            for slot in self.jobs.iter_mut().filter(|s| !ids.contains(&s.0)) {
                 slot.2 = Some(Err(format!("an overlapping sync failed: {e}")));
             }
         }
-        if let Some(slot) = self.jobs.iter_mut().find(|s| s.0 == id) {
+        for slot in self.jobs.iter_mut().filter(|s| ids.contains(&s.0)) {
             // A job already failed by an overlapping failure stays failed.
             if !matches!(slot.2, Some(Err(_))) {
-                slot.2 = Some(res);
+                slot.2 = Some(res.clone());
             }
         }
         self.settle_finished();
@@ -250,6 +250,13 @@ impl SyncLedger {
     }
 }
 
+/// The error for a write refused after a failed sync (`why`).
+fn refusal(why: &str) -> StoreError {
+    StoreError::Io(std::io::Error::other(format!(
+        "storage failed to sync ({why}): writes are refused until the broker restarts"
+    )))
+}
+
 /// Tells the actor that a sync failed: it refuses writes from then on.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -276,9 +283,10 @@ impl Drop for SyncPlace {
         l.workers = l.workers.saturating_sub(1);
         if !self.taken.is_empty() {
             // Only a panic gets here with jobs taken: fail them, like any failed sync.
-            for id in self.taken.drain(..) {
-                l.finish(id, Err("the sync thread ended before finishing".into()));
-            }
+            l.finish(
+                &self.taken,
+                Err("the sync thread ended before finishing".into()),
+            );
             drop(l);
             self.on_failure.do_send(SyncFailed);
         }
@@ -309,12 +317,8 @@ fn sync_worker(mut place: SyncPlace) {
         }
         let res = job.run().map_err(|e| e.to_string());
         let failed = res.is_err();
-        {
-            let mut l = lock(&place.ledger);
-            for id in place.taken.drain(..) {
-                l.finish(id, res.clone());
-            }
-        }
+        lock(&place.ledger).finish(&place.taken, res);
+        place.taken.clear();
         if failed {
             place.on_failure.do_send(SyncFailed);
         }
@@ -478,62 +482,51 @@ impl StoreActor {
 
     /// The error for a write refused after a failed sync.
     fn refusal(&self) -> Option<StoreError> {
-        self.failed.as_ref().map(|why| {
-            StoreError::Io(std::io::Error::other(format!(
-                "storage failed to sync ({why}): writes are refused until the broker restarts"
-            )))
-        })
+        self.failed.as_deref().map(refusal)
     }
 
     /// Answers the queued, unwritten requests with the refusal.
     fn refuse_pending(&mut self) {
-        let Some(_) = self.failed else { return };
-        let reply = |s: &Self| s.refusal().unwrap_or(StoreError::Unavailable);
+        let Some(why) = self.failed.clone() else {
+            return;
+        };
         for (_, _, tx) in std::mem::take(&mut self.pending_appends) {
-            let _ = tx.send(Err(reply(self)));
+            let _ = tx.send(Err(refusal(&why)));
         }
         for (_, (_, txs)) in std::mem::take(&mut self.pending_groups) {
             for tx in txs {
-                let _ = tx.send(Err(reply(self)));
+                let _ = tx.send(Err(refusal(&why)));
             }
         }
     }
 
-    /// Writes and syncs everything queued, on this thread (shutdown and restarts).
+    /// Writes and syncs everything queued, on this thread (shutdown and restarts), and settles
+    /// every job in flight with that sync's result (a thread still running finds its jobs
+    /// gone). Each sync opens the files anew, so this one sees a write-back error even if a
+    /// running thread's sync saw it first.
     fn commit_now(&mut self) {
-        let poisoned = lock(&self.ledger).poisoned;
-        if poisoned && self.failed.is_none() {
+        if self.failed.is_none() && lock(&self.ledger).poisoned {
             // A sync failed and the actor has not heard yet: it has now.
             self.fail("a sync failed".into());
         }
-        if self.failed.is_some() {
-            self.refuse_pending();
-            let batch = std::mem::take(&mut self.written);
-            let mut l = lock(&self.ledger);
-            l.queued.clear();
-            let why = "an earlier sync failed".to_string();
-            for (_, b, _) in std::mem::take(&mut l.jobs) {
-                l.settle(b, Err(why.clone()));
+        if self.failed.is_none() {
+            self.write_pending();
+        }
+        let ledger = self.ledger.clone();
+        let mut l = lock(&ledger);
+        let res = if self.failed.is_some() {
+            Err("an earlier sync failed".to_string())
+        } else {
+            if !l.jobs.is_empty() {
+                self.storage.mark_dirty();
             }
-            l.settle(batch, Err(why));
-            return;
-        }
-        self.write_pending();
-        let mut l = lock(&self.ledger);
-        if !l.jobs.is_empty() {
-            // Jobs queued or running: sync everything again here and settle them, in order,
-            // with that sync's result (a thread still running finds its jobs gone). Each sync
-            // opens the files anew, so it sees a write-back error even if a running thread's
-            // sync saw it first.
-            self.storage.mark_dirty();
-            l.queued.clear();
-        }
-        let batch = std::mem::take(&mut self.written);
-        let res = self.storage.sync().map_err(|e| e.to_string());
+            self.storage.sync().map_err(|e| e.to_string())
+        };
+        l.queued.clear();
         for (_, b, _) in std::mem::take(&mut l.jobs) {
             l.settle(b, res.clone());
         }
-        l.settle(batch, res.clone());
+        l.settle(std::mem::take(&mut self.written), res.clone());
         drop(l);
         if let Err(e) = res {
             self.fail(e);
@@ -831,10 +824,10 @@ mod tests {
         l.jobs.push_back((1, b1, None));
         l.jobs.push_back((2, b2, None));
         // The younger job finishes first: nothing is answered before the older one is.
-        l.finish(2, Ok(()));
+        l.finish(&[2], Ok(()));
         assert!(r1.try_recv().is_err() && r2.try_recv().is_err());
         assert_eq!(l.durable_head("t"), 0);
-        l.finish(1, Ok(()));
+        l.finish(&[1], Ok(()));
         assert_eq!(r1.try_recv().ok().and_then(Result::ok), Some((1, 3)));
         assert_eq!(r2.try_recv().ok().and_then(Result::ok), Some((4, 5)));
         assert_eq!(l.durable_head("t"), 5);
@@ -848,18 +841,18 @@ mod tests {
         let (b2, mut r2) = batch(2, 1);
         l.jobs.push_back((1, b1, None));
         l.jobs.push_back((2, b2, None));
-        l.finish(2, Err("EIO".into()));
+        l.finish(&[2], Err("EIO".into()));
         assert!(
             l.poisoned,
             "jobs started before the actor reacts must fail too"
         );
         // The older job's own sync succeeds, but it overlapped the failure: it fails.
-        l.finish(1, Ok(()));
+        l.finish(&[1], Ok(()));
         assert!(matches!(r1.try_recv(), Ok(Err(_))));
         assert!(matches!(r2.try_recv(), Ok(Err(_))));
         assert_eq!(l.durable_head("t"), 0, "nothing failed counts as durable");
         // A result for a job settled elsewhere (shutdown) is ignored.
-        l.finish(7, Ok(()));
+        l.finish(&[7], Ok(()));
         assert!(l.jobs.is_empty());
     }
 }
