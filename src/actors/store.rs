@@ -11,7 +11,8 @@
 //! written ──(Commit: take_sync_job)──▶ queued ──(a sync thread takes every queued job)──▶
 //! running ──(fdatasync/fsync done)──▶ finished ──(all older jobs settled)──▶ settled
 //! ```
-//! - Each commit queues its own job (the files and directories it dirtied). Up to `MAX_SYNCS`
+//! - Each commit queues its own job (the files and directories it dirtied, and the aligned
+//!   middles of its big chunks, which the job writes with direct I/O first). Up to `MAX_SYNCS`
 //!   sync threads run; a free one takes *every* queued job and runs them as one (each file
 //!   once), so under load one fdatasync covers several commits. The thread then goes on with
 //!   whatever was queued meanwhile, without waking this actor; the actor starts a thread only
@@ -347,7 +348,8 @@ pub struct StoreActor {
 
 impl StoreActor {
     /// A store actor over an opened storage.
-    pub fn new(storage: Storage, fsync: FsyncPolicy) -> Self {
+    pub fn new(mut storage: Storage, fsync: FsyncPolicy) -> Self {
+        storage.set_direct_writes(Storage::sync_per_commit(fsync));
         // What the store found at open is durable (the open syncs the segments' tails).
         let durable = storage
             .topics()

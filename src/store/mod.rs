@@ -28,6 +28,7 @@ use sluice_protocol::GroupMode;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Errors of the storage engine.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +93,8 @@ pub struct Storage {
     dir: PathBuf,
     groups: sled::Tree,
     topics: HashMap<String, SegmentLog>,
+    /// Big chunks are written with direct I/O by the syncs ([`Storage::set_direct_writes`]).
+    direct_writes: bool,
 }
 
 impl Storage {
@@ -120,6 +123,7 @@ impl Storage {
             dir: dir.to_owned(),
             groups,
             topics,
+            direct_writes: false,
         };
         storage.migrate_sled_groups()?;
         if !existed {
@@ -149,7 +153,8 @@ impl Storage {
 
     fn topic_mut(&mut self, topic: &str) -> Result<&mut SegmentLog, StoreError> {
         if !self.topics.contains_key(topic) {
-            let log = SegmentLog::open(&self.dir.join("topics").join(topic))?;
+            let mut log = SegmentLog::open(&self.dir.join("topics").join(topic))?;
+            log.set_direct_writes(self.direct_writes);
             self.topics.insert(topic.to_string(), log);
         }
         self.topics.get_mut(topic).ok_or(StoreError::Unavailable)
@@ -364,6 +369,16 @@ impl Storage {
         }
     }
 
+    /// Lets the syncs write the aligned middles of big chunks with direct I/O (see
+    /// `segment::DirectWrite`). Only for a policy that syncs every commit: elsewhere nothing
+    /// would write them until the next periodic sync.
+    pub fn set_direct_writes(&mut self, on: bool) {
+        self.direct_writes = on;
+        for log in self.topics.values_mut() {
+            log.set_direct_writes(on);
+        }
+    }
+
     /// Whether `policy` wants [`Storage::sync`] before each reply.
     pub fn sync_per_commit(policy: FsyncPolicy) -> bool {
         matches!(policy, FsyncPolicy::Always)
@@ -387,6 +402,8 @@ impl Storage {
 pub struct SyncJob {
     /// Segment files by path (a handle of their own each).
     files: Vec<(PathBuf, File)>,
+    /// Middles of big chunks to write before the files are synced.
+    direct: Vec<Arc<segment::DirectWrite>>,
     dirs: Vec<PathBuf>,
     /// Tests: the job fails while this file exists.
     #[cfg(test)]
@@ -396,7 +413,7 @@ pub struct SyncJob {
 impl SyncJob {
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty() && self.dirs.is_empty()
+        self.files.is_empty() && self.dirs.is_empty() && self.direct.is_empty()
     }
 
     /// Adds what `other` must do (a file or directory both name is synced once).
@@ -405,6 +422,7 @@ impl SyncJob {
         if self.fail_if.is_none() {
             self.fail_if = other.fail_if.clone();
         }
+        self.direct.extend(other.direct);
         for (path, file) in other.files {
             if !self.files.iter().any(|(p, _)| *p == path) {
                 self.files.push((path, file));
@@ -424,6 +442,9 @@ impl SyncJob {
             return Err(StoreError::Io(std::io::Error::other(
                 "injected sync failure",
             )));
+        }
+        for d in &self.direct {
+            d.run()?;
         }
         for (_, f) in &self.files {
             f.sync_data()?;

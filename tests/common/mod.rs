@@ -194,6 +194,23 @@ pub async fn next_message(c: &mut sluice_sdk::Consumer, timeout: Duration) -> sl
 }
 
 /// SDK client config for a broker.
+/// A payload of `len` (>= 8) bytes naming its index `i` in its first 8 bytes, every other byte
+/// depending on `i` too: a hole or a mix-up in storage shows.
+pub fn big_payload(i: u64, len: usize) -> Bytes {
+    let mut p = i.to_be_bytes().to_vec();
+    p.extend((8..len).map(|k| (k as u64 * 31 + i * 7) as u8));
+    Bytes::from(p)
+}
+
+/// The index of a [`big_payload`], after checking that the payload is whole (panics if not).
+pub fn check_big_payload(p: &Bytes, seq: u64) -> u64 {
+    let mut ix = [0u8; 8];
+    ix.copy_from_slice(&p[..8.min(p.len())]);
+    let i = u64::from_be_bytes(ix);
+    assert!(*p == big_payload(i, p.len()), "seq {seq} came back altered");
+    i
+}
+
 pub fn client_config(addr: &str, id: &str) -> sluice_sdk::ClientConfig {
     sluice_sdk::ClientConfig {
         addr: addr.to_string(),
