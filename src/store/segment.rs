@@ -35,8 +35,8 @@
 //! Big chunks (`DIRECT_MIN` and up), where every commit is synced (`fsync = "always"`): the
 //! store's thread writes only the chunk's unaligned ends; the 4 KiB-aligned middle is written
 //! with `O_DIRECT` by the sync thread that makes the chunk durable, right before its
-//! fdatasync (see `DirectWrite`). W5 (2,000 x 1 MiB, 4 interleaved pairs): 320-353 MB/s with
-//! 5.4-6.2 s of broker CPU before, 622-815 MB/s with 1.5-2.0 s after. Until its sync ran the
+//! fdatasync (see `DirectWrite`). W5 (2,000 x 1 MiB, 7 interleaved runs each): 320-383 MB/s
+//! with 5.2-6.2 s of broker CPU before, 587-815 MB/s with 1.5-2.6 s after. Until its sync ran the
 //! chunk has a hole; nothing reads it then (reads stop at the durable seq), a crash leaves a
 //! chunk that fails its CRC at open (cut off, with the unacknowledged chunks after it), and a
 //! roll first makes the direct writes of the segment it leaves, so only the last segment, the
@@ -67,8 +67,12 @@ const MAX_BODY: usize = 64 * 1024 * 1024;
 /// Chunks with a body this large or larger are written with direct I/O by the sync that makes
 /// them durable, when direct writes are on (see `DirectWrite`).
 pub const DIRECT_MIN: usize = 256 * 1024;
-/// Alignment of direct I/O (offsets, lengths and memory): the file system's block size.
-const ALIGN: usize = 4096;
+/// Alignment of direct I/O (offsets, lengths and memory): the file system's block size, and at
+/// least a memory page, so that the pages the store's thread writes through the page cache
+/// never overlap a direct write.
+fn align() -> usize {
+    rustix::param::page_size().max(4096)
+}
 
 struct Segment {
     path: PathBuf,
@@ -82,6 +86,11 @@ struct Segment {
     /// Direct writes into this segment not known to be done, each with whether a sync job
     /// has it already.
     direct: Vec<(Arc<DirectWrite>, bool)>,
+    /// The file opened with `O_DIRECT` (on the store's thread, so that running out of file
+    /// descriptors fails one request there, not a sync); `None` until the first big chunk.
+    direct_file: Option<Arc<File>>,
+    /// The file system refused `O_DIRECT`: big chunks go through the page cache.
+    no_direct: bool,
 }
 
 impl Segment {
@@ -93,13 +102,36 @@ impl Segment {
             file_len,
             chunks: Vec::new(),
             direct: Vec::new(),
+            direct_file: None,
+            no_direct: false,
         }
+    }
+
+    /// The `O_DIRECT` handle, opened on first use; `None` where the file system has no direct
+    /// I/O (tmpfs, some FUSE).
+    fn direct_file(&mut self) -> std::io::Result<Option<Arc<File>>> {
+        if self.direct_file.is_none() && !self.no_direct {
+            match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&self.path)
+            {
+                Ok(f) => self.direct_file = Some(Arc::new(f)),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::debug!(segment = %self.path.display(), "no direct I/O here: big chunks go through the page cache");
+                    self.no_direct = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.direct_file.clone())
     }
 }
 
-/// The 4 KiB-aligned middle of a big chunk, left out by the store's thread and written with
-/// direct I/O (`O_DIRECT`) by the sync that makes the chunk durable; the chunk's unaligned
-/// ends go through the page cache with the rest of the log.
+/// The aligned middle of a big chunk, left out by the store's thread and written with direct
+/// I/O (`O_DIRECT`) by the sync that makes the chunk durable; the chunk's unaligned ends go
+/// through the page cache with the rest of the log. Its blocks are reserved (`fallocate`) by
+/// the store's thread, so a full disk fails the request there, as a buffered write would.
 ///
 /// Why: on this kind of machine a buffered write of 1 MiB plus `fdatasync` moves 400-700 MB/s
 /// (page-cache copy, then write-back), a direct one 1.2-1.3 GB/s (`dd`), and writing on the
@@ -107,23 +139,25 @@ impl Segment {
 /// reads a chunk before its sync settled (reads stop at the durable seq), so the hole it has
 /// meanwhile is never seen; a crash before the write leaves a chunk that fails its CRC and is
 /// cut off at the next open with everything after it (none of which was acknowledged).
-/// Writing the same bytes twice is harmless, which is how a full re-sync (shutdown, restart
-/// of the store actor) covers writes a sync thread may not have done yet.
+/// Whoever runs it first writes it (a sync thread, a full re-sync at shutdown or restart of
+/// the store actor, a roll), once: the others wait for it and find it done.
 pub(crate) struct DirectWrite {
+    /// The file, opened with `O_DIRECT`.
+    file: Arc<File>,
+    /// Its path, to write through the page cache should a direct write be refused.
     path: PathBuf,
     /// Where the aligned middle starts in the file.
     offset: u64,
-    /// The chunk: header and body parts (shared with the request, not copied).
-    head: [u8; HEADER],
-    parts: Vec<Bytes>,
     /// The aligned middle, as offsets into the chunk.
     from: usize,
     to: usize,
+    /// The chunk (header, body parts shared with the request) until written.
+    chunk: std::sync::Mutex<Option<([u8; HEADER], Vec<Bytes>)>>,
     done: AtomicBool,
 }
 
 thread_local! {
-    /// A sync thread's aligned staging buffer, kept between direct writes.
+    /// A thread's aligned staging buffer, kept between direct writes.
     static DIRECT_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -133,23 +167,24 @@ impl DirectWrite {
         self.done.load(Ordering::Acquire)
     }
 
-    /// Writes the aligned middle with `O_DIRECT` (unless already done); durable after the
-    /// next `fdatasync` of the file.
+    /// Writes the aligned middle (unless already done); durable after the next `fdatasync`
+    /// of the file. Then lets go of the chunk's memory.
     pub(crate) fn run(&self) -> std::io::Result<()> {
-        if self.is_done() {
+        let mut chunk = self.chunk.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((head, parts)) = chunk.as_ref() else {
             return Ok(());
-        }
-        let len = self.to - self.from;
+        };
+        let (len, align) = (self.to - self.from, align());
         DIRECT_BUF.with(|cell| -> std::io::Result<()> {
             let mut buf = cell.borrow_mut();
             buf.clear();
-            if buf.capacity() < len + ALIGN {
-                *buf = Vec::with_capacity(len + ALIGN);
+            if buf.capacity() < len + align {
+                *buf = Vec::with_capacity(len + align);
             }
-            let skip = (ALIGN - buf.as_ptr() as usize % ALIGN) % ALIGN;
+            let skip = (align - buf.as_ptr() as usize % align) % align;
             buf.resize(skip, 0);
             let mut at = 0usize;
-            for part in std::iter::once(&self.head[..]).chain(self.parts.iter().map(|p| &p[..])) {
+            for part in std::iter::once(&head[..]).chain(parts.iter().map(|p| &p[..])) {
                 let (lo, hi) = (at.max(self.from), (at + part.len()).min(self.to));
                 if lo < hi {
                     buf.extend_from_slice(&part[lo - at..hi - at]);
@@ -157,16 +192,11 @@ impl DirectWrite {
                 at += part.len();
             }
             let data = &buf[skip..];
-            let direct = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&self.path)
-                .and_then(|f| f.write_all_at(data, self.offset));
-            match direct {
+            match self.file.write_all_at(data, self.offset) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    // A file system without direct I/O (tmpfs, some FUSE): the page cache
-                    // then, which the sync's fdatasync covers all the same.
+                    // Direct I/O refused after all: the page cache then, which the sync's
+                    // fdatasync covers all the same.
                     OpenOptions::new()
                         .write(true)
                         .open(&self.path)?
@@ -179,6 +209,7 @@ impl DirectWrite {
             }
             Ok(())
         })?;
+        *chunk = None;
         self.done.store(true, Ordering::Release);
         Ok(())
     }
@@ -253,6 +284,15 @@ fn write_chunk_range(
         at += part.len();
     }
     Ok(())
+}
+
+/// Allocates `len` bytes of `file` from `offset` (growing it if needed), so that writing there
+/// later cannot run out of space. A file system without `fallocate` allocates at the write.
+fn reserve(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), offset, len) {
+        Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        r => r.map_err(std::io::Error::from),
+    }
 }
 
 fn seq_overflow() -> StoreError {
@@ -496,13 +536,15 @@ impl SegmentLog {
             .last()
             .is_none_or(|s| s.len >= self.segment_bytes && !s.chunks.is_empty());
         if roll {
-            // A segment's direct writes are made before the next segment starts, so that only
-            // the last two can hold a chunk missing its middle (what `open` checks). A sync
-            // thread is normally done with them already; if not, the bytes are written twice.
+            // A segment's direct writes are made before the next segment starts, so that after
+            // a crash only the last one can hold a chunk missing its middle (`open` checks it
+            // fully). A sync thread is normally done with them already.
             if let Some(seg) = self.segments.last_mut() {
-                for (d, _) in seg.direct.drain(..) {
+                for (d, _) in &seg.direct {
+                    // On failure they stay, for the sync of the requests already written.
                     d.run()?;
                 }
+                seg.direct.clear();
             }
             self.new_segment(first)?;
             self.copies_pending = !self.groups.is_empty();
@@ -572,32 +614,40 @@ impl SegmentLog {
         let off = seg.len;
         let end = off + (HEADER + body_len) as u64;
         // The aligned middle of a big chunk is left to the sync (see `DirectWrite`).
-        let middle = (self.direct_writes && body_len >= DIRECT_MIN).then(|| {
-            let a = off.next_multiple_of(ALIGN as u64);
-            (a, end / ALIGN as u64 * ALIGN as u64)
-        });
+        let middle = if self.direct_writes && body_len >= DIRECT_MIN {
+            let align = align() as u64;
+            let (a, b) = (off.next_multiple_of(align), end / align * align);
+            match seg.direct_file() {
+                Ok(Some(file)) if a < b => Some((a, b, file)),
+                Ok(_) => None,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
         let written = match middle {
-            Some((a, b)) if a < b => {
+            Some((a, b, file)) => {
                 let (from, to) = ((a - off) as usize, (b - off) as usize);
-                write_chunk_range(&seg.file, off, &h, body, 0, from)
+                reserve(&file, a, b - a)
+                    .and_then(|()| write_chunk_range(&seg.file, off, &h, body, 0, from))
                     .and_then(|()| write_chunk_range(&seg.file, b, &h, body, to, HEADER + body_len))
                     .and_then(|()| seg.file.seek(SeekFrom::Start(end)).map(drop))
                     .map(|()| {
-                        seg.direct.push((
-                            Arc::new(DirectWrite {
-                                path: seg.path.clone(),
-                                offset: a,
-                                head: h,
-                                parts: body.to_vec(),
-                                from,
-                                to,
-                                done: AtomicBool::new(false),
-                            }),
-                            false,
-                        ))
+                        let path = seg.path.clone();
+                        let chunk = std::sync::Mutex::new(Some((h, body.to_vec())));
+                        let d = DirectWrite {
+                            file,
+                            path,
+                            offset: a,
+                            from,
+                            to,
+                            chunk,
+                            done: AtomicBool::new(false),
+                        };
+                        seg.direct.push((Arc::new(d), false))
                     })
             }
-            _ => write_all_parts(&mut seg.file, &h, body),
+            None => write_all_parts(&mut seg.file, &h, body),
         };
         if let Err(e) = written {
             // Leave the file as it was: a partial chunk would poison later appends.
@@ -828,7 +878,13 @@ mod tests {
         let mut job = crate::store::SyncJob::default();
         log.take_sync(&mut job).unwrap();
         assert_eq!(job.direct.len(), 1);
+        let d = job.direct[0].clone();
         job.run().unwrap();
+        assert!(d.is_done());
+        assert!(
+            d.chunk.lock().unwrap().is_none(),
+            "the payload is let go once written"
+        );
         let whole: Vec<u8> = big.iter().flat_map(|b| b.iter().copied()).collect();
         let check = |log: &SegmentLog| {
             let got = bodies(log);
@@ -883,6 +939,33 @@ mod tests {
         let log = SegmentLog::open(&p).unwrap();
         assert_eq!(log.last_seq(), 4);
         assert!(bodies(&log).iter().all(Result::is_ok));
+    }
+
+    #[test]
+    fn a_failed_roll_leaves_the_direct_writes_to_the_sync_of_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let (mut log, _) = log_with_a_big_chunk(&p);
+        // The big chunk's direct write will fail: its handle cannot write.
+        let seg = log.segments.last_mut().unwrap();
+        let d = seg.direct[0].0.clone();
+        let chunk = d.chunk.lock().unwrap().clone();
+        seg.direct[0].0 = Arc::new(DirectWrite {
+            file: Arc::new(File::open(&seg.path).unwrap()),
+            path: d.path.clone(),
+            offset: d.offset,
+            from: d.from,
+            to: d.to,
+            chunk: std::sync::Mutex::new(chunk),
+            done: AtomicBool::new(false),
+        });
+        log.segment_bytes = 1000;
+        assert!(log.append_chunk(1, &[Bytes::from_static(b"next")]).is_err());
+        // The sync of the chunks already written still has to make it, and fails.
+        let mut job = crate::store::SyncJob::default();
+        log.take_sync(&mut job).unwrap();
+        assert_eq!(job.direct.len(), 1);
+        assert!(job.run().is_err());
     }
 
     #[test]
