@@ -545,6 +545,7 @@ impl SegmentLog {
                     d.run()?;
                 }
                 seg.direct.clear();
+                seg.direct_file = None;
             }
             self.new_segment(first)?;
             self.copies_pending = !self.groups.is_empty();
