@@ -1193,207 +1193,82 @@ fn decode_event(p: &Payload) -> Result<IncomingEvent> {
 /// repeated field, a missing one, another integer or byte-string form, bytes left over):
 /// [`decode_event`] then decodes with serde, which stays the reference for what is valid.
 mod fast_batch {
-    use std::collections::BTreeMap;
-
     use bytes::Bytes;
+    use sluice_protocol::mpread::{once, Reader};
     use sluice_protocol::{Batch, DeliveredMessage};
 
     /// `frame` as a `{"batch": ...}` event, if it is one in the usual encoding.
     pub(super) fn decode(frame: &Bytes) -> Option<Batch> {
-        let mut r = Reader { frame, pos: 0 };
+        let mut r = Reader::new(frame);
         if r.map_len()? != 1 || r.str_bytes()? != b"batch" {
             return None;
         }
-        let batch = r.batch()?;
-        (r.pos == frame.len()).then_some(batch)
+        let batch = batch(&mut r)?;
+        r.at_end().then_some(batch)
     }
 
-    struct Reader<'a> {
-        frame: &'a Bytes,
-        pos: usize,
+    fn batch(r: &mut Reader<'_>) -> Option<Batch> {
+        let (mut batch_id, mut topic, mut group, mut messages) = (None, None, None, None);
+        for _ in 0..r.map_len()? {
+            match r.str_bytes()? {
+                b"batch_id" => once(&mut batch_id, r.uint())?,
+                b"topic" => once(&mut topic, r.string())?,
+                b"group" => once(&mut group, r.string())?,
+                b"messages" => {
+                    let list = self::messages(r);
+                    once(&mut messages, list)?
+                }
+                _ => return None,
+            }
+        }
+        Some(Batch {
+            batch_id: batch_id?,
+            topic: topic?,
+            group: group?,
+            messages: messages?,
+        })
     }
 
-    impl<'a> Reader<'a> {
-        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-            let end = self.pos.checked_add(n)?;
-            let frame: &'a [u8] = self.frame;
-            let bytes = frame.get(self.pos..end)?;
-            self.pos = end;
-            Some(bytes)
+    fn messages(r: &mut Reader<'_>) -> Option<Vec<DeliveredMessage>> {
+        let n = r.array_len()?;
+        // Every message takes more than 8 bytes: a bogus count cannot reserve much.
+        let mut list = Vec::with_capacity(n.min(r.remaining() / 8));
+        for _ in 0..n {
+            list.push(message(r)?);
         }
+        Some(list)
+    }
 
-        fn byte(&mut self) -> Option<u8> {
-            let b = *self.frame.get(self.pos)?;
-            self.pos += 1;
-            Some(b)
-        }
-
-        fn be<const N: usize>(&mut self) -> Option<[u8; N]> {
-            self.take(N)?.try_into().ok()
-        }
-
-        /// A length after a marker: `fix` forms carry it in the marker's low bits.
-        fn len(&mut self, marker: u8) -> Option<usize> {
-            match marker {
-                // fixmap, fixarray
-                0x80..=0x9f => Some(usize::from(marker & 0x0f)),
-                0xa0..=0xbf => Some(usize::from(marker & 0x1f)),
-                0xc4 | 0xd9 => self.byte().map(usize::from),
-                0xc5 | 0xda | 0xdc | 0xde => Some(usize::from(u16::from_be_bytes(self.be()?))),
-                0xc6 | 0xdb | 0xdd | 0xdf => usize::try_from(u32::from_be_bytes(self.be()?)).ok(),
-                _ => None,
-            }
-        }
-
-        fn map_len(&mut self) -> Option<usize> {
-            match self.byte()? {
-                m @ (0x80..=0x8f | 0xde | 0xdf) => self.len(m),
-                _ => None,
-            }
-        }
-
-        fn array_len(&mut self) -> Option<usize> {
-            match self.byte()? {
-                m @ (0x90..=0x9f | 0xdc | 0xdd) => self.len(m),
-                _ => None,
-            }
-        }
-
-        fn str_bytes(&mut self) -> Option<&'a [u8]> {
-            let n = match self.byte()? {
-                m @ (0xa0..=0xbf | 0xd9..=0xdb) => self.len(m)?,
-                _ => return None,
-            };
-            self.take(n)
-        }
-
-        fn string(&mut self) -> Option<String> {
-            std::str::from_utf8(self.str_bytes()?)
-                .ok()
-                .map(str::to_owned)
-        }
-
-        fn uint(&mut self) -> Option<u64> {
-            Some(match self.byte()? {
-                b @ 0x00..=0x7f => u64::from(b),
-                0xcc => u64::from(self.byte()?),
-                0xcd => u64::from(u16::from_be_bytes(self.be()?)),
-                0xce => u64::from(u32::from_be_bytes(self.be()?)),
-                0xcf => u64::from_be_bytes(self.be()?),
-                _ => return None,
-            })
-        }
-
-        /// A `bin` value, as a slice of the frame (no copy).
-        fn bin(&mut self) -> Option<Bytes> {
-            let n = match self.byte()? {
-                m @ 0xc4..=0xc6 => self.len(m)?,
-                _ => return None,
-            };
-            let start = self.pos;
-            self.take(n)?;
-            Some(self.frame.slice(start..start + n))
-        }
-
-        /// Sets `slot` once; a repeated field makes the whole read give up.
-        fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
-            if slot.is_some() {
-                return None;
-            }
-            *slot = Some(value?);
-            Some(())
-        }
-
-        fn batch(&mut self) -> Option<Batch> {
-            let (mut batch_id, mut topic, mut group, mut messages) = (None, None, None, None);
-            for _ in 0..self.map_len()? {
-                match self.str_bytes()? {
-                    b"batch_id" => Self::once(&mut batch_id, self.uint())?,
-                    b"topic" => Self::once(&mut topic, self.string())?,
-                    b"group" => Self::once(&mut group, self.string())?,
-                    b"messages" => {
-                        let list = self.messages();
-                        Self::once(&mut messages, list)?
-                    }
-                    _ => return None,
+    fn message(r: &mut Reader<'_>) -> Option<DeliveredMessage> {
+        let (mut seq, mut timestamp_ms, mut attempt, mut payload) = (None, None, None, None);
+        let (mut key, mut headers, mut priority) = (None, None, None);
+        for _ in 0..r.map_len()? {
+            match r.str_bytes()? {
+                b"seq" => once(&mut seq, r.uint())?,
+                b"timestamp_ms" => once(&mut timestamp_ms, r.uint())?,
+                b"attempt" => {
+                    let value = r.uint().and_then(|v| u32::try_from(v).ok());
+                    once(&mut attempt, value)?
                 }
-            }
-            Some(Batch {
-                batch_id: batch_id?,
-                topic: topic?,
-                group: group?,
-                messages: messages?,
-            })
-        }
-
-        fn messages(&mut self) -> Option<Vec<DeliveredMessage>> {
-            let n = self.array_len()?;
-            // Every message takes more than 8 bytes: a bogus count cannot reserve much.
-            let mut list = Vec::with_capacity(n.min(self.frame.len().saturating_sub(self.pos) / 8));
-            for _ in 0..n {
-                list.push(self.message()?);
-            }
-            Some(list)
-        }
-
-        fn message(&mut self) -> Option<DeliveredMessage> {
-            let (mut seq, mut timestamp_ms, mut attempt, mut payload) = (None, None, None, None);
-            let (mut key, mut headers, mut priority) = (None, None, None);
-            for _ in 0..self.map_len()? {
-                match self.str_bytes()? {
-                    b"seq" => Self::once(&mut seq, self.uint())?,
-                    b"timestamp_ms" => Self::once(&mut timestamp_ms, self.uint())?,
-                    b"attempt" => {
-                        let value = self.uint().and_then(|v| u32::try_from(v).ok());
-                        Self::once(&mut attempt, value)?
-                    }
-                    b"priority" => {
-                        let value = self.uint().and_then(|v| u8::try_from(v).ok());
-                        Self::once(&mut priority, value)?
-                    }
-                    b"payload" => {
-                        let value = self.bin();
-                        Self::once(&mut payload, value)?
-                    }
-                    b"key" => {
-                        let value = if self.frame.get(self.pos) == Some(&0xc0) {
-                            self.pos += 1;
-                            Some(None)
-                        } else {
-                            self.string().map(Some)
-                        };
-                        Self::once(&mut key, value)?
-                    }
-                    b"headers" => {
-                        let value = self.headers();
-                        Self::once(&mut headers, value)?
-                    }
-                    _ => return None,
+                b"priority" => {
+                    let value = r.uint().and_then(|v| u8::try_from(v).ok());
+                    once(&mut priority, value)?
                 }
+                b"payload" => once(&mut payload, r.bin())?,
+                b"key" => once(&mut key, r.opt_string())?,
+                b"headers" => once(&mut headers, r.headers())?,
+                _ => return None,
             }
-            Some(DeliveredMessage {
-                seq: seq?,
-                timestamp_ms: timestamp_ms?,
-                key: key.unwrap_or_default(),
-                headers: headers.unwrap_or_default(),
-                priority: priority.unwrap_or_default(),
-                attempt: attempt?,
-                payload: payload?,
-            })
         }
-
-        fn headers(&mut self) -> Option<BTreeMap<String, String>> {
-            let mut headers = BTreeMap::new();
-            for _ in 0..self.map_len()? {
-                let name = self.string()?;
-                let value = self.string()?;
-                // A repeated name: let serde decide what that means.
-                if headers.insert(name, value).is_some() {
-                    return None;
-                }
-            }
-            Some(headers)
-        }
+        Some(DeliveredMessage {
+            seq: seq?,
+            timestamp_ms: timestamp_ms?,
+            key: key.unwrap_or_default(),
+            headers: headers.unwrap_or_default(),
+            priority: priority.unwrap_or_default(),
+            attempt: attempt?,
+            payload: payload?,
+        })
     }
 }
 

@@ -16,6 +16,7 @@ pub mod ack;
 pub mod admin;
 pub mod codec;
 pub mod error;
+pub mod mpread;
 pub mod publish;
 pub mod route;
 pub mod setup;
