@@ -215,6 +215,150 @@ impl DirectWrite {
     }
 }
 
+/// How much of a segment's tail after its last chunk `open` checks for zeros (see
+/// [`Spares`]).
+const TAIL_CHECK: u64 = 1024 * 1024;
+
+/// Segment files written with zeros and synced before any topic needs them: a new segment of
+/// a topic with small messages is such a spare, renamed into place, so that the fdatasyncs of
+/// its appends overwrite blocks that are allocated, written and durable, with no zeros of
+/// their own to write back and no block allocation to commit.
+///
+/// Measured in the broker under W1 (`fsync always`): a sync ran 430-478 µs with zeros
+/// written ahead of the data (every ~2.5th sync also wrote back 256 KiB of zeros and
+/// committed their allocation), 252-331 µs in a segment zeroed and synced beforehand. A
+/// background filler zeroing ahead in the live segment was slower instead (W1 -27%): every
+/// sync then committed the block allocations it had just made, and a filler that synced the
+/// live file could take a write-back error meant for a sync of data. A spare is a file of its
+/// own: its fsync sees only its own errors, and it is synced before it is renamed.
+///
+/// One spare is made when the store opens (if none is left from before), and another each
+/// time a topic of small messages rolls to a new segment (it will roll again), on a thread of
+/// its own. Not before: made while a segment fills, its 64 MiB of writes and sync slowed the
+/// appends (W1 -5.5% in 6 pairs, against +7.6% with no spare made during the run). A new
+/// segment without a ready spare (or of big messages, where writing zeros would double the
+/// bytes written) starts empty, with zeros written ahead as before. So a topic's first segment
+/// takes the full size on disk only when it got a spare, and a broker with many quiet topics
+/// does not turn each into 64 MiB.
+///
+/// At open, the tail after a segment's last valid chunk is checked for zeros over its first
+/// `TAIL_CHECK` bytes only, not all 64 MiB of a spare: garbage further on could only be the
+/// rest of a commit a crash cut (never acknowledged), which later appends overwrite; a stale
+/// chunk there could only be read back if new chunks ended exactly at its offset with exactly
+/// its first seq, and then it holds messages that were published, unacknowledged.
+pub struct Spares {
+    dir: PathBuf,
+    size: u64,
+    state: std::sync::Mutex<SpareState>,
+}
+
+#[derive(Default)]
+struct SpareState {
+    ready: Vec<PathBuf>,
+    preparing: bool,
+    next: u64,
+}
+
+impl Spares {
+    /// Opens the spare directory `dir` (creating it): drops unfinished spares, keeps finished
+    /// ones, and makes one now if none is left.
+    pub fn open(dir: PathBuf, size: u64) -> std::io::Result<Arc<Spares>> {
+        std::fs::create_dir_all(&dir)?;
+        let mut state = SpareState::default();
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_str().unwrap_or_default();
+            let id = name
+                .strip_suffix(".spare")
+                .and_then(|n| n.parse::<u64>().ok());
+            match id {
+                Some(id) if entry.metadata().is_ok_and(|m| m.len() == size) => {
+                    state.ready.push(path);
+                    state.next = state.next.max(id + 1);
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let spares = Arc::new(Spares {
+            dir,
+            size,
+            state: std::sync::Mutex::new(state),
+        });
+        if spares.lock().ready.is_empty() {
+            let id = {
+                let mut st = spares.lock();
+                st.next += 1;
+                st.next - 1
+            };
+            let made = spares.make(id)?;
+            spares.lock().ready.push(made);
+        }
+        Ok(spares)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SpareState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A ready spare, if any.
+    fn take(&self) -> Option<PathBuf> {
+        self.lock().ready.pop()
+    }
+
+    /// Makes one more spare on a thread of its own, unless one is ready or being made.
+    fn prepare_soon(self: &Arc<Self>) {
+        let id = {
+            let mut st = self.lock();
+            if !st.ready.is_empty() || st.preparing {
+                return;
+            }
+            st.preparing = true;
+            st.next += 1;
+            st.next - 1
+        };
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sluice-spare".into())
+            .spawn(move || {
+                let made = me.make(id);
+                let mut st = me.lock();
+                st.preparing = false;
+                match made {
+                    Ok(path) => st.ready.push(path),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot prepare a spare segment: the next one starts empty")
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start preparing a spare segment");
+            self.lock().preparing = false;
+        }
+    }
+
+    /// Writes spare `id`: zeros, synced, then renamed from `.tmp` to `.spare`. Through the page
+    /// cache on purpose: appends rarely fill whole pages, and a page that is on disk but not
+    /// in the cache must be read before part of it can be written (written with `O_DIRECT`,
+    /// spares made W1 26% slower).
+    fn make(&self, id: u64) -> std::io::Result<PathBuf> {
+        let tmp = self.dir.join(format!("{id:020}.tmp"));
+        let done = self.dir.join(format!("{id:020}.spare"));
+        let made = File::create(&tmp).and_then(|file| {
+            write_zeros(&file, 0, self.size)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &done)
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(done)
+    }
+}
+
 /// One topic's segment files.
 pub struct SegmentLog {
     dir: PathBuf,
@@ -232,6 +376,9 @@ pub struct SegmentLog {
     /// Big chunks leave their aligned middle to the sync ([`DirectWrite`]); only where a sync
     /// follows every commit.
     direct_writes: bool,
+    /// Zeroed segments to start new ones from ([`Spares`]); only where a sync follows every
+    /// commit.
+    spares: Option<Arc<Spares>>,
 }
 
 fn header_of(magic: u32, first: u64, count: u32, body_len: usize, body: &[Bytes]) -> [u8; HEADER] {
@@ -406,6 +553,7 @@ impl SegmentLog {
             dir_dirty: created,
             copies_pending: false,
             direct_writes: false,
+            spares: None,
         };
         for (i, (first, path)) in names.into_iter().enumerate() {
             let last_segment = i + 1 == n;
@@ -458,7 +606,7 @@ impl SegmentLog {
                 expect = next;
                 pos = end;
             }
-            if pos < file_len && is_zero(&file, pos, file_len)? {
+            if pos < file_len && is_zero(&file, pos, file_len.min(pos + TAIL_CHECK))? {
                 // The unused part of the zeros written ahead: kept for the next appends.
             } else if pos < file_len {
                 if last_segment {
@@ -502,7 +650,8 @@ impl SegmentLog {
         let last = first
             .checked_add(count.saturating_sub(1) as u64)
             .ok_or_else(seq_overflow)?;
-        self.roll_if_full(first)?;
+        let size: usize = body.iter().map(Bytes::len).sum();
+        self.roll_if_full(first, (size as u64) < ZERO_STEP)?;
         let off = self.write_chunk(MAGIC, first, count, body)?;
         let seg = self.segments.last_mut().ok_or(StoreError::Unavailable)?;
         seg.chunks.push((first, off));
@@ -517,7 +666,7 @@ impl SegmentLog {
             return Err(StoreError::Io(std::io::Error::other("group name too long")));
         }
         let first = self.next_seq()?;
-        self.roll_if_full(first)?;
+        self.roll_if_full(first, true)?;
         self.write_chunk(GROUP_MAGIC, first, 0, &[group_body(group, &record)])?;
         self.groups.insert(group.to_string(), record);
         Ok(())
@@ -530,7 +679,7 @@ impl SegmentLog {
     /// Starts a new segment (named `first`) when there is none or the last one is full, and
     /// makes sure it starts with a copy of every group's record (see the module docs). A
     /// segment without messages is never rolled: its successor would get its name.
-    fn roll_if_full(&mut self, first: u64) -> Result<(), StoreError> {
+    fn roll_if_full(&mut self, first: u64, small: bool) -> Result<(), StoreError> {
         let roll = self
             .segments
             .last()
@@ -547,8 +696,13 @@ impl SegmentLog {
                 seg.direct.clear();
                 seg.direct_file = None;
             }
-            self.new_segment(first)?;
+            let rolled = !self.segments.is_empty();
+            self.new_segment(first, small)?;
             self.copies_pending = !self.groups.is_empty();
+            if let (Some(sp), true) = (&self.spares, rolled && small) {
+                // A topic that fills segments will roll again: a spare for then.
+                sp.prepare_soon();
+            }
         }
         if self.copies_pending {
             let records: Vec<Bytes> = self
@@ -574,8 +728,29 @@ impl SegmentLog {
         self.groups.iter().map(|(k, v)| (k.as_str(), v))
     }
 
-    fn new_segment(&mut self, first: u64) -> Result<(), StoreError> {
+    /// Starts segment `first`: from a spare when its first chunk is small and one is ready
+    /// (see [`Spares`]), else an empty file.
+    fn new_segment(&mut self, first: u64, small: bool) -> Result<(), StoreError> {
         let path = self.dir.join(format!("{first:020}.seg"));
+        let spare = self
+            .spares
+            .as_ref()
+            .filter(|sp| small && sp.size == self.segment_bytes)
+            .and_then(|sp| sp.take().map(|p| (p, sp.size)));
+        if let Some((spare, size)) = spare {
+            let opened = std::fs::rename(&spare, &path)
+                .and_then(|()| OpenOptions::new().read(true).write(true).open(&path));
+            match opened {
+                Ok(file) => {
+                    self.segments.push(Segment::new(path, file, size));
+                    self.dir_dirty = true;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, spare = %spare.display(), "cannot use a spare segment: starting an empty one");
+                }
+            }
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -776,6 +951,11 @@ impl SegmentLog {
         self.direct_writes = on;
     }
 
+    /// Where new segments of small messages come from (see [`Spares`]).
+    pub fn set_spares(&mut self, spares: Option<Arc<Spares>>) {
+        self.spares = spares;
+    }
+
     /// Whether appends since the last sync are pending.
     pub fn is_dirty(&self) -> bool {
         self.unsynced_from.is_some() || self.dir_dirty
@@ -905,6 +1085,85 @@ mod tests {
         let log = SegmentLog::open(&p).unwrap();
         assert_eq!(log.last_seq(), 4);
         check(&log);
+    }
+
+    #[test]
+    fn new_segments_of_small_messages_start_from_a_spare() {
+        const SIZE: u64 = 64 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let spares = Spares::open(dir.path().join("spare"), SIZE).unwrap();
+        let spare_files = || std::fs::read_dir(dir.path().join("spare")).unwrap().count();
+        assert_eq!(spare_files(), 1, "one made at open");
+        let p = dir.path().join("t");
+        let seg = |first: u64| p.join(format!("{first:020}.seg"));
+        {
+            let mut log = SegmentLog::open(&p).unwrap();
+            log.segment_bytes = SIZE;
+            log.set_spares(Some(spares.clone()));
+            log.append_chunk(1, &[Bytes::from_static(b"one")]).unwrap();
+            assert_eq!(file_len(&seg(1)), SIZE, "the first segment is the spare");
+            assert_eq!(spare_files(), 0);
+            log.sync().unwrap();
+        }
+        // Reopened: the zeros after the data are kept for later appends.
+        let mut log = SegmentLog::open(&p).unwrap();
+        log.segment_bytes = SIZE;
+        log.set_spares(Some(spares.clone()));
+        assert_eq!(log.last_seq(), 1);
+        assert_eq!(file_len(&seg(1)), SIZE);
+        // Fill the segment and roll: no spare is ready, so the next one starts empty (with
+        // zeros written ahead), and a spare is made for the roll after.
+        let mut n = 1;
+        while log.segments.len() == 1 {
+            n += 1;
+            log.append_chunk(1, &[pattern(5000, n as u8)]).unwrap();
+        }
+        assert!(seg(n).exists());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while spare_files() != 1 || spares.take().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no spare made after the roll"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        log.sync().unwrap();
+        drop(log);
+        let log = SegmentLog::open(&p).unwrap();
+        assert_eq!(log.last_seq(), n);
+        assert!(bodies(&log).iter().all(Result::is_ok));
+    }
+
+    #[test]
+    fn a_big_first_chunk_does_not_take_a_spare_and_leftovers_are_cleaned() {
+        const SIZE: u64 = 512 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let sdir = dir.path().join("spare");
+        std::fs::create_dir_all(&sdir).unwrap();
+        std::fs::write(sdir.join("00000000000000000007.tmp"), b"half made").unwrap();
+        std::fs::write(sdir.join("00000000000000000003.spare"), b"wrong size").unwrap();
+        let spares = Spares::open(sdir.clone(), SIZE).unwrap();
+        let names: Vec<String> = std::fs::read_dir(&sdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names.len(),
+            1,
+            "leftovers removed, one spare made: {names:?}"
+        );
+        assert!(names[0].ends_with(".spare"));
+        let p = dir.path().join("t");
+        let mut log = SegmentLog::open(&p).unwrap();
+        log.segment_bytes = SIZE;
+        log.set_spares(Some(spares));
+        log.append_chunk(1, &[pattern(DIRECT_MIN, 1)]).unwrap();
+        assert!(file_len(&p.join(format!("{:020}.seg", 1))) < SIZE);
+        assert_eq!(
+            std::fs::read_dir(&sdir).unwrap().count(),
+            1,
+            "the spare is still there"
+        );
     }
 
     #[test]
