@@ -232,8 +232,8 @@ const TAIL_CHECK: u64 = 1024 * 1024;
 /// live file could take a write-back error meant for a sync of data. A spare is a file of its
 /// own: its fsync sees only its own errors, and it is synced before it is renamed.
 ///
-/// One spare is made when the store opens (if none is left from before), and another each
-/// time a topic of small messages rolls to a new segment (it will roll again), on a thread of
+/// One spare is made when the store opens, and another each time a topic of small messages
+/// rolls to a new segment (it will roll again), on a thread of
 /// its own. Not before: made while a segment fills, its 64 MiB of writes and sync slowed the
 /// appends (W1 -5.5% in 6 pairs, against +7.6% with no spare made during the run). A new
 /// segment without a ready spare (or of big messages, where writing zeros would double the
@@ -242,10 +242,14 @@ const TAIL_CHECK: u64 = 1024 * 1024;
 /// does not turn each into 64 MiB.
 ///
 /// At open, the tail after a segment's last valid chunk is checked for zeros over its first
-/// `TAIL_CHECK` bytes only, not all 64 MiB of a spare: garbage further on could only be the
-/// rest of a commit a crash cut (never acknowledged), which later appends overwrite; a stale
-/// chunk there could only be read back if new chunks ended exactly at its offset with exactly
-/// its first seq, and then it holds messages that were published, unacknowledged.
+/// `TAIL_CHECK` bytes only, not all 64 MiB of a spare, and the last segment is cut after what
+/// was checked: further on, a power cut can have left the unacknowledged rest of a commit
+/// (the disk may keep later blocks and lose earlier ones), which must not be read back once
+/// new chunks reach it. A group record, always written at the next message's seq, must carry
+/// that seq in the last segment. Spares left by an earlier run are removed, not reused (a
+/// power cut can undo the rename of one already written to); a spare that cannot be renamed
+/// into place is removed and no more are made; none is made with less than eight spare sizes
+/// of disk free.
 pub struct Spares {
     dir: PathBuf,
     size: u64,
@@ -257,45 +261,32 @@ struct SpareState {
     ready: Vec<PathBuf>,
     preparing: bool,
     next: u64,
+    /// No more spares are made ([`Spares::unusable`]).
+    broken: bool,
 }
 
 impl Spares {
-    /// Opens the spare directory `dir` (creating it): drops unfinished spares, keeps finished
-    /// ones, and makes one now if none is left.
+    /// Opens the spare directory `dir` (creating it), removes what an earlier run left there,
+    /// and makes one spare now.
+    ///
+    /// Nothing left is reused: a spare renamed into a topic whose rename a power cut undid
+    /// is back here with that topic's chunks in it (its appends' fdatasyncs had nothing of the
+    /// rename to commit).
     pub fn open(dir: PathBuf, size: u64) -> std::io::Result<Arc<Spares>> {
         std::fs::create_dir_all(&dir)?;
-        let mut state = SpareState::default();
         for entry in std::fs::read_dir(&dir)?.flatten() {
-            let path = entry.path();
-            let name = entry.file_name();
-            let name = name.to_str().unwrap_or_default();
-            let id = name
-                .strip_suffix(".spare")
-                .and_then(|n| n.parse::<u64>().ok());
-            match id {
-                Some(id) if entry.metadata().is_ok_and(|m| m.len() == size) => {
-                    state.ready.push(path);
-                    state.next = state.next.max(id + 1);
-                }
-                _ => {
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
+            std::fs::remove_file(entry.path())?;
         }
         let spares = Arc::new(Spares {
             dir,
             size,
-            state: std::sync::Mutex::new(state),
+            state: std::sync::Mutex::new(SpareState::default()),
         });
-        if spares.lock().ready.is_empty() {
-            let id = {
-                let mut st = spares.lock();
-                st.next += 1;
-                st.next - 1
-            };
-            let made = spares.make(id)?;
-            spares.lock().ready.push(made);
-        }
+        let made = spares.make(0)?;
+        let mut st = spares.lock();
+        st.ready.push(made);
+        st.next = 1;
+        drop(st);
         Ok(spares)
     }
 
@@ -308,11 +299,18 @@ impl Spares {
         self.lock().ready.pop()
     }
 
+    /// A spare could not be put in place (say, `topics/` on another file system): it is
+    /// removed, and no more are made.
+    fn unusable(&self, spare: &Path) {
+        let _ = std::fs::remove_file(spare);
+        self.lock().broken = true;
+    }
+
     /// Makes one more spare on a thread of its own, unless one is ready or being made.
     fn prepare_soon(self: &Arc<Self>) {
         let id = {
             let mut st = self.lock();
-            if !st.ready.is_empty() || st.preparing {
+            if !st.ready.is_empty() || st.preparing || st.broken {
                 return;
             }
             st.preparing = true;
@@ -346,6 +344,13 @@ impl Spares {
     fn make(&self, id: u64) -> std::io::Result<PathBuf> {
         let tmp = self.dir.join(format!("{id:020}.tmp"));
         let done = self.dir.join(format!("{id:020}.spare"));
+        // Never the last free space of the disk: appends and acks need it more.
+        let st = rustix::fs::statvfs(&self.dir).map_err(std::io::Error::from)?;
+        if st.f_bavail.saturating_mul(st.f_frsize) < self.size.saturating_mul(8) {
+            return Err(std::io::Error::other(
+                "less than 8 spare sizes of free space",
+            ));
+        }
         let made = File::create(&tmp).and_then(|file| {
             write_zeros(&file, 0, self.size)?;
             file.sync_all()?;
@@ -571,6 +576,11 @@ impl SegmentLog {
                 if end > file_len {
                     break;
                 }
+                if hd.group && last_segment && hd.first != expect {
+                    // A group record is always written at the next message's seq: this one
+                    // is left from before a crash (see `Spares`), not part of the log.
+                    break;
+                }
                 if hd.group {
                     match read_body(&file, pos, &hd, &mut body)?
                         .then(|| parse_group_body(&body))
@@ -607,7 +617,14 @@ impl SegmentLog {
                 pos = end;
             }
             if pos < file_len && is_zero(&file, pos, file_len.min(pos + TAIL_CHECK))? {
-                // The unused part of the zeros written ahead: kept for the next appends.
+                // The unused part of the zeros written ahead: kept for the next appends, up to
+                // what was checked (a crash can leave unacknowledged chunks further on, after
+                // a stretch of zeros, which a later open must not read as part of the log).
+                if last_segment && file_len > pos + TAIL_CHECK {
+                    file.set_len(pos + TAIL_CHECK)?;
+                    file.sync_all()?;
+                    seg.file_len = pos + TAIL_CHECK;
+                }
             } else if pos < file_len {
                 if last_segment {
                     tracing::warn!(segment = %seg.path.display(), valid = pos, len = file_len, "truncating a torn tail (an unacknowledged write cut by a crash)");
@@ -747,7 +764,10 @@ impl SegmentLog {
                     return Ok(());
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, spare = %spare.display(), "cannot use a spare segment: starting an empty one");
+                    tracing::warn!(error = %e, spare = %spare.display(), "cannot use a spare segment: starting an empty one, and no more spares");
+                    if let Some(sp) = &self.spares {
+                        sp.unusable(&spare);
+                    }
                 }
             }
         }
@@ -1132,6 +1152,71 @@ mod tests {
         let log = SegmentLog::open(&p).unwrap();
         assert_eq!(log.last_seq(), n);
         assert!(bodies(&log).iter().all(Result::is_ok));
+    }
+
+    #[test]
+    fn at_open_the_last_segment_keeps_only_the_checked_zeros_and_no_stale_group_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let seg = p.join(format!("{:020}.seg", 1));
+        let end = {
+            let mut log = SegmentLog::open(&p).unwrap();
+            log.put_group("g", Bytes::from_static(b"now")).unwrap();
+            log.append_chunk(1, &[Bytes::from_static(b"one")]).unwrap();
+            log.sync().unwrap();
+            log.segments[0].len
+        };
+        // Left by a crash: 2 MiB of zeros, then an old group record and an old chunk.
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(end + 4 * TAIL_CHECK).unwrap();
+        let old = group_body("g", b"old");
+        let at = end + 2 * TAIL_CHECK;
+        f.write_all_at(
+            &header_of(GROUP_MAGIC, 2, 0, old.len(), std::slice::from_ref(&old)),
+            at,
+        )
+        .unwrap();
+        f.write_all_at(&old, at + HEADER as u64).unwrap();
+        drop(f);
+        let log = SegmentLog::open(&p).unwrap();
+        assert_eq!(log.last_seq(), 1);
+        assert_eq!(
+            file_len(&seg),
+            end + TAIL_CHECK,
+            "cut after what was checked"
+        );
+        assert_eq!(log.group("g").map(|b| &b[..]), Some(&b"now"[..]));
+        drop(log);
+        // A stale group record right after the data (a seq that is not the next one) ends the
+        // log there: the tail is torn and cut.
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        let stale = header_of(GROUP_MAGIC, 7, 0, old.len(), std::slice::from_ref(&old));
+        f.write_all_at(&stale, end).unwrap();
+        f.write_all_at(&old, end + HEADER as u64).unwrap();
+        drop(f);
+        let log = SegmentLog::open(&p).unwrap();
+        assert_eq!(log.group("g").map(|b| &b[..]), Some(&b"now"[..]));
+        assert_eq!(file_len(&seg), end, "torn tail truncated");
+    }
+
+    #[test]
+    fn a_spare_that_cannot_be_put_in_place_stops_the_spares() {
+        const SIZE: u64 = 64 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let spares = Spares::open(dir.path().join("spare"), SIZE).unwrap();
+        // Gone from under us: the rename fails.
+        for e in std::fs::read_dir(dir.path().join("spare")).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        let p = dir.path().join("t");
+        let mut log = SegmentLog::open(&p).unwrap();
+        log.segment_bytes = SIZE;
+        log.set_spares(Some(spares.clone()));
+        log.append_chunk(1, &[Bytes::from_static(b"one")]).unwrap();
+        assert_eq!(log.last_seq(), 1, "the segment started empty instead");
+        assert!(spares.lock().broken);
+        spares.prepare_soon();
+        assert!(!spares.lock().preparing, "no more spares are made");
     }
 
     #[test]
