@@ -56,10 +56,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         source,
     })?;
     let started = std::time::Instant::now();
-    let mut storage = Storage::open(&config.data_dir, config.cache_capacity)?;
-    // Here, before any request is taken: under `fsync = "always"` this makes a spare segment
-    // (~64 MiB written and synced), which would otherwise hold up the first requests.
-    storage.set_direct_writes(Storage::sync_per_commit(config.fsync));
+    let storage = Storage::open(&config.data_dir, config.cache_capacity)?;
     let topics = storage.topics().count();
     tracing::info!(data_dir = %config.data_dir.display(), topics, elapsed = ?started.elapsed(), "store opened");
 
@@ -67,9 +64,10 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let mut arbiters = Vec::new();
     let store_arbiter = Arbiter::new();
     let fsync = config.fsync;
-    let store = Supervisor::start_in_arbiter(&store_arbiter.handle(), move |_| {
-        StoreActor::new(storage, fsync)
-    });
+    // Built here, before any request is taken: under `fsync = "always"` it makes a spare
+    // segment (~64 MiB written and synced), which would otherwise hold up the first requests.
+    let store_actor = StoreActor::new(storage, fsync);
+    let store = Supervisor::start_in_arbiter(&store_arbiter.handle(), move |_| store_actor);
     arbiters.push(store_arbiter);
 
     let registry = Supervisor::start({

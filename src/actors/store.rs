@@ -349,8 +349,7 @@ pub struct StoreActor {
 impl StoreActor {
     /// A store actor over an opened storage.
     pub fn new(mut storage: Storage, fsync: FsyncPolicy) -> Self {
-        // Direct writes (and spares) need a sync after every commit; the server turns them on
-        // before it takes requests (making a spare takes a while), anyone else gets them here.
+        // Direct writes (and spares) need a sync after every commit.
         storage.set_direct_writes(Storage::sync_per_commit(fsync));
         // What the store found at open is durable (the open syncs the segments' tails).
         let durable = storage

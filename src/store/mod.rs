@@ -382,9 +382,6 @@ impl Storage {
     /// none is left from before (~64 MiB of writes). Without them (an error making one),
     /// segments start empty as before.
     pub fn set_direct_writes(&mut self, on: bool) {
-        if on == self.direct_writes && (!on || self.spares.is_some()) {
-            return;
-        }
         self.direct_writes = on;
         self.spares = if on {
             segment::Spares::open(self.dir.join("spare"), segment::SEGMENT_BYTES)

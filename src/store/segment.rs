@@ -183,13 +183,8 @@ impl DirectWrite {
             }
             let skip = (align - buf.as_ptr() as usize % align) % align;
             buf.resize(skip, 0);
-            let mut at = 0usize;
-            for part in std::iter::once(&head[..]).chain(parts.iter().map(|p| &p[..])) {
-                let (lo, hi) = (at.max(self.from), (at + part.len()).min(self.to));
-                if lo < hi {
-                    buf.extend_from_slice(&part[lo - at..hi - at]);
-                }
-                at += part.len();
+            for (_, piece) in chunk_range(head, parts, self.from, self.to) {
+                buf.extend_from_slice(piece);
             }
             let data = &buf[skip..];
             match self.file.write_all_at(data, self.offset) {
@@ -417,6 +412,25 @@ fn write_all_parts(file: &mut File, head: &[u8], parts: &[Bytes]) -> std::io::Re
     Ok(())
 }
 
+/// The pieces of bytes `from..to` of the chunk `head ++ parts`, each with its offset from
+/// `from`.
+fn chunk_range<'a>(
+    head: &'a [u8],
+    parts: &'a [Bytes],
+    from: usize,
+    to: usize,
+) -> impl Iterator<Item = (usize, &'a [u8])> {
+    let mut at = 0usize;
+    std::iter::once(head)
+        .chain(parts.iter().map(|p| &p[..]))
+        .filter_map(move |part| {
+            let (lo, hi) = (at.max(from), (at + part.len()).min(to));
+            let piece = (lo < hi).then(|| (lo - from, &part[lo - at..hi - at]));
+            at += part.len();
+            piece
+        })
+}
+
 /// Writes bytes `from..to` of the chunk `head ++ parts` at `pos` of `file` (through the page
 /// cache).
 fn write_chunk_range(
@@ -427,15 +441,8 @@ fn write_chunk_range(
     from: usize,
     to: usize,
 ) -> std::io::Result<()> {
-    let mut at = 0usize;
-    for part in std::iter::once(head).chain(parts.iter().map(|p| &p[..])) {
-        let (lo, hi) = (at.max(from), (at + part.len()).min(to));
-        if lo < hi {
-            file.write_all_at(&part[lo - at..hi - at], pos + (lo - from) as u64)?;
-        }
-        at += part.len();
-    }
-    Ok(())
+    chunk_range(head, parts, from, to)
+        .try_for_each(|(rel, piece)| file.write_all_at(piece, pos + rel as u64))
 }
 
 /// Allocates `len` bytes of `file` from `offset` (growing it if needed), so that writing there
