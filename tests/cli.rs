@@ -151,6 +151,16 @@ async fn publish_consume_and_stats_from_the_command_line() {
         .expect("group other");
     assert_eq!(other["lag"].as_u64(), Some(102));
     assert_eq!(other["consumers"].as_u64(), Some(1));
+    // Under `fsync always` every publish and ack above waited for a sync, and stats says how
+    // long they took.
+    let syncs = &s["syncs"];
+    let count = syncs["count"].as_u64().expect("syncs.count");
+    assert!(count > 0, "no syncs counted: {stdout}");
+    let buckets = syncs["buckets"].as_array().expect("syncs.buckets");
+    let in_buckets: u64 = buckets.iter().filter_map(|b| b["count"].as_u64()).sum();
+    assert_eq!(in_buckets, count, "{stdout}");
+    assert!(syncs["max_us"].as_u64().expect("max_us") > 0);
+    assert_eq!(syncs["failed"].as_u64(), Some(0));
     let conns = s["connections"].as_array().expect("connections");
     assert!(
         conns
@@ -162,7 +172,15 @@ async fn publish_consume_and_stats_from_the_command_line() {
     // Tables for people.
     let (ok, stdout, _) = b.cli(&["stats", "--addr", &addr]);
     assert!(ok);
-    for word in ["registry", "orchestrator-0", "store", "cli", "watcher"] {
+    for word in [
+        "registry",
+        "orchestrator-0",
+        "store",
+        "cli",
+        "watcher",
+        "syncs ",
+        "over 2 ms:",
+    ] {
         assert!(stdout.contains(word), "stats table lacks {word}:\n{stdout}");
     }
 }

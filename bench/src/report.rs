@@ -332,6 +332,52 @@ fn main_tables(d: &Data, out: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// W4 round by round for Sluice: its p99 beside the broker's own syncs in that run (the
+/// disk's flush stalls, which every publish waiting on them shares).
+fn w4_disk_table(d: &Data, out: &mut String) -> Result<()> {
+    let mut rs: Vec<&Value> = d
+        .rows
+        .iter()
+        .filter(|(k, _)| k.0 == "w4" && k.1 == "sluice")
+        .flat_map(|(_, rs)| rs)
+        .filter(|r| r.get("server_syncs").is_some())
+        .collect();
+    if rs.is_empty() {
+        return Ok(());
+    }
+    rs.sort_by_key(|r| r["round"].as_u64());
+    writeln!(
+        out,
+        "\n#### W4, Sluice round by round: p99 beside the disk's slow syncs in the same run\n\n\
+         Every publish waits for the sync of its group commit (fdatasync, which flushes the \
+         disk's write cache), and so does every message published while a sync stalls. Counted \
+         by the broker (`admin.stats`, field `syncs`).\n\n\
+         | round | p99 ms | p50 ms | syncs | mean sync ms | syncs over 2 ms | time in them ms | share of the run |\n|---|---|---|---|---|---|---|---|"
+    )?;
+    for r in rs {
+        let ms = |f: &str, scale: f64| {
+            field(r, f).map_or("–".to_string(), |x| format!("{:.2}", x / scale))
+        };
+        let share = field(r, "server_sync_over_2ms_ms")
+            .zip(field(r, "e2e_s"))
+            .map_or("–".to_string(), |(t, s)| {
+                format!("{:.2}%", t / (s * 1000.0) * 100.0)
+            });
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {share} |",
+            r["round"],
+            ms("lat_p99_us", 1000.0),
+            ms("lat_p50_us", 1000.0),
+            field(r, "server_syncs").map_or("–".to_string(), thousands),
+            ms("server_sync_mean_us", 1000.0),
+            field(r, "server_syncs_over_2ms").map_or("–".to_string(), |x| format!("{x:.0}")),
+            field(r, "server_sync_over_2ms_ms").map_or("–".to_string(), |x| format!("{x:.1}")),
+        )?;
+    }
+    Ok(())
+}
+
 /// One target: what was measured, the bound, met or missed.
 struct Target {
     what: &'static str,
@@ -501,6 +547,7 @@ pub fn main(args: &[String]) -> Result<()> {
         "\nMedian [min–max] over the runs; spread = ½(max−min)/median; \"vs Redis everysec\" = median over rounds of (figure ÷ Redis-everysec's figure in the same round); server µs/msg = broker CPU (utime+stime) per published message (per delivery in W3)."
     )?;
     main_tables(&d, &mut out)?;
+    w4_disk_table(&d, &mut out)?;
     print!("{out}");
     Ok(())
 }

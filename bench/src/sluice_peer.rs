@@ -9,25 +9,31 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Map, Value};
 use sluice_sdk::{
-    Admin, ClientConfig, Consumer, ConsumerConfig, NewMessage, Producer, ProducerOptions,
+    Admin, ClientConfig, Consumer, ConsumerConfig, NewMessage, Producer, ProducerOptions, SyncStats,
 };
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::broker::Broker;
 use crate::opts::Opts;
 use crate::sys;
-use crate::workload::{make_payload, now_ns, pump, BoxFut, Group, Target};
+use crate::workload::{make_payload, now_ns, pump, BoxFut, Group, Pumped, Target};
 
 pub struct Sluice {
     pub addr: String,
     pub topic: String,
+    /// The broker's sync stats before the run (see [`sync_fields`]).
+    syncs_before: std::sync::Mutex<Option<SyncStats>>,
 }
 
 impl Sluice {
     pub fn new(addr: String, o: &Opts) -> Sluice {
         // A topic of its own per run, so that a shared broker (--addr) starts empty for us too.
         let topic = format!("bench.{}.{}.{}", o.workload, std::process::id(), now_ns());
-        Sluice { addr, topic }
+        Sluice {
+            addr,
+            topic,
+            syncs_before: std::sync::Mutex::new(None),
+        }
     }
 
     fn client(&self, who: &str) -> ClientConfig {
@@ -61,11 +67,16 @@ async fn wait_connected(c: &Consumer, within: Duration) -> Result<()> {
 
 impl Target for Sluice {
     fn setup(self: Arc<Self>, _o: Opts) -> BoxFut<()> {
-        // Topics and groups are created on first use.
-        Box::pin(async { Ok(()) })
+        // Topics and groups are created on first use. The broker's syncs so far, to count
+        // the run's own at the end.
+        Box::pin(async move {
+            let stats = Admin::connect(self.client("admin")).await?.stats().await?;
+            *self.syncs_before.lock().unwrap_or_else(|p| p.into_inner()) = stats.syncs;
+            Ok(())
+        })
     }
 
-    fn produce(self: Arc<Self>, o: Opts) -> BoxFut<(u64, u64)> {
+    fn produce(self: Arc<Self>, o: Opts) -> BoxFut<Pumped> {
         Box::pin(async move {
             let producer =
                 Producer::connect_with(self.client("producer"), producer_options(&o)).await?;
@@ -136,6 +147,14 @@ impl Target for Sluice {
             let mut m = Map::new();
             m.insert("fsync".into(), json!(stats.fsync));
             m.insert("broker_version".into(), json!(stats.version));
+            let before = self
+                .syncs_before
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let (Some(after), Some(before)) = (&stats.syncs, &before) {
+                m.extend(sync_fields(&after.since(before)));
+            }
             let p = producer_options(&o);
             m.insert(
                 "producer".into(),
@@ -162,6 +181,29 @@ impl Target for Sluice {
             Ok(m)
         })
     }
+}
+
+/// The broker's syncs during the run: how many, how long, and how many took over 2 ms and
+/// how long those took in all (the disk's stalls, which every publish waiting on them shares).
+fn sync_fields(s: &SyncStats) -> Map<String, Value> {
+    let (slow, slow_us) = s.over(2_000);
+    let mut m = Map::new();
+    m.insert("server_syncs".into(), json!(s.count));
+    m.insert(
+        "server_sync_mean_us".into(),
+        json!((s.total_us as f64 / s.count.max(1) as f64).round()),
+    );
+    m.insert(
+        "server_sync_p99_le_us".into(),
+        json!(s.percentile_bound(99.0)),
+    );
+    m.insert("server_sync_max_us".into(), json!(s.max_us));
+    m.insert("server_syncs_over_2ms".into(), json!(slow));
+    m.insert(
+        "server_sync_over_2ms_ms".into(),
+        json!(slow_us as f64 / 1000.0),
+    );
+    m
 }
 
 /// W6: `o.n` consumers, each on its own connection, subscribed to one topic in `o.groups`

@@ -139,8 +139,8 @@ impl Group {
 pub trait Target: Send + Sync + 'static {
     /// Creates what the run needs (stream, groups); called before the clock starts.
     fn setup(self: Arc<Self>, o: Opts) -> BoxFut<()>;
-    /// Publishes `o.n` messages through [`pump`]; returns (first publish ns, last confirm ns).
-    fn produce(self: Arc<Self>, o: Opts) -> BoxFut<(u64, u64)>;
+    /// Publishes `o.n` messages through [`pump`].
+    fn produce(self: Arc<Self>, o: Opts) -> BoxFut<Pumped>;
     /// Consumer `c` of group `g.index`: connects, sends `ready`, consumes and acks until the
     /// group has every message; returns when its last ack was confirmed (ns).
     fn consume(
@@ -154,15 +154,25 @@ pub trait Target: Send + Sync + 'static {
     fn describe(self: Arc<Self>, o: Opts) -> BoxFut<Map<String, Value>>;
 }
 
+/// What [`pump`] measured.
+pub struct Pumped {
+    /// When the first publish was made (ns, [`now_ns`]).
+    pub first_ns: u64,
+    /// When the last confirmation arrived (ns).
+    pub last_ns: u64,
+    /// Publish to confirmation, per message (ns), in completion order.
+    pub confirm_ns: Vec<u64>,
+}
+
 /// Keeps up to `inflight` publishes outstanding, each future = send + await the broker's
-/// confirmation; optional pacing at `rate` msg/s. Returns (first publish ns, last confirm ns).
+/// confirmation; optional pacing at `rate` msg/s.
 pub async fn pump<F, Fut>(
     n: u64,
     inflight: usize,
     rate: u64,
     progress: bool,
     mut make: F,
-) -> Result<(u64, u64)>
+) -> Result<Pumped>
 where
     F: FnMut(u64) -> Fut,
     Fut: Future<Output = Result<()>>,
@@ -170,6 +180,15 @@ where
     let mut futs = FuturesUnordered::new();
     let mut sent = 0u64;
     let mut confirmed = 0u64;
+    let mut confirm_ns = Vec::with_capacity(n.min(10_000_000) as usize);
+    let mut make = move |ix: u64| {
+        let t = Instant::now();
+        let fut = make(ix);
+        async move {
+            fut.await?;
+            Ok::<u64, anyhow::Error>(t.elapsed().as_nanos() as u64)
+        }
+    };
     let first = now_ns();
     let start = Instant::now();
     let mut next_report = Instant::now() + Duration::from_secs(1);
@@ -185,7 +204,7 @@ where
                         // wait either for the next due time or for a confirm
                         tokio::select! {
                             _ = tokio::time::sleep_until(due.into()) => {},
-                            r = futs.next() => if let Some(r) = r { r?; confirmed += 1; },
+                            r = futs.next() => if let Some(r) = r { confirm_ns.push(r?); confirmed += 1; },
                         }
                         continue;
                     }
@@ -195,7 +214,7 @@ where
             sent += 1;
         }
         if let Some(r) = futs.next().await {
-            r?;
+            confirm_ns.push(r?);
             confirmed += 1;
         }
         if progress && Instant::now() >= next_report {
@@ -206,7 +225,11 @@ where
             );
         }
     }
-    Ok((first, now_ns()))
+    Ok(Pumped {
+        first_ns: first,
+        last_ns: now_ns(),
+        confirm_ns,
+    })
 }
 
 fn pct(sorted: &[u64], p: f64) -> Option<f64> {
@@ -256,7 +279,12 @@ pub async fn run(target: Arc<dyn Target>, o: Opts, server_pid: Option<u32>) -> R
             handles.push(h);
         }
     }
-    let (first_pub, last_confirm) = target.clone().produce(o.clone()).await?;
+    let Pumped {
+        first_ns: first_pub,
+        last_ns: last_confirm,
+        confirm_ns: mut confirms,
+    } = target.clone().produce(o.clone()).await?;
+    confirms.sort_unstable();
     let mut last_ack = 0u64;
     for h in handles {
         last_ack = last_ack.max(h.await.map_err(|e| anyhow!("consumer task: {e}"))??);
@@ -305,6 +333,9 @@ pub async fn run(target: Arc<dyn Target>, o: Opts, server_pid: Option<u32>) -> R
         "lat_max_us": us(lat.last().map(|&x| x as f64)),
         "lat0_p50_us": us(pct(&lat0, 50.0)),
         "lat0_p99_us": us(pct(&lat0, 99.0)),
+        "confirm_p50_us": us(pct(&confirms, 50.0)),
+        "confirm_p99_us": us(pct(&confirms, 99.0)),
+        "confirm_max_us": us(confirms.last().map(|&x| x as f64)),
         "server_pid": server_pid,
         "server_vmhwm_kb": hwm,
         "server_vmrss_kb": rss,
@@ -366,7 +397,7 @@ mod tests {
         let started = Instant::now();
         let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let c = count.clone();
-        let (a, b) = pump(50, 8, 1000, false, move |_| {
+        let p = pump(50, 8, 1000, false, move |_| {
             let c = c.clone();
             async move {
                 c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -375,7 +406,8 @@ mod tests {
         })
         .await
         .unwrap();
-        assert!(b >= a);
+        assert!(p.last_ns >= p.first_ns);
+        assert_eq!(p.confirm_ns.len(), 50);
         assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 50);
         // 50 messages at 1000/s: the last is due after 49 ms
         assert!(started.elapsed() >= Duration::from_millis(45));

@@ -46,7 +46,7 @@ pub use producer::{Producer, ProducerOptions};
 pub use sluice_protocol as protocol;
 pub use sluice_protocol::{
     BrokerStats, DeliveredMessage, ErrorCode, FaultReply, GroupMode, NewMessage, PublishReply,
-    StatusUpdate, WireError,
+    StatusUpdate, SyncStats, WireError,
 };
 
 #[cfg(test)]

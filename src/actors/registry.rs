@@ -3,7 +3,7 @@
 
 use super::connection::{ConnectionActor, GetConnectionStats, Rejoin};
 use super::orchestrator::{GetGroupStats, OrchestratorActor};
-use super::store::{ListGroups, StoreActor};
+use super::store::{GetSyncStats, ListGroups, StoreActor};
 use super::{ActorCounters, GetActorStats, InjectFault};
 use actix::prelude::*;
 use sluice_protocol::{BrokerStats, ErrorCode, GroupStats, WireError};
@@ -205,6 +205,9 @@ impl Handler<GetStats> for RegistryActor {
                 }
                 if let Ok(Ok(list)) = s.send(ListGroups).timeout(t).await {
                     stored = list;
+                }
+                if let Ok(syncs) = s.send(GetSyncStats).timeout(t).await {
+                    stats.syncs = Some(syncs);
                 }
             }
             let mut live: HashMap<(String, String), GroupStats> = HashMap::new();

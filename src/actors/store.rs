@@ -41,7 +41,7 @@ use crate::config::FsyncPolicy;
 use crate::store::record::StoredMessage;
 use crate::store::{GroupRecord, ReadResult, Storage, StoreError, SyncJob};
 use actix::prelude::*;
-use sluice_protocol::NewMessage;
+use sluice_protocol::{NewMessage, SyncStats};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
@@ -164,6 +164,13 @@ struct SyncLedger {
     queued: Vec<(u64, SyncJob)>,
     /// Sync threads running ([`sync_worker`]), at most [`MAX_SYNCS`].
     workers: usize,
+    /// How long the syncs took (`admin.stats`).
+    timing: SyncStats,
+}
+
+/// Microseconds since `t`.
+fn micros(t: std::time::Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The ledger's lock. A panic while it was held cannot leave it half-updated in a way that
@@ -316,9 +323,13 @@ fn sync_worker(mut place: SyncPlace) {
             place.taken.push(id);
             job.absorb(j);
         }
+        let started = std::time::Instant::now();
         let res = job.run().map_err(|e| e.to_string());
         let failed = res.is_err();
-        lock(&place.ledger).finish(&place.taken, res);
+        let mut l = lock(&place.ledger);
+        l.timing.record(micros(started), !failed);
+        l.finish(&place.taken, res);
+        drop(l);
         place.taken.clear();
         if failed {
             place.on_failure.do_send(SyncFailed);
@@ -365,6 +376,7 @@ impl StoreActor {
             written: Written::default(),
             ledger: Arc::new(Mutex::new(SyncLedger {
                 durable,
+                timing: SyncStats::new(),
                 ..SyncLedger::default()
             })),
             failed: None,
@@ -523,7 +535,10 @@ impl StoreActor {
             if !l.jobs.is_empty() {
                 self.storage.mark_dirty();
             }
-            self.storage.sync().map_err(|e| e.to_string())
+            let started = std::time::Instant::now();
+            let res = self.storage.sync().map_err(|e| e.to_string());
+            l.timing.record(micros(started), res.is_ok());
+            res
         };
         l.queued.clear();
         for (_, b, _) in std::mem::take(&mut l.jobs) {
@@ -660,7 +675,12 @@ impl Handler<PeriodicSync> for StoreActor {
     fn handle(&mut self, _: PeriodicSync, _: &mut Context<Self>) {
         if self.dirty {
             self.dirty = false;
-            if let Err(e) = self.storage.sync() {
+            let started = std::time::Instant::now();
+            let res = self.storage.sync();
+            lock(&self.ledger)
+                .timing
+                .record(micros(started), res.is_ok());
+            if let Err(e) = res {
                 self.fail(format!("periodic fsync: {e}"));
             }
         }
@@ -726,6 +746,18 @@ impl Handler<GetActorStats> for StoreActor {
     fn handle(&mut self, _: GetActorStats, _: &mut Context<Self>) -> Self::Result {
         let backlog = (self.pending_appends.len() + self.pending_groups.len()) as u64;
         MessageResult(self.counters.stats("store", "store", Some(backlog)))
+    }
+}
+
+/// Asks the store how long its syncs took.
+#[derive(Message, Debug)]
+#[rtype(result = "SyncStats")]
+pub struct GetSyncStats;
+
+impl Handler<GetSyncStats> for StoreActor {
+    type Result = MessageResult<GetSyncStats>;
+    fn handle(&mut self, _: GetSyncStats, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(lock(&self.ledger).timing.clone())
     }
 }
 

@@ -1,7 +1,7 @@
 //! `sluice stats`: the broker's actor, group and connection stats, as tables or JSON.
 
 use anyhow::Context as _;
-use sluice_sdk::{Admin, BrokerStats};
+use sluice_sdk::{Admin, BrokerStats, SyncStats};
 
 use super::{format_ms, is_broken_pipe, write_stdout, ConnectionArgs};
 
@@ -81,6 +81,23 @@ fn table(headers: &[(&str, Align)], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// One line on the store's syncs: how many, how long, how many took over 2 ms.
+fn sync_line(s: &SyncStats) -> Option<String> {
+    let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
+    let p99 = s.percentile_bound(99.0)?;
+    let (slow, slow_us) = s.over(2_000);
+    Some(format!(
+        "syncs {}  mean {}  p99 <= {}  max {}  over 2 ms: {} ({})  failed {}\n",
+        s.count,
+        ms(s.total_us / s.count.max(1)),
+        ms(p99),
+        ms(s.max_us),
+        slow,
+        ms(slow_us),
+        s.failed
+    ))
+}
+
 /// The three tables of `sluice stats`, under a one-line broker summary.
 pub fn render(stats: &BrokerStats) -> String {
     let mut out = format!(
@@ -89,6 +106,9 @@ pub fn render(stats: &BrokerStats) -> String {
         format_ms(stats.uptime_ms),
         stats.fsync
     );
+    if let Some(line) = stats.syncs.as_ref().and_then(sync_line) {
+        out.push_str(&line);
+    }
 
     out.push_str(&format!("\nACTORS ({})\n", stats.actors.len()));
     let rows: Vec<Vec<String>> = stats
@@ -249,10 +269,22 @@ mod tests {
                 last_heartbeat_ms_ago: 250,
                 connected_ms: 3_600_000,
             }],
+            syncs: None,
+        };
+        let mut syncs = SyncStats::new();
+        for us in [200, 300, 2_500] {
+            syncs.record(us, true);
+        }
+        let stats = BrokerStats {
+            syncs: Some(syncs),
+            ..stats
         };
         let out = render(&stats);
         assert!(
-            out.starts_with("broker 0.1.0  up 1m 1s  fsync always\n"),
+            out.starts_with(
+                "broker 0.1.0  up 1m 1s  fsync always\n\
+                 syncs 3  mean 1.00 ms  p99 <= 2.50 ms  max 2.50 ms  over 2 ms: 1 (2.50 ms)  failed 0\n"
+            ),
             "{out}"
         );
         for needle in [

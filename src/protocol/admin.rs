@@ -22,6 +22,141 @@ pub struct BrokerStats {
     pub groups: Vec<GroupStats>,
     /// One entry per client connection.
     pub connections: Vec<ConnectionStats>,
+    /// The store's disk syncs since the broker started (absent from older brokers).
+    #[serde(default)]
+    pub syncs: Option<SyncStats>,
+}
+
+/// Upper bounds (µs) of the buckets of [`SyncStats::buckets`]; a last bucket holds the rest.
+pub const SYNC_BUCKETS_US: [u64; 9] = [
+    250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000,
+];
+
+/// How long the store's syncs took: each makes a group commit durable (fdatasync of the
+/// segment files written since the last one, fsync of new directories), and every publish and
+/// ack of that commit waits for it. Under `fsync = "always"`, the disk's slow syncs are what a
+/// publish's tail latency is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SyncStats {
+    /// Syncs run (one may cover several commits).
+    pub count: u64,
+    /// Syncs that failed.
+    pub failed: u64,
+    /// Time spent in them, in µs.
+    pub total_us: u64,
+    /// The longest, in µs.
+    pub max_us: u64,
+    /// Histogram: bucket `i` counts the syncs that took at most [`SYNC_BUCKETS_US`]`[i]` µs
+    /// (and more than the bound before it); the last bucket counts the longer ones.
+    pub buckets: Vec<SyncBucket>,
+}
+
+/// One bucket of [`SyncStats::buckets`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SyncBucket {
+    /// Upper bound in µs (`None`: no bound, the last bucket).
+    pub le_us: Option<u64>,
+    /// Syncs in the bucket.
+    pub count: u64,
+    /// Their total time, in µs.
+    pub total_us: u64,
+}
+
+impl SyncStats {
+    /// Empty stats with every bucket present.
+    pub fn new() -> Self {
+        SyncStats {
+            buckets: SYNC_BUCKETS_US
+                .iter()
+                .map(|&b| Some(b))
+                .chain(std::iter::once(None))
+                .map(|le_us| SyncBucket {
+                    le_us,
+                    ..SyncBucket::default()
+                })
+                .collect(),
+            ..SyncStats::default()
+        }
+    }
+
+    /// Counts one sync that took `us` µs.
+    pub fn record(&mut self, us: u64, ok: bool) {
+        self.count += 1;
+        if !ok {
+            self.failed += 1;
+        }
+        self.total_us = self.total_us.saturating_add(us);
+        self.max_us = self.max_us.max(us);
+        if let Some(b) = self
+            .buckets
+            .iter_mut()
+            .find(|b| b.le_us.is_none_or(|le| us <= le))
+        {
+            b.count += 1;
+            b.total_us = b.total_us.saturating_add(us);
+        }
+    }
+
+    /// Syncs longer than `us` µs and the time they took, counted from the buckets: `us` must be
+    /// one of [`SYNC_BUCKETS_US`] (otherwise the next bound up is used).
+    pub fn over(&self, us: u64) -> (u64, u64) {
+        self.buckets
+            .iter()
+            .filter(|b| b.le_us.is_none_or(|le| le > us))
+            .fold((0, 0), |(n, t), b| (n + b.count, t + b.total_us))
+    }
+
+    /// What happened since `earlier` (a snapshot of the same broker): counts and buckets
+    /// subtracted; the maximum is this one's if it grew since, else the bound of the highest
+    /// bucket that gained a sync (an upper bound).
+    pub fn since(&self, earlier: &SyncStats) -> SyncStats {
+        let buckets: Vec<SyncBucket> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let e = earlier.buckets.get(i);
+                SyncBucket {
+                    le_us: b.le_us,
+                    count: b.count.saturating_sub(e.map_or(0, |e| e.count)),
+                    total_us: b.total_us.saturating_sub(e.map_or(0, |e| e.total_us)),
+                }
+            })
+            .collect();
+        let max_us = if self.max_us > earlier.max_us {
+            self.max_us
+        } else {
+            buckets
+                .iter()
+                .rev()
+                .find(|b| b.count > 0)
+                .map_or(0, |b| b.le_us.unwrap_or(self.max_us).min(self.max_us))
+        };
+        SyncStats {
+            count: self.count.saturating_sub(earlier.count),
+            failed: self.failed.saturating_sub(earlier.failed),
+            total_us: self.total_us.saturating_sub(earlier.total_us),
+            max_us,
+            buckets,
+        }
+    }
+
+    /// Upper bound of the bucket holding the `p`-th percentile (µs; the maximum for the last
+    /// bucket), or `None` with no syncs.
+    pub fn percentile_bound(&self, p: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((p / 100.0) * self.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for b in &self.buckets {
+            seen += b.count;
+            if seen >= rank {
+                return Some(b.le_us.unwrap_or(self.max_us).min(self.max_us));
+            }
+        }
+        Some(self.max_us)
+    }
 }
 
 /// Counters of one actor.
@@ -140,5 +275,47 @@ mod tests {
         let bytes = crate::encode(&stats).unwrap();
         let back: BrokerStats = crate::decode(&bytes).unwrap();
         assert_eq!(back, stats);
+        let mut syncs = SyncStats::new();
+        syncs.record(300, true);
+        let with_syncs = BrokerStats {
+            syncs: Some(syncs),
+            ..stats
+        };
+        crate::codec::round_trip(&with_syncs);
+    }
+
+    #[test]
+    fn sync_histogram() {
+        let mut s = SyncStats::new();
+        assert_eq!(s.buckets.len(), SYNC_BUCKETS_US.len() + 1);
+        assert_eq!(s.percentile_bound(99.0), None);
+        for _ in 0..97 {
+            s.record(200, true);
+        }
+        s.record(1_500, true);
+        s.record(3_000, true);
+        s.record(250_000, false);
+        assert_eq!((s.count, s.failed, s.max_us), (100, 1, 250_000));
+        assert_eq!(s.total_us, 97 * 200 + 1_500 + 3_000 + 250_000);
+        assert_eq!(s.over(2_000), (2, 253_000));
+        assert_eq!(s.over(1_000), (3, 254_500));
+        assert_eq!(s.percentile_bound(50.0), Some(250));
+        assert_eq!(s.percentile_bound(98.0), Some(2_000));
+        assert_eq!(s.percentile_bound(99.0), Some(5_000));
+        assert_eq!(s.percentile_bound(100.0), Some(250_000));
+        assert_eq!(
+            s.buckets.last().map(|b| (b.le_us, b.count)),
+            Some((None, 1))
+        );
+
+        let before = s.clone();
+        s.record(400, true);
+        s.record(7_000, true);
+        let d = s.since(&before);
+        assert_eq!((d.count, d.failed, d.total_us), (2, 0, 7_400));
+        assert_eq!(d.max_us, 10_000, "bound of the highest bucket that grew");
+        assert_eq!(d.over(2_000), (1, 7_000));
+        s.record(300_000, true);
+        assert_eq!(s.since(&before).max_us, 300_000);
     }
 }

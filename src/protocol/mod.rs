@@ -26,6 +26,7 @@ pub mod version;
 pub use ack::{AckOutcome, AckReply, AckRequest, NackRequest};
 pub use admin::{
     ActorStats, BrokerStats, ConnectionStats, FaultReply, FaultRequest, GroupStats, StatsRequest,
+    SyncBucket, SyncStats, SYNC_BUCKETS_US,
 };
 pub use codec::{decode, encode, CodecError};
 pub use error::{ErrorCode, WireError};

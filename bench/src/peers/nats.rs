@@ -13,7 +13,7 @@ use serde_json::{json, Map};
 use tokio::sync::oneshot;
 
 use crate::opts::Opts;
-use crate::workload::{make_payload, now_ns, pump, BoxFut, Group, Target};
+use crate::workload::{make_payload, now_ns, pump, BoxFut, Group, Pumped, Target};
 
 const STREAM: &str = "BENCH";
 const SUBJ: &str = "bench.msgs";
@@ -75,7 +75,7 @@ impl Target for Nats {
         })
     }
 
-    fn produce(self: Arc<Self>, o: Opts) -> BoxFut<(u64, u64)> {
+    fn produce(self: Arc<Self>, o: Opts) -> BoxFut<Pumped> {
         Box::pin(async move {
             let (_c, js) = self.ctx(&o).await?;
             let size = o.size;

@@ -13,7 +13,7 @@ use serde_json::{json, Map};
 use tokio::sync::oneshot;
 
 use crate::opts::Opts;
-use crate::workload::{make_payload, now_ns, pump, BoxFut, Group, Target};
+use crate::workload::{make_payload, now_ns, pump, BoxFut, Group, Pumped, Target};
 
 const KEY: &str = "bench";
 
@@ -77,7 +77,7 @@ impl Target for Redis {
         })
     }
 
-    fn produce(self: Arc<Self>, o: Opts) -> BoxFut<(u64, u64)> {
+    fn produce(self: Arc<Self>, o: Opts) -> BoxFut<Pumped> {
         Box::pin(async move {
             let c = self.conn().await?;
             let size = o.size;
