@@ -1215,7 +1215,7 @@ mod fast_batch {
                 b"topic" => once(&mut topic, r.string())?,
                 b"group" => once(&mut group, r.string())?,
                 b"messages" => {
-                    let list = self::messages(r);
+                    let list = r.array_of(message);
                     once(&mut messages, list)?
                 }
                 _ => return None,
@@ -1227,16 +1227,6 @@ mod fast_batch {
             group: group?,
             messages: messages?,
         })
-    }
-
-    fn messages(r: &mut Reader<'_>) -> Option<Vec<DeliveredMessage>> {
-        let n = r.array_len()?;
-        // Every message takes more than 8 bytes: a bogus count cannot reserve much.
-        let mut list = Vec::with_capacity(n.min(r.remaining() / 8));
-        for _ in 0..n {
-            list.push(message(r)?);
-        }
-        Some(list)
     }
 
     fn message(r: &mut Reader<'_>) -> Option<DeliveredMessage> {

@@ -75,6 +75,17 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// An array whose items `item` reads, each taking more than 8 bytes (so a bogus count
+    /// cannot reserve much).
+    pub fn array_of<T>(&mut self, mut item: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
+        let n = self.array_len()?;
+        let mut list = Vec::with_capacity(n.min(self.remaining() / 8));
+        for _ in 0..n {
+            list.push(item(self)?);
+        }
+        Some(list)
+    }
+
     /// A `str`'s raw bytes (not checked as UTF-8: for comparing field names).
     pub fn str_bytes(&mut self) -> Option<&'a [u8]> {
         let n = match self.byte()? {
