@@ -8,6 +8,13 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+/// Largest batch a consumer may ask for (the broker clamps a subscribe's `batch_size` to it), so
+/// also the largest `batch_size` default.
+pub use crate::actors::connection::MAX_BATCH_SIZE;
+
+/// Largest window a consumer may ask for (the broker clamps a subscribe's `window` to it).
+pub const MAX_WINDOW: u32 = 1024;
+
 /// When a write is made durable (fsynced) relative to its acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {
@@ -76,7 +83,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Durability policy for publishes and acks.
     pub fsync: FsyncPolicy,
-    /// Most messages per delivered batch.
+    /// Most messages per delivered batch, for a consumer whose subscribe names no `batch_size`
+    /// (1..=[`MAX_BATCH_SIZE`]; a consumer may ask for any size in that range).
     pub batch_size: u32,
     /// Most payload bytes per delivered batch (a single larger message still goes alone).
     pub batch_max_bytes: usize,
@@ -90,7 +98,8 @@ pub struct Config {
     /// Largest inbound RSocket frame (checked on the length prefix before buffering) and
     /// largest reassembled fragmented request.
     pub max_frame: usize,
-    /// Default (and maximum) unacked batches per consumer.
+    /// Unacked batches per consumer whose subscribe names no `window` (1..=[`MAX_WINDOW`]; a
+    /// consumer may ask for any window in that range).
     pub window: u32,
     /// Keepalive interval the broker advertises and expects.
     #[serde(with = "humantime_serde")]
@@ -178,11 +187,15 @@ impl Config {
     /// Checks every value is usable.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
-        if self.batch_size == 0 || self.batch_size > 10_000 {
-            return bad("batch_size must be in 1..=10000");
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
+            return Err(ConfigError::Invalid(format!(
+                "batch_size must be in 1..={MAX_BATCH_SIZE}"
+            )));
         }
-        if self.window == 0 || self.window > 1024 {
-            return bad("window must be in 1..=1024");
+        if self.window == 0 || self.window > MAX_WINDOW {
+            return Err(ConfigError::Invalid(format!(
+                "window must be in 1..={MAX_WINDOW}"
+            )));
         }
         if self.max_payload == 0 || self.max_payload > 8 * 1024 * 1024 {
             return bad("max_payload must be in 1..=8 MiB");
@@ -240,6 +253,28 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused() {
         assert!(Config::from_toml("batch_sise = 3").is_err());
+    }
+
+    #[test]
+    fn batch_size_and_window_stop_where_the_broker_clamps() {
+        let with = |batch_size, window| Config {
+            batch_size,
+            window,
+            ..Config::default()
+        };
+        assert!(with(MAX_BATCH_SIZE, MAX_WINDOW).validate().is_ok());
+        let e = with(MAX_BATCH_SIZE + 1, 4)
+            .validate()
+            .expect_err("batch too big");
+        assert_eq!(
+            e.to_string(),
+            "invalid config: batch_size must be in 1..=4096"
+        );
+        let e = with(16, MAX_WINDOW + 1)
+            .validate()
+            .expect_err("window too big");
+        assert_eq!(e.to_string(), "invalid config: window must be in 1..=1024");
+        assert!(with(0, 4).validate().is_err() && with(16, 0).validate().is_err());
     }
 
     #[test]

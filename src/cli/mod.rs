@@ -5,13 +5,16 @@
 //! | [`publish`] | `sluice publish` | publishes generated messages (`--count/--size`) or one per stdin line |
 //! | [`consume`] | `sluice consume` | prints each message of a group, acks it after printing |
 //! | [`stats`] | `sluice stats` | actor, group and connection stats as tables or JSON |
+//! | [`serve`] | `sluice serve` | the broker: flags over the config file, the data dir's lock |
 //!
-//! Each module exposes a `clap::Args` struct and `async fn run(args) -> anyhow::Result<()>`;
-//! `src/main.rs` wires them in as subcommands. Stdout carries only the command's output; logs go
+//! Each module exposes a `clap::Args` struct and a `run(args) -> anyhow::Result<()>` (async for
+//! the client commands); `src/main.rs` wires them in as subcommands and prints an error with
+//! [`error_report`]. Stdout carries only the command's output; logs go
 //! through `tracing` (stderr), errors are returned to `main`.
 
 pub mod consume;
 pub mod publish;
+pub mod serve;
 pub mod stats;
 
 pub use consume::ConsumeArgs;
@@ -30,7 +33,7 @@ pub const DEFAULT_ADDR: &str = sluice_sdk::DEFAULT_ADDR;
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionArgs {
     /// Broker address (HOST:PORT).
-    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_ADDR, env = "SLUICE_ADDR")]
+    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_ADDR, env = "SLUICE_ADDR", value_parser = parse_host_port)]
     pub addr: String,
     /// Client id sent to the broker, shown in its stats (default: sluice-cli-COMMAND-PID).
     #[arg(long, value_name = "ID")]
@@ -53,6 +56,22 @@ impl ConnectionArgs {
     }
 }
 
+/// An error and its causes on one line, `outer: cause: root cause`, each said once: errors that
+/// already include their source's text in their own (thiserror's `"...: {0}"` with `#[from]`)
+/// would otherwise repeat it, once per level.
+pub fn error_report(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let text = text.trim_end();
+        if text.is_empty() || parts.iter().any(|p| p.contains(text)) {
+            continue;
+        }
+        parts.push(text.to_string());
+    }
+    parts.join(": ")
+}
+
 /// Parses `key=value` (split at the first `=`; the key must not be empty, the value may be).
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -60,6 +79,17 @@ pub fn parse_kv(s: &str) -> Result<(String, String), String> {
         Some(_) => Err(format!("'{s}': the key before '=' is empty")),
         None => Err(format!("'{s}': expected key=value")),
     }
+}
+
+/// Checks `HOST:PORT` (HOST a name or an IP address, `[…]` around IPv6) and returns it as is.
+pub fn parse_host_port(s: &str) -> Result<String, String> {
+    let bad = || format!("'{s}' is not an address: expected HOST:PORT, e.g. 127.0.0.1:7070");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let bare_v6 = host.contains(':') && !(host.starts_with('[') && host.ends_with(']'));
+    if host.is_empty() || bare_v6 || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(s.to_string())
 }
 
 /// Parses a humantime duration (`30s`, `1m 30s`, `250ms`).
@@ -100,6 +130,44 @@ mod tests {
         assert_eq!(parse_kv("a="), Ok(("a".into(), String::new())));
         assert!(parse_kv("=b").is_err());
         assert!(parse_kv("ab").is_err());
+    }
+
+    #[test]
+    fn host_port() {
+        for ok in ["127.0.0.1:7070", "broker.local:1", "[::1]:7070", "h:0"] {
+            assert_eq!(parse_host_port(ok), Ok(ok.to_string()));
+        }
+        for bad in ["127.0.0.1", "h:", ":7070", "h:70000", "::1:7070", "h:x"] {
+            let e = parse_host_port(bad).expect_err(bad);
+            assert!(
+                e.contains(&format!("'{bad}'")) && e.contains("HOST:PORT"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_causes_are_said_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot open the store: {0}")]
+        struct Outer(#[from] Inner);
+        #[derive(Debug, thiserror::Error)]
+        #[error("io: {0}")]
+        struct Inner(#[from] std::io::Error);
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let e = anyhow::Error::new(Outer(Inner(io))).context("starting the broker");
+        assert_eq!(
+            format!("{e:#}").matches("Address already in use").count(),
+            3,
+            "what anyhow prints"
+        );
+        assert_eq!(
+            error_report(&e),
+            "starting the broker: cannot open the store: io: Address already in use"
+        );
+        // Causes that do not repeat their source are all kept.
+        let e = anyhow::anyhow!("root").context("middle").context("top");
+        assert_eq!(error_report(&e), "top: middle: root");
     }
 
     #[test]
