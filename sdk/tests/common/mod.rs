@@ -47,6 +47,7 @@ pub struct Recorded {
     pub publish_requests: usize,
     pub acks: Vec<AckRequest>,
     pub nacks: Vec<NackRequest>,
+    /// Every decodable `subscribe` request, also those refused by [`Script::fail_routes`].
     pub subscribes: Vec<SubscribeRequest>,
     pub routes_without_metadata: usize,
     pub open_connections: usize,
@@ -307,11 +308,6 @@ fn handle_frame(frame: Frame, ctx: &Ctx, tx: &Tx, streams: &mut Vec<JoinHandle<(
         }
         Body::RequestStream(r) => {
             let route = route_of(r.get_metadata()).unwrap_or_default();
-            let fail = lock(&ctx.script).fail_routes.get(&route).cloned();
-            if let Some(e) = fail {
-                let _ = tx.send(Some(error_frame(sid, ERR_APPLICATION, &e)));
-                return true;
-            }
             let req: SubscribeRequest =
                 match sluice_protocol::decode(r.get_data().map(|b| &b[..]).unwrap_or(&[])) {
                     Ok(v) => v,
@@ -321,7 +317,13 @@ fn handle_frame(frame: Frame, ctx: &Ctx, tx: &Tx, streams: &mut Vec<JoinHandle<(
                         return true;
                     }
                 };
+            // Recorded also when refused below: tests count the attempts.
             lock(&ctx.recorded).subscribes.push(req.clone());
+            let fail = lock(&ctx.script).fail_routes.get(&route).cloned();
+            if let Some(e) = fail {
+                let _ = tx.send(Some(error_frame(sid, ERR_APPLICATION, &e)));
+                return true;
+            }
             streams.push(tokio::spawn(deliver(ctx.clone(), tx.clone(), sid, req)));
             true
         }
