@@ -403,3 +403,171 @@ fn a_log_file_has_no_colour_codes_and_a_short_lifetime_is_warned_about() {
     let b = TestBroker::start_with(&["--keepalive", "2s", "--lifetime", "4s"]);
     assert!(!b.log().contains("WARN"), "{}", b.log());
 }
+
+/// The group `g` of topic `t` in `sluice stats --json`.
+fn group_stats(b: &TestBroker, topic: &str, group: &str) -> serde_json::Value {
+    let (ok, stdout, stderr) = b.cli(&["stats", "--addr", &b.addr(), "--json"]);
+    assert!(ok, "stats failed: {stderr}");
+    let s: serde_json::Value = serde_json::from_str(&stdout).expect("stats json");
+    s["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .find(|g| g["topic"] == topic && g["group"] == group)
+        .cloned()
+        .unwrap_or_else(|| panic!("no group {topic}/{group} in {stdout}"))
+}
+
+/// `(seq, attempt)` of each `--json` line.
+fn seqs_and_attempts(stdout: &str) -> Vec<(u64, u64)> {
+    stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            (
+                v["seq"].as_u64().expect("seq"),
+                v["attempt"].as_u64().expect("attempt"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn consume_count_takes_only_what_it_prints() {
+    let b = TestBroker::start();
+    let addr = b.addr();
+    let (ok, _, stderr) = b.cli(&[
+        "publish", "--addr", &addr, "--topic", "t", "--count", "10", "--size", "8",
+    ]);
+    assert!(ok, "{stderr}");
+    let consume = |count: &str| {
+        let (ok, stdout, stderr) = b.cli(&[
+            "consume", "--addr", &addr, "--topic", "t", "--group", "g", "--count", count, "--json",
+        ]);
+        assert!(ok, "consume failed: {stderr}");
+        seqs_and_attempts(&stdout)
+    };
+
+    assert_eq!(consume("3"), vec![(1, 1), (2, 1), (3, 1)]);
+    // Nothing else was taken: the other 7 wait, none in flight, none redelivered.
+    let g = group_stats(&b, "t", "g");
+    assert_eq!(
+        (
+            g["acked_floor"].as_u64(),
+            g["lag"].as_u64(),
+            g["in_flight_messages"].as_u64(),
+            g["redeliveries"].as_u64()
+        ),
+        (Some(3), Some(7), Some(0), Some(0)),
+        "{g}"
+    );
+
+    // The rest comes to the next invocation, each message for the first time; more than one
+    // round of batches when the count is not a multiple of the batch size.
+    let (ok, _, stderr) = b.cli(&[
+        "publish", "--addr", &addr, "--topic", "t", "--count", "30", "--size", "8",
+    ]);
+    assert!(ok, "{stderr}");
+    let rest = consume("37");
+    assert_eq!(rest, (4..=40).map(|s| (s, 1)).collect::<Vec<_>>());
+    let g = group_stats(&b, "t", "g");
+    assert_eq!(
+        (
+            g["acked_floor"].as_u64(),
+            g["lag"].as_u64(),
+            g["in_flight_messages"].as_u64(),
+            g["redeliveries"].as_u64()
+        ),
+        (Some(40), Some(0), Some(0), Some(0)),
+        "{g}"
+    );
+}
+
+#[test]
+fn consume_count_waits_for_messages_in_rounds_without_taking_extra() {
+    let b = TestBroker::start();
+    let addr = b.addr();
+    let publish = |n: &str| {
+        let (ok, _, stderr) = b.cli(&[
+            "publish", "--addr", &addr, "--topic", "live", "--count", n, "--size", "8",
+        ]);
+        assert!(ok, "{stderr}");
+    };
+    publish("3");
+    // Exclusive: each round's subscription must wait for the previous one to be gone.
+    let mut child = sluice()
+        .args([
+            "consume",
+            "--addr",
+            &addr,
+            "--topic",
+            "live",
+            "--group",
+            "g",
+            "--mode",
+            "exclusive",
+            "--count",
+            "5",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn consume");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.expect("utf8")).is_err() {
+                break;
+            }
+        }
+    });
+    let line = || {
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("a line in time")
+    };
+    let mut lines: Vec<String> = (0..3).map(|_| line()).collect();
+    publish("4");
+    lines.extend((0..2).map(|_| line()));
+    let out = child.wait_with_output().expect("consume exits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rx.recv().is_err(), "more than 5 lines");
+    assert_eq!(
+        seqs_and_attempts(&lines.join("\n")),
+        (1..=5).map(|s| (s, 1)).collect::<Vec<_>>()
+    );
+    // 6 and 7 were never handed out.
+    let g = group_stats(&b, "live", "g");
+    assert_eq!(
+        (
+            g["acked_floor"].as_u64(),
+            g["lag"].as_u64(),
+            g["in_flight_messages"].as_u64(),
+            g["redeliveries"].as_u64()
+        ),
+        (Some(5), Some(2), Some(0), Some(0)),
+        "{g}"
+    );
+    let (ok, stdout, stderr) = b.cli(&[
+        "consume",
+        "--addr",
+        &addr,
+        "--topic",
+        "live",
+        "--group",
+        "g",
+        "--mode",
+        "exclusive",
+        "--count",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(seqs_and_attempts(&stdout), vec![(6, 1), (7, 1)]);
+}

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::{Stream, StreamExt};
+use futures::{SinkExt, Stream, StreamExt};
 use rsocket_rust::error::RSocketError;
 use rsocket_rust::extension::{CompositeMetadata, MimeType, RoutingMetadata};
 use rsocket_rust::frame::{Body, Frame};
@@ -31,6 +31,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::error::{from_rsocket, parse_broker_error, Result, SdkError};
+
+/// Most credits one REQUEST_STREAM or REQUEST_N may carry (2^31-1, which RSocket also reads as
+/// "unbounded").
+pub const MAX_REQUEST_N: u32 = 0x7FFF_FFFF;
 
 /// Default broker address.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7070";
@@ -170,6 +174,9 @@ struct ConnState {
     /// Why the connection closed, when known: a connection-level ERROR from the broker (e.g. a
     /// refused SETUP) or our own reason.
     reason: Mutex<Option<CloseReason>>,
+    /// `initial_request_n` for the next REQUEST_STREAM frame sent (rsocket_rust always asks
+    /// for 2^31-1 items, i.e. unbounded): set by [`Client::request_stream_n`].
+    next_stream_credits: Mutex<Option<u32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +191,31 @@ impl ConnState {
             closed: watch::Sender::new(false),
             shutdown: watch::Sender::new(false),
             reason: Mutex::new(None),
+            next_stream_credits: Mutex::new(None),
+        }
+    }
+
+    /// An outbound frame, with the credits of [`Client::request_stream_n`] put into the first
+    /// frame of the request-stream it opened.
+    fn outbound(&self, frame: Frame) -> Frame {
+        if !matches!(frame.get_body_ref(), Body::RequestStream(_)) {
+            return frame;
+        }
+        let credits = self
+            .next_stream_credits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(n) = credits else {
+            return frame;
+        };
+        let (sid, flag) = (frame.get_stream_id(), frame.get_flag());
+        match frame.get_body() {
+            Body::RequestStream(r) => rsocket_rust::frame::RequestStream::builder(sid, flag)
+                .set_initial_request_n(n)
+                .set_all(r.split())
+                .build(),
+            other => Frame::new(sid, other, flag),
         }
     }
 
@@ -283,6 +315,10 @@ impl Transport for SluiceTransport {
 impl Connection for SluiceConnection {
     fn split(self) -> (Box<FrameSink>, Box<FrameStream>) {
         let (sink, stream) = self.inner.split();
+        let outbound_state = self.state.clone();
+        let sink = sink.with(move |frame: Frame| {
+            futures::future::ready(Ok::<_, RSocketError>(outbound_state.outbound(frame)))
+        });
         let inspect_state = self.state.clone();
         let mut shutdown = self.state.shutdown.subscribe();
         let stop = Box::pin(async move {
@@ -296,7 +332,7 @@ impl Connection for SluiceConnection {
                 }
             })
             .take_until(stop);
-        (sink, Box::new(stream))
+        (Box::new(sink), Box::new(stream))
     }
 }
 
@@ -457,6 +493,33 @@ impl Client {
         Ok(Box::pin(
             flux.map(|item| item.map_err(|e| from_rsocket(e.as_ref()))),
         ))
+    }
+
+    /// Like [`Client::request_stream`], asking the broker for at most `initial_n` items (the
+    /// REQUEST_STREAM's `initial_request_n`; no REQUEST_N follows) instead of unbounded ones.
+    /// The credits go to the next request-stream sent on this connection: open no other one
+    /// concurrently.
+    pub(crate) fn request_stream_n<Req>(
+        &self,
+        route: &str,
+        req: &Req,
+        initial_n: u32,
+    ) -> Result<PayloadStream>
+    where
+        Req: Serialize + ?Sized,
+    {
+        if initial_n == 0 || initial_n > MAX_REQUEST_N {
+            return Err(SdkError::InvalidArgument(format!(
+                "stream credits must be in 1..={MAX_REQUEST_N}, got {initial_n}"
+            )));
+        }
+        *self
+            .inner
+            .state
+            .next_stream_credits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(initial_n);
+        self.request_stream(route, req)
     }
 }
 

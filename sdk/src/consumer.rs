@@ -66,8 +66,15 @@ pub struct ConsumerConfig {
     pub filters: BTreeMap<String, String>,
     /// Most unacked batches the broker sends this consumer (default: the broker's, 4).
     pub window: Option<u32>,
-    /// Most messages per batch (default and maximum: the broker's).
+    /// Most messages per batch (default: the broker's; a broker allows up to 4096).
     pub batch_size: Option<u32>,
+    /// Most stream items (batches) this consumer asks the broker for, in all: RSocket credits
+    /// (default: unbounded, paced by the window alone). Once that many have arrived the consumer
+    /// asks for no more and does not resubscribe: [`Consumer::next`] hands out what arrived, then
+    /// returns `None`. With `batch_size` it bounds what the broker sends this consumer to
+    /// `max_batches × batch_size` messages, so that nothing is taken (and later redelivered with
+    /// a raised attempt) that will not be processed. A status event also uses one.
+    pub max_batches: Option<u32>,
     /// First reconnect delay (default 100 ms); doubled after each failed attempt.
     pub reconnect_backoff_min: Duration,
     /// Longest reconnect delay (default 5 s).
@@ -91,6 +98,7 @@ impl Default for ConsumerConfig {
             filters: BTreeMap::new(),
             window: None,
             batch_size: None,
+            max_batches: None,
             reconnect_backoff_min: Duration::from_millis(100),
             reconnect_backoff_max: Duration::from_secs(5),
             max_reconnect_attempts: None,
@@ -134,6 +142,12 @@ impl ConsumerConfig {
         self
     }
 
+    /// Sets the most batches (stream items) this consumer asks for in all.
+    pub fn max_batches(mut self, max_batches: u32) -> Self {
+        self.max_batches = Some(max_batches);
+        self
+    }
+
     /// Sets the reconnect backoff range.
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.reconnect_backoff_min = min;
@@ -170,6 +184,12 @@ impl ConsumerConfig {
         }
         if self.batch_size == Some(0) {
             return bad("batch size must be at least 1");
+        }
+        if self
+            .max_batches
+            .is_some_and(|n| n == 0 || n > crate::client::MAX_REQUEST_N)
+        {
+            return bad("max_batches must be in 1..=2^31-1");
         }
         if self.max_acks_in_flight == 0 {
             return bad("max_acks_in_flight must be at least 1");
@@ -337,6 +357,8 @@ impl Consumer {
                     self.finished = true;
                     return Poll::Ready(Some(Err(e)));
                 }
+                // Everything that arrived has been handed out (events come in order).
+                Some(Event::Exhausted) => self.finished = true,
                 None => {
                     self.finished = true;
                     return Poll::Ready(None);
@@ -526,6 +548,8 @@ enum Event {
     Batch { subscription: u64, batch: Batch },
     /// The consumer cannot go on.
     Fatal(SdkError),
+    /// Every item of [`ConsumerConfig::max_batches`] has arrived: none will follow.
+    Exhausted,
 }
 
 /// The session's connection, as the acker sees it.
@@ -895,6 +919,9 @@ async fn execute_ack(shared: &Shared, job: AckJob) -> Result<AckReply> {
 enum Ended {
     /// The consumer is gone: stop.
     ConsumerGone,
+    /// Every credit of [`ConsumerConfig::max_batches`] was used, then the connection closed
+    /// (for this reason) or the consumer went away (`None`): stop.
+    Exhausted(Option<SdkError>),
     /// The stream ended (`None`: completed by the broker) or failed.
     Stream {
         error: Option<SdkError>,
@@ -909,6 +936,8 @@ async fn run_session(
     events: mpsc::UnboundedSender<Event>,
 ) {
     let request = config.subscribe_request();
+    // Items still to ask for (`None`: unbounded); a resubscription asks only for the rest.
+    let mut credits_left = config.max_batches;
     let mut client = Some(first);
     let mut failures: u32 = 0;
     let mut subscription: u64 = 0;
@@ -952,11 +981,30 @@ async fn run_session(
             "subscribing"
         );
         let started = Instant::now();
-        let ended = pump(&conn, &request, subscription, &shared, &events).await;
+        let ended = pump(
+            &conn,
+            &request,
+            subscription,
+            &shared,
+            &events,
+            &mut credits_left,
+        )
+        .await;
+        if let Ended::Exhausted(error) = &ended {
+            // The batches of this subscription stay valid (and ackable) until the connection
+            // closes; then acks can no longer reach the broker.
+            if let Some(e) = error {
+                shared.live_subscription.store(0, Ordering::Release);
+                shared
+                    .connection
+                    .send_replace(Connection::Stopped(e.clone()));
+            }
+            return;
+        }
         shared.live_subscription.store(0, Ordering::Release);
 
         let (error, delivered) = match ended {
-            Ended::ConsumerGone => return,
+            Ended::ConsumerGone | Ended::Exhausted(_) => return,
             Ended::Stream { error, delivered } => (error, delivered),
         };
         if delivered
@@ -985,15 +1033,20 @@ async fn run_session(
     }
 }
 
-/// Reads one subscription until it ends.
+/// Reads one subscription until it ends, or until it used `credits_left` (counted down per item).
 async fn pump(
     conn: &Client,
     request: &SubscribeRequest,
     subscription: u64,
     shared: &Shared,
     events: &mpsc::UnboundedSender<Event>,
+    credits_left: &mut Option<u32>,
 ) -> Ended {
-    let mut stream = match conn.request_stream(route::SUBSCRIBE, request) {
+    let opened = match *credits_left {
+        Some(n) => conn.request_stream_n(route::SUBSCRIBE, request, n),
+        None => conn.request_stream(route::SUBSCRIBE, request),
+    };
+    let mut stream = match opened {
         Ok(s) => s,
         Err(e) => {
             return Ended::Stream {
@@ -1013,6 +1066,9 @@ async fn pump(
             item = stream.next() => match item {
                 Some(Ok(payload)) => {
                     delivered = true;
+                    if let Some(n) = credits_left.as_mut() {
+                        *n = n.saturating_sub(1);
+                    }
                     match decode_event(&payload) {
                         Ok(IncomingEvent::Batch(batch)) => {
                             tracing::debug!(
@@ -1041,6 +1097,16 @@ async fn pump(
                 None => return Ended::Stream { error: None, delivered },
             },
         }
+        if *credits_left == Some(0) {
+            break;
+        }
+    }
+    // Every credit used: the broker sends nothing more on this stream. Keep it (and the
+    // connection) open for the acks of what arrived until the consumer goes away.
+    let _ = events.send(Event::Exhausted);
+    tokio::select! {
+        _ = events.closed() => Ended::Exhausted(None),
+        _ = conn.closed() => Ended::Exhausted(Some(conn.closed_error())),
     }
 }
 

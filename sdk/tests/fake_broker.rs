@@ -394,3 +394,31 @@ async fn dropping_or_closing_a_client_closes_its_connection() {
     wait_open_connections(&broker, 0).await;
     assert_eq!(broker.acked("t", "g"), BTreeSet::from([1]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_batches_asks_for_that_many_items_then_ends() {
+    let broker = FakeBroker::start().await;
+    let producer = Producer::connect(config(&broker)).await.expect("connect");
+    for i in 0..10 {
+        producer.send("t", format!("m{i}")).await.expect("publish");
+    }
+    let cfg = ConsumerConfig::new(config(&broker), "t", "g")
+        .batch_size(3)
+        .max_batches(4);
+    let mut consumer = Consumer::subscribe(cfg).await.expect("subscribe");
+    // The fake follows each batch with an unknown event, which uses a credit too: 4 credits
+    // are batch, event, batch, event.
+    let mut seen = Vec::new();
+    while let Some(r) = within("next", consumer.next()).await {
+        let r = r.expect("message");
+        seen.push(r.seq());
+        consumer.ack(&r).expect("ack");
+    }
+    assert_eq!(seen, (1..=6).collect::<Vec<_>>());
+    // The connection stays open for the acks of what arrived.
+    within("flush", consumer.flush_acks()).await.expect("flush");
+    assert_eq!(broker.acked("t", "g"), (1..=6).collect());
+    let rec = broker.recorded();
+    assert_eq!(rec.subscribe_credits, vec![4]);
+    assert_eq!(rec.subscribes.len(), 1, "no resubscription");
+}

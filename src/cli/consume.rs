@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use base64::Engine as _;
-use sluice_sdk::{Consumer, ConsumerConfig, DeliveredMessage, GroupMode};
+use sluice_sdk::{Consumer, ConsumerConfig, DeliveredMessage, ErrorCode, GroupMode, SdkError};
+
+use crate::config::MAX_BATCH_SIZE;
+use sluice_sdk::client::MAX_REQUEST_N;
 
 use super::{is_broken_pipe, parse_duration, parse_kv, write_stdout, ConnectionArgs};
 
@@ -49,22 +52,49 @@ pub struct ConsumeArgs {
     pub no_ack: bool,
 }
 
+/// Batch size of `--count` rounds when `--batch-size` is not given.
+const COUNT_BATCH_SIZE: u32 = 16;
+
+/// What one subscription of `--count N` asks for: at most `credits × batch_size` messages, never
+/// more than are still to print, so the broker hands out nothing that is not printed (and would
+/// come back later marked as a redelivery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Messages per batch.
+    pub batch_size: u32,
+    /// Batches asked for (RSocket credits).
+    pub credits: u32,
+}
+
+impl Round {
+    /// The round for `remaining` (> 0) messages still to print; `batch_size` is the flag's.
+    pub fn plan(remaining: u64, batch_size: Option<u32>) -> Round {
+        let batch_size = u64::from(batch_size.unwrap_or(COUNT_BATCH_SIZE).max(1))
+            .min(remaining.max(1))
+            .min(u64::from(MAX_BATCH_SIZE));
+        let credits = (remaining / batch_size).clamp(1, u64::from(MAX_REQUEST_N));
+        Round {
+            // Both fit: batch_size <= MAX_BATCH_SIZE and credits <= MAX_REQUEST_N.
+            batch_size: u32::try_from(batch_size).unwrap_or(MAX_BATCH_SIZE),
+            credits: u32::try_from(credits).unwrap_or(MAX_REQUEST_N),
+        }
+    }
+}
+
 impl ConsumeArgs {
-    fn consumer_config(&self) -> ConsumerConfig {
+    /// The consumer of one subscription: unbounded without `--count`, else the [`Round`] for
+    /// `remaining` messages.
+    fn consumer_config(&self, remaining: Option<u64>) -> ConsumerConfig {
+        let round = remaining.map(|n| Round::plan(n, self.batch_size));
         ConsumerConfig {
             client: self.conn.client_config("consume"),
             topic: self.topic.clone(),
             group: self.group.clone(),
             mode: self.mode,
             filters: self.filters.iter().cloned().collect::<BTreeMap<_, _>>(),
-            // With --count, ask for no more than is needed, so that messages this command will
-            // not print are not held (and redelivered) needlessly.
-            window: self
-                .window
-                .or(self.count.map(|n| n.div_ceil(16).clamp(1, 4) as u32)),
-            batch_size: self
-                .batch_size
-                .or(self.count.map(|n| n.clamp(1, 16) as u32)),
+            window: self.window,
+            batch_size: round.map(|r| r.batch_size).or(self.batch_size),
+            max_batches: round.map(|r| r.credits),
             ..Default::default()
         }
     }
@@ -76,30 +106,69 @@ enum Stop {
     Idle,
     Interrupted,
     StdoutClosed,
+    /// The consumer ended: with `--count`, its round's credits are used up.
     ConsumerEnded,
 }
 
 /// Runs `sluice consume`.
+///
+/// With `--count N` it consumes in rounds: each subscription asks the broker for at most what is
+/// still to print ([`Round`]); when its batches were fewer or smaller than asked for (fewer
+/// messages were waiting), the next subscription asks for the rest. With `--no-ack` there is one
+/// round only: what it printed stays in flight until it exits, so a next round would get it again.
 pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
-    if args.count == Some(0) {
-        return Ok(());
-    }
-    let config = args.consumer_config();
-    config.validate()?;
-    let mut consumer = Consumer::subscribe(config).await?;
-    let outcome = consume_loop(&mut consumer, &args).await;
-    // Whatever happened, make the acks we made durable before exiting.
-    let flush_limit = args.conn.request_timeout.saturating_mul(3);
-    let flushed = match tokio::time::timeout(flush_limit, consumer.flush_acks()).await {
-        Ok(r) => r.context("cannot flush acks"),
-        Err(_) => Err(anyhow::anyhow!(
-            "acks not confirmed by the broker within {}",
-            humantime::format_duration(flush_limit)
-        )),
+    let mut printed = 0u64;
+    let mut round = 0u32;
+    // Until when an exclusive group refusing a next round is waited for.
+    let mut exclusive_wait: Option<tokio::time::Instant> = None;
+    let stop = loop {
+        let remaining = match args.count {
+            Some(n) if printed >= n => break Stop::Count,
+            Some(n) => Some(n - printed),
+            None => None,
+        };
+        round += 1;
+        let config = args.consumer_config(remaining);
+        config.validate()?;
+        let mut consumer = Consumer::subscribe(config).await?;
+        let outcome = consume_loop(&mut consumer, &args, &mut printed).await;
+        // Whatever happened, make the acks we made durable before going on or exiting.
+        let flush_limit = args.conn.request_timeout.saturating_mul(3);
+        let flushed = match tokio::time::timeout(flush_limit, consumer.flush_acks()).await {
+            Ok(r) => r.context("cannot flush acks"),
+            Err(_) => Err(anyhow::anyhow!(
+                "acks not confirmed by the broker within {}",
+                humantime::format_duration(flush_limit)
+            )),
+        };
+        drop(consumer);
+        let stop = match outcome {
+            // An exclusive group may still hold our previous round's connection for a moment.
+            Err(e)
+                if round > 1
+                    && flushed.is_ok()
+                    && exclusive_taken(&e)
+                    && tokio::time::Instant::now()
+                        < *exclusive_wait.get_or_insert_with(|| {
+                            tokio::time::Instant::now() + args.conn.request_timeout
+                        }) =>
+            {
+                tracing::debug!(error = %e, "previous round not gone yet; subscribing again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            outcome => outcome?,
+        };
+        flushed?;
+        exclusive_wait = None;
+        match stop {
+            Stop::ConsumerEnded if args.count.is_some() && !args.no_ack => continue,
+            stop => break stop,
+        }
     };
-    let stop = outcome?;
-    flushed?;
     tracing::debug!(
+        printed,
+        rounds = round,
         reason = match stop {
             Stop::Count => "count reached",
             Stop::Idle => "idle timeout",
@@ -112,11 +181,23 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn consume_loop(consumer: &mut Consumer, args: &ConsumeArgs) -> anyhow::Result<Stop> {
-    let mut seen = 0u64;
+/// True if the broker refused the subscription because another consumer holds the group.
+fn exclusive_taken(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<SdkError>()
+        .is_some_and(|e| e.code() == Some(ErrorCode::ExclusiveTaken))
+}
+
+async fn consume_loop(
+    consumer: &mut Consumer,
+    args: &ConsumeArgs,
+    printed: &mut u64,
+) -> anyhow::Result<Stop> {
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
+        if args.count.is_some_and(|n| *printed >= n) {
+            return Ok(Stop::Count);
+        }
         let next = async {
             match args.idle_timeout {
                 Some(idle) => tokio::time::timeout(idle, consumer.next()).await.ok(),
@@ -150,10 +231,7 @@ async fn consume_loop(consumer: &mut Consumer, args: &ConsumeArgs) -> anyhow::Re
         if !args.no_ack {
             consumer.ack(&received)?;
         }
-        seen += 1;
-        if args.count.is_some_and(|n| seen >= n) {
-            return Ok(Stop::Count);
-        }
+        *printed += 1;
     }
 }
 
@@ -259,13 +337,16 @@ mod tests {
         assert!(a.no_ack);
         assert_eq!(a.mode, GroupMode::KeyShared);
         assert_eq!(a.idle_timeout, Some(Duration::from_secs(65)));
-        let c = a.consumer_config();
+        let c = a.consumer_config(a.count);
         assert_eq!(c.filters.get("region").map(String::as_str), Some("eu"));
         assert_eq!(
             (c.window, c.topic.as_str(), c.group.as_str()),
             (Some(2), "t", "g")
         );
+        assert_eq!((c.batch_size, c.max_batches), (Some(5), Some(1)));
         assert!(c.validate().is_ok());
+        let unbounded = a.consumer_config(None);
+        assert_eq!((unbounded.batch_size, unbounded.max_batches), (None, None));
 
         let d = parse(&["--topic", "t", "--group", "g"]).expect("parse");
         assert_eq!(d.mode, GroupMode::Shared);
@@ -273,6 +354,32 @@ mod tests {
         assert!(parse(&["--topic", "t", "--group", "g", "--mode", "nope"]).is_err());
         assert!(parse(&["--topic", "t", "--group", "g", "--window", "0"]).is_err());
         assert!(parse(&["--topic", "t", "--group", "g", "--idle-timeout", "x"]).is_err());
+    }
+
+    #[test]
+    fn rounds_never_ask_for_more_than_remains() {
+        let plan = Round::plan;
+        let r = |batch_size, credits| Round {
+            batch_size,
+            credits,
+        };
+        assert_eq!(plan(3, None), r(3, 1));
+        assert_eq!(plan(16, None), r(16, 1));
+        assert_eq!(plan(102, None), r(16, 6));
+        assert_eq!(plan(6, None), r(6, 1));
+        assert_eq!(plan(100, Some(30)), r(30, 3));
+        assert_eq!(plan(10_000, Some(10_000)), r(4096, 2));
+        assert_eq!(plan(u64::MAX, Some(1)), r(1, MAX_REQUEST_N));
+        for remaining in 1..=300u64 {
+            for batch in [None, Some(1), Some(7), Some(16), Some(500)] {
+                let Round {
+                    batch_size,
+                    credits,
+                } = plan(remaining, batch);
+                assert!(batch_size >= 1 && credits >= 1);
+                assert!(u64::from(batch_size) * u64::from(credits) <= remaining);
+            }
+        }
     }
 
     fn message(payload: &[u8]) -> DeliveredMessage {

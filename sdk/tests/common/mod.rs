@@ -49,6 +49,8 @@ pub struct Recorded {
     pub nacks: Vec<NackRequest>,
     /// Every decodable `subscribe` request, also those refused by [`Script::fail_routes`].
     pub subscribes: Vec<SubscribeRequest>,
+    /// `initial_request_n` of each `subscribe` (the fake sends no more items than that).
+    pub subscribe_credits: Vec<u32>,
     pub routes_without_metadata: usize,
     pub open_connections: usize,
 }
@@ -318,13 +320,24 @@ fn handle_frame(frame: Frame, ctx: &Ctx, tx: &Tx, streams: &mut Vec<JoinHandle<(
                     }
                 };
             // Recorded also when refused below: tests count the attempts.
-            lock(&ctx.recorded).subscribes.push(req.clone());
+            let credits = r.get_initial_request_n();
+            {
+                let mut rec = lock(&ctx.recorded);
+                rec.subscribes.push(req.clone());
+                rec.subscribe_credits.push(credits);
+            }
             let fail = lock(&ctx.script).fail_routes.get(&route).cloned();
             if let Some(e) = fail {
                 let _ = tx.send(Some(error_frame(sid, ERR_APPLICATION, &e)));
                 return true;
             }
-            streams.push(tokio::spawn(deliver(ctx.clone(), tx.clone(), sid, req)));
+            streams.push(tokio::spawn(deliver(
+                ctx.clone(),
+                tx.clone(),
+                sid,
+                req,
+                credits,
+            )));
             true
         }
         _ => true,
@@ -411,11 +424,18 @@ fn request_response(ctx: &Ctx, route: &str, data: &[u8]) -> Result<Bytes, WireEr
     }
 }
 
-/// Delivers unacked messages of the topic in batches; polls for new ones.
-async fn deliver(ctx: Ctx, tx: Tx, sid: u32, req: SubscribeRequest) {
+/// Delivers unacked messages of the topic in batches; polls for new ones. Sends at most
+/// `credits` items (batches and unknown events), unless that is 2^31-1 (unbounded); REQUEST_N
+/// is not honoured.
+async fn deliver(ctx: Ctx, tx: Tx, sid: u32, req: SubscribeRequest, credits: u32) {
     let batch_size = req.batch_size.unwrap_or(4).max(1) as usize;
     let mut sent: BTreeSet<u64> = BTreeSet::new();
+    // `None`: unbounded.
+    let mut credits = (credits < frame::REQUEST_MAX).then_some(credits);
     loop {
+        if credits == Some(0) {
+            return;
+        }
         let batch = {
             let mut d = lock(&ctx.data);
             let acked = d
@@ -471,7 +491,16 @@ async fn deliver(ctx: Ctx, tx: Tx, sid: u32, req: SubscribeRequest) {
         if tx.send(Some(frame)).is_err() {
             return;
         }
+        if let Some(n) = credits.as_mut() {
+            *n -= 1;
+            if *n == 0 {
+                return;
+            }
+        }
         // An unknown event kind between batches: the SDK must skip it.
+        if let Some(n) = credits.as_mut() {
+            *n -= 1;
+        }
         let mut unknown = BTreeMap::new();
         unknown.insert("reset", 1u8);
         if let Ok(bytes) = encode(&unknown) {
