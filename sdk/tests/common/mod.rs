@@ -381,6 +381,7 @@ fn request_response(ctx: &Ctx, route: &str, data: &[u8]) -> Result<Bytes, WireEr
                     AckOutcome::AlreadyAcked
                 },
                 count,
+                rejected: Vec::new(),
             }))
         }
         sluice_protocol::route::NACK => {
@@ -390,6 +391,7 @@ fn request_response(ctx: &Ctx, route: &str, data: &[u8]) -> Result<Bytes, WireEr
             enc(encode(&AckReply {
                 outcome: AckOutcome::Settled,
                 count,
+                rejected: Vec::new(),
             }))
         }
         sluice_protocol::route::ADMIN_STATS => enc(encode(&BrokerStats {
