@@ -119,6 +119,23 @@ impl TestBroker {
         }
     }
 
+    /// Waits up to `timeout` for the broker to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            let status = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = status {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Kills (SIGKILL) and starts again on the same data dir (a new port).
     pub fn restart(&mut self) {
         self.kill();
