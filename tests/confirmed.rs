@@ -6,111 +6,12 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use rsocket_rust::frame::{self as rf, Frame};
-use sluice_protocol::{
-    AckOutcome, AckReply, AckRequest, Batch, GroupMode, NewMessage, PublishReply, PublishRequest,
-    StreamEvent, SubscribeRequest,
-};
+use sluice_protocol::{AckOutcome, AckReply, NewMessage};
 use sluice_sdk::{Admin, Consumer, ConsumerConfig, Producer, ProducerOptions};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(20);
-const LIFETIME: Duration = Duration::from_secs(120);
-
-async fn next(c: &mut RawClient, t: Duration) -> Option<Frame> {
-    Box::pin(c.next(t)).await
-}
-
-async fn publish(c: &mut RawClient, sid: u32, topic: &str, n: usize) -> PublishReply {
-    let req = PublishRequest {
-        topic: topic.into(),
-        messages: (1..=n)
-            .map(|i| NewMessage {
-                payload: Bytes::from(format!("m{i}")),
-                ..Default::default()
-            })
-            .collect(),
-    };
-    c.request(
-        sid,
-        "publish",
-        sluice_protocol::encode(&req).expect("encode"),
-    )
-    .await;
-    let f = next(c, T).await.expect("publish reply");
-    let data = payload_of(&f).unwrap_or_else(|| panic!("publish failed: {:?}", error_of(&f)));
-    sluice_protocol::decode(&data).expect("decode PublishReply")
-}
-
-async fn subscribe(addr: &str, topic: &str, group: &str, window: u32, batch: u32) -> RawClient {
-    let mut c = RawClient::setup(addr, LIFETIME).await;
-    let req = SubscribeRequest {
-        topic: topic.into(),
-        group: group.into(),
-        mode: GroupMode::Shared,
-        filters: Default::default(),
-        window: Some(window),
-        batch_size: Some(batch),
-    };
-    let f = rf::RequestStream::builder(1, 0)
-        .set_initial_request_n(1000)
-        .set_metadata(route_metadata("subscribe"))
-        .set_data(sluice_protocol::encode(&req).expect("encode"))
-        .build();
-    c.send(&f).await;
-    c
-}
-
-/// The next batch on the subscription (stream 1), skipping nothing.
-async fn next_batch(c: &mut RawClient) -> Batch {
-    let f = next(c, T).await.expect("a batch in time");
-    assert_eq!(f.get_stream_id(), 1, "unexpected frame {f:?}");
-    let data = payload_of(&f).unwrap_or_else(|| panic!("subscribe failed: {:?}", error_of(&f)));
-    match sluice_protocol::decode::<StreamEvent>(&data).expect("decode StreamEvent") {
-        StreamEvent::Batch(b) => b,
-        other => panic!("expected a batch, got {other:?}"),
-    }
-}
-
-fn ack_request(topic: &str, batch_id: u64, seqs: Option<Vec<u64>>) -> Bytes {
-    let req = AckRequest {
-        topic: topic.into(),
-        group: "g".into(),
-        batch_id,
-        seqs,
-    };
-    sluice_protocol::encode(&req).expect("encode")
-}
-
-async fn ack(
-    c: &mut RawClient,
-    sid: u32,
-    topic: &str,
-    batch_id: u64,
-    seqs: Option<Vec<u64>>,
-) -> AckReply {
-    c.request(sid, "ack", ack_request(topic, batch_id, seqs))
-        .await;
-    reply_of(c, sid).await
-}
-
-/// The reply on stream `sid`, skipping batches that arrive meanwhile on the subscription.
-async fn reply_of(c: &mut RawClient, sid: u32) -> AckReply {
-    let f = loop {
-        let f = next(c, T).await.expect("ack reply");
-        if f.get_stream_id() != 1 {
-            break f;
-        }
-    };
-    assert_eq!(f.get_stream_id(), sid, "{f:?}");
-    let data = payload_of(&f).unwrap_or_else(|| panic!("ack failed: {:?}", error_of(&f)));
-    sluice_protocol::decode(&data).expect("decode AckReply")
-}
-
-fn seqs(b: &Batch) -> Vec<u64> {
-    b.messages.iter().map(|m| m.seq).collect()
-}
 
 async fn lag(addr: &str, topic: &str) -> u64 {
     let admin = Admin::connect(client_config(addr, "stats"))
@@ -128,19 +29,19 @@ async fn lag(addr: &str, topic: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_settles_only_what_was_delivered_to_that_connection_in_that_batch() {
     let b = TestBroker::start();
-    let mut p = RawClient::setup(&b.addr(), LIFETIME).await;
-    publish(&mut p, 1, "acks", 30).await;
-    let mut a = subscribe(&b.addr(), "acks", "g", 1, 10).await;
-    let batch_a = next_batch(&mut a).await;
-    assert_eq!(seqs(&batch_a), (1..=10).collect::<Vec<_>>());
-    let mut other = subscribe(&b.addr(), "acks", "g", 1, 10).await;
-    let batch_b = next_batch(&mut other).await;
-    assert_eq!(seqs(&batch_b), (11..=20).collect::<Vec<_>>());
+    let mut p = RawClient::setup(&b.addr(), RAW_LIFETIME).await;
+    raw_publish(&mut p, 1, "acks", 30).await;
+    let mut a = raw_subscribe(&b.addr(), "acks", "g", 1, 10).await;
+    let batch_a = raw_next_batch(&mut a).await;
+    assert_eq!(batch_seqs(&batch_a), (1..=10).collect::<Vec<_>>());
+    let mut other = raw_subscribe(&b.addr(), "acks", "g", 1, 10).await;
+    let batch_b = raw_next_batch(&mut other).await;
+    assert_eq!(batch_seqs(&batch_b), (11..=20).collect::<Vec<_>>());
 
     // A connection that never subscribed names A's batch and seqs of both consumers and of
     // messages never delivered: nothing is applied.
-    let mut intruder = RawClient::setup(&b.addr(), LIFETIME).await;
-    let r = ack(
+    let mut intruder = RawClient::setup(&b.addr(), RAW_LIFETIME).await;
+    let r = raw_ack(
         &mut intruder,
         3,
         "acks",
@@ -150,23 +51,23 @@ async fn an_ack_settles_only_what_was_delivered_to_that_connection_in_that_batch
     .await;
     assert_eq!((r.outcome, r.count), (AckOutcome::UnknownBatch, 0));
     assert_eq!(r.rejected, vec![2, 3, 10, 11, 20]);
-    let r = ack(&mut intruder, 5, "acks", batch_a.batch_id, None).await;
+    let r = raw_ack(&mut intruder, 5, "acks", batch_a.batch_id, None).await;
     assert_eq!((r.outcome, r.count), (AckOutcome::UnknownBatch, 0));
     assert_eq!(lag(&b.addr(), "acks").await, 30);
 
     // A names its own batch, plus a seq of the other consumer's batch and one never delivered.
-    let r = ack(&mut a, 3, "acks", batch_a.batch_id, Some(vec![1, 11, 25])).await;
+    let r = raw_ack(&mut a, 3, "acks", batch_a.batch_id, Some(vec![1, 11, 25])).await;
     assert_eq!((r.outcome, r.count), (AckOutcome::Settled, 1));
     assert_eq!(r.rejected, vec![11, 25]);
     // The other consumer's batch is still its own, whole.
-    let r = ack(&mut other, 3, "acks", batch_b.batch_id, None).await;
+    let r = raw_ack(&mut other, 3, "acks", batch_b.batch_id, None).await;
     assert_eq!((r.outcome, r.count), (AckOutcome::Settled, 10));
-    let r = ack(&mut a, 5, "acks", batch_a.batch_id, None).await;
+    let r = raw_ack(&mut a, 5, "acks", batch_a.batch_id, None).await;
     assert_eq!((r.outcome, r.count), (AckOutcome::Settled, 9));
     // Repeats: the whole batch again is unknown; by seq, already acked.
-    let r = ack(&mut a, 7, "acks", batch_a.batch_id, None).await;
+    let r = raw_ack(&mut a, 7, "acks", batch_a.batch_id, None).await;
     assert_eq!((r.outcome, r.count), (AckOutcome::UnknownBatch, 0));
-    let r = ack(&mut a, 9, "acks", batch_a.batch_id, Some(vec![1, 2])).await;
+    let r = raw_ack(&mut a, 9, "acks", batch_a.batch_id, Some(vec![1, 2])).await;
     assert_eq!((r.outcome, r.count), (AckOutcome::AlreadyAcked, 0));
     assert_eq!(lag(&b.addr(), "acks").await, 10);
 }
@@ -174,18 +75,18 @@ async fn an_ack_settles_only_what_was_delivered_to_that_connection_in_that_batch
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_ids_are_never_reused_across_broker_runs() {
     let mut b = TestBroker::start();
-    let mut p = RawClient::setup(&b.addr(), LIFETIME).await;
-    publish(&mut p, 1, "ids", 10).await;
-    let mut a = subscribe(&b.addr(), "ids", "g", 1, 5).await;
-    let before = next_batch(&mut a).await;
-    assert_eq!(seqs(&before), vec![1, 2, 3, 4, 5]);
+    let mut p = RawClient::setup(&b.addr(), RAW_LIFETIME).await;
+    raw_publish(&mut p, 1, "ids", 10).await;
+    let mut a = raw_subscribe(&b.addr(), "ids", "g", 1, 5).await;
+    let before = raw_next_batch(&mut a).await;
+    assert_eq!(batch_seqs(&before), vec![1, 2, 3, 4, 5]);
     drop((a, p));
     b.restart();
 
-    let mut c = subscribe(&b.addr(), "ids", "g", 1, 5).await;
-    let after = next_batch(&mut c).await;
+    let mut c = raw_subscribe(&b.addr(), "ids", "g", 1, 5).await;
+    let after = raw_next_batch(&mut c).await;
     assert_eq!(
-        seqs(&after),
+        batch_seqs(&after),
         vec![1, 2, 3, 4, 5],
         "unacked: delivered again"
     );
@@ -196,34 +97,38 @@ async fn batch_ids_are_never_reused_across_broker_runs() {
         before.batch_id
     );
     // A client of the first run acks its batch whole after the restart: nothing is settled.
-    let mut late = RawClient::setup(&b.addr(), LIFETIME).await;
-    let r = ack(&mut late, 3, "ids", before.batch_id, None).await;
+    let mut late = RawClient::setup(&b.addr(), RAW_LIFETIME).await;
+    let r = raw_ack(&mut late, 3, "ids", before.batch_id, None).await;
     assert_eq!((r.outcome, r.count), (AckOutcome::UnknownBatch, 0));
-    let r = ack(&mut c, 3, "ids", after.batch_id, None).await;
+    let r = raw_ack(&mut c, 3, "ids", after.batch_id, None).await;
     assert_eq!((r.outcome, r.count), (AckOutcome::Settled, 5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_ack_is_answered_only_once_the_first_is_durable() {
     let b = TestBroker::start_with(&["--enable-fault-injection"]);
-    let mut p = RawClient::setup(&b.addr(), LIFETIME).await;
-    publish(&mut p, 1, "stall", 4).await;
-    let mut a = subscribe(&b.addr(), "stall", "g", 1, 4).await;
-    let batch = next_batch(&mut a).await;
+    let mut p = RawClient::setup(&b.addr(), RAW_LIFETIME).await;
+    raw_publish(&mut p, 1, "stall", 4).await;
+    let mut a = raw_subscribe(&b.addr(), "stall", "g", 1, 4).await;
+    let batch = raw_next_batch(&mut a).await;
     let admin = Admin::connect(client_config(&b.addr(), "admin"))
         .await
         .expect("admin");
     const STALL: Duration = Duration::from_millis(1500);
     admin.stall_syncs(STALL).await.expect("stall the syncs");
     let sent = Instant::now();
-    let all = Some(seqs(&batch));
-    a.request(3, "ack", ack_request("stall", batch.batch_id, all.clone()))
-        .await;
-    a.request(5, "ack", ack_request("stall", batch.batch_id, all))
+    let all = Some(batch_seqs(&batch));
+    a.request(
+        3,
+        "ack",
+        ack_request("stall", "g", batch.batch_id, all.clone()),
+    )
+    .await;
+    a.request(5, "ack", ack_request("stall", "g", batch.batch_id, all))
         .await;
     let mut replies = Vec::new();
     for _ in 0..2 {
-        let f = next(&mut a, T).await.expect("ack reply");
+        let f = raw_next(&mut a, T).await.expect("ack reply");
         let data = payload_of(&f).unwrap_or_else(|| panic!("ack failed: {:?}", error_of(&f)));
         let r: AckReply = sluice_protocol::decode(&data).expect("decode");
         replies.push((f.get_stream_id(), r.outcome, sent.elapsed()));
@@ -298,9 +203,9 @@ async fn one_held_message_while_two_million_are_acked_keeps_the_cursor_small() {
     };
     publish_range(0, 1).await;
     // Seq 1 is held for the whole run by a consumer that never acks.
-    let mut holder = subscribe(&b.addr(), "held", "g", 1, 1).await;
-    let held = next_batch(&mut holder).await;
-    assert_eq!(seqs(&held), vec![1]);
+    let mut holder = raw_subscribe(&b.addr(), "held", "g", 1, 1).await;
+    let held = raw_next_batch(&mut holder).await;
+    assert_eq!(batch_seqs(&held), vec![1]);
 
     let mut c = Consumer::subscribe(
         ConsumerConfig::new(client_config(&b.addr(), "acker"), "held", "g")
