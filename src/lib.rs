@@ -16,6 +16,7 @@
 //! | [`config`] | validated configuration (TOML, env, flags) |
 //! | [`server`] | `start(config)`: store, actors, accept loop |
 //! | [`actors`] | connection, registry, orchestrator, store actors (who-sends-what table) |
+//! | [`delivery`] | a group's delivery rules as plain data: cursor, batches, acks (no actix) |
 //! | [`session`] | the server half of RSocket in plain pieces |
 //! | [`store`] | segment files (messages, group cursors), record encoding with CRC, fsync |
 //! | [`cli`] | the client subcommands of the `sluice` binary |
@@ -27,6 +28,8 @@ pub mod actors;
 pub mod cli;
 #[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
+pub mod delivery;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -42,9 +42,48 @@ pub struct BrokerHandle {
     _arbiters: Vec<Arbiter>,
 }
 
-/// Starts the broker: binds `config.listen`, opens the store, starts every actor.
+/// Exit code of a broker ended by a panic (EX_SOFTWARE).
+pub const PANIC_EXIT_CODE: i32 = 70;
+
+/// Makes a panic on any thread end the broker with a clear log line and exit code
+/// [`PANIC_EXIT_CODE`]. actix does not supervise panics: a panic in a handler kills its arbiter
+/// thread, and the broker would go on accepting connections while every request to the dead
+/// store or orchestrator failed (`3002 UNAVAILABLE`). Ending the process instead lets the
+/// service manager restart it, and a restart rebuilds every actor's state from disk; nothing
+/// acknowledged depends on memory (acks and publishes are replied only once durable).
+pub fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            let what = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            let thread = std::thread::current();
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            tracing::error!(
+                thread = thread.name().unwrap_or("unnamed"),
+                at,
+                code = PANIC_EXIT_CODE,
+                "fatal: panic ({what}); exiting so that the service manager restarts the broker"
+            );
+            std::process::exit(PANIC_EXIT_CODE);
+        }));
+    });
+}
+
+/// Starts the broker: binds `config.listen`, opens the store, starts every actor. Installs
+/// [`install_panic_hook`].
 pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     config.validate()?;
+    install_panic_hook();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -58,6 +97,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let started = std::time::Instant::now();
     let storage = Storage::open(&config.data_dir, config.cache_capacity)?;
     let topics = storage.topics().count();
+    let batch_id_base = storage.batch_id_base()?;
     tracing::info!(data_dir = %config.data_dir.display(), topics, elapsed = ?started.elapsed(), "store opened");
 
     let config = Arc::new(config);
@@ -81,7 +121,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         max_retries: config.max_retries,
         window: config.window,
     };
-    let batch_ids = Arc::new(AtomicU64::new(1));
+    let batch_ids = Arc::new(AtomicU64::new(batch_id_base));
     let mut orchestrators = Vec::new();
     for shard in 0..config.orchestrators as usize {
         // Shard 0 shares the store's thread: the store's announcements and the orchestrator's

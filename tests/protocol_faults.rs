@@ -617,6 +617,8 @@ async fn admin_fault_without_the_flag_is_refused() {
     for (sid, actor) in [(1, "orchestrator"), (3, "store"), (5, "no-such-actor")] {
         let req = FaultRequest {
             actor: actor.into(),
+            kind: None,
+            duration: None,
         };
         c.request(
             sid,

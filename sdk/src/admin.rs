@@ -40,6 +40,31 @@ impl Admin {
     pub async fn fault(&self, actor: impl Into<String>) -> Result<FaultReply> {
         let req = FaultRequest {
             actor: actor.into(),
+            kind: None,
+            duration: None,
+        };
+        self.client.request(route::ADMIN_FAULT, &req).await
+    }
+
+    /// Makes every disk sync of the broker wait `duration` first, as on a stalled disk
+    /// (`admin.fault` kind `stall-syncs`; tests only).
+    pub async fn stall_syncs(&self, duration: std::time::Duration) -> Result<FaultReply> {
+        let req = FaultRequest {
+            actor: "store".into(),
+            kind: Some("stall-syncs".into()),
+            duration: Some(format!("{}ms", duration.as_millis())),
+        };
+        self.client.request(route::ADMIN_FAULT, &req).await
+    }
+
+    /// Makes the named actor panic in a handler, as a bug would (`admin.fault` with kind
+    /// `panic`; tests only): the broker logs it and exits non-zero, for its service manager to
+    /// restart it. The reply may not arrive.
+    pub async fn fault_panic(&self, actor: impl Into<String>) -> Result<FaultReply> {
+        let req = FaultRequest {
+            actor: actor.into(),
+            kind: Some("panic".into()),
+            duration: None,
         };
         self.client.request(route::ADMIN_FAULT, &req).await
     }

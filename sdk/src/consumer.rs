@@ -888,6 +888,7 @@ async fn execute_ack(shared: &Shared, job: AckJob) -> Result<AckReply> {
                     group: job.group.clone(),
                     batch_id: job.batch_id,
                     seqs: seqs.clone(),
+                    release: false,
                 };
                 client.request::<_, AckReply>(route::NACK, &req).await
             }

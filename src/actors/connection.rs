@@ -529,12 +529,20 @@ impl ConnectionActor {
                     Ok(r) => r,
                     Err(e) => return self.request_error(sid, kind, e, ctx),
                 };
+                let fault =
+                    match super::FaultKind::parse(req.kind.as_deref(), req.duration.as_deref()) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            let e = WireError::new(ErrorCode::InvalidRequest, e);
+                            return self.request_error(sid, kind, e, ctx);
+                        }
+                    };
                 self.streams.insert(sid, StreamState::Request);
-                tracing::warn!(conn_id = self.id, actor = %req.actor, "admin.fault");
-                let f = self
-                    .links
-                    .registry
-                    .send(InjectFaultByName { actor: req.actor });
+                tracing::warn!(conn_id = self.id, actor = %req.actor, ?fault, "admin.fault");
+                let f = self.links.registry.send(InjectFaultByName {
+                    actor: req.actor,
+                    kind: fault,
+                });
                 ctx.spawn(f.into_actor(self).map(move |r, act, ctx| {
                     let r = r
                         .unwrap_or_else(|e| {
@@ -603,11 +611,11 @@ impl ConnectionActor {
         ctx: &mut Context<Self>,
     ) {
         let parsed = if ack {
-            decode::<AckRequest>(&data).map(|r| (r.topic, r.group, r.batch_id, r.seqs))
+            decode::<AckRequest>(&data).map(|r| (r.topic, r.group, r.batch_id, r.seqs, false))
         } else {
-            decode::<NackRequest>(&data).map(|r| (r.topic, r.group, r.batch_id, r.seqs))
+            decode::<NackRequest>(&data).map(|r| (r.topic, r.group, r.batch_id, r.seqs, r.release))
         };
-        let (topic, group, batch_id, seqs) = match parsed {
+        let (topic, group, batch_id, seqs, release) = match parsed {
             Ok(p) => p,
             Err(e) => return self.request_error(sid, kind, e, ctx),
         };
@@ -626,6 +634,7 @@ impl ConnectionActor {
         type Settled = Result<Result<sluice_protocol::AckReply, WireError>, MailboxError>;
         let fut: std::pin::Pin<Box<dyn std::future::Future<Output = Settled>>> = if ack {
             Box::pin(orch.send(AckBatch {
+                conn: self.id,
                 topic,
                 group,
                 batch_id,
@@ -633,6 +642,8 @@ impl ConnectionActor {
             }))
         } else {
             Box::pin(orch.send(NackBatch {
+                conn: self.id,
+                release,
                 topic,
                 group,
                 batch_id,
@@ -996,7 +1007,10 @@ impl Handler<GetConnectionStats> for ConnectionActor {
 
 impl Handler<InjectFault> for ConnectionActor {
     type Result = ();
-    fn handle(&mut self, _: InjectFault, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: InjectFault, ctx: &mut Context<Self>) {
+        if msg.kind == super::FaultKind::Panic {
+            super::injected_panic(&format!("connection-{}", self.id));
+        }
         self.closing = true;
         ctx.stop();
     }

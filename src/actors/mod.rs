@@ -24,20 +24,7 @@ use actix::prelude::*;
 use sluice_protocol::ActorStats;
 use std::time::Instant;
 
-/// Identifies one subscription: a connection and the stream it subscribed on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConsumerId {
-    /// Connection id.
-    pub conn: u64,
-    /// RSocket stream id of the subscribe request.
-    pub stream: u32,
-}
-
-impl std::fmt::Display for ConsumerId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.conn, self.stream)
-    }
-}
+pub use crate::delivery::ConsumerId;
 
 /// Which orchestrator shard owns `topic`.
 pub fn shard_for(topic: &str, shards: usize) -> usize {
@@ -86,10 +73,53 @@ impl ActorCounters {
     }
 }
 
-/// Stops the receiving actor so its supervisor restarts it (`admin.fault`, tests only).
+/// Stops the receiving actor so its supervisor restarts it, or makes it panic in this handler
+/// as a bug would (`admin.fault`, tests only).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct InjectFault;
+pub struct InjectFault {
+    /// What to do.
+    pub kind: FaultKind,
+}
+
+/// What `admin.fault` does to an actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// Stop it (its supervisor restarts it).
+    Stop,
+    /// Panic in its handler, as a bug would.
+    Panic,
+    /// (store) Every sync waits this long first, as on a stalled disk.
+    StallSyncs(std::time::Duration),
+}
+
+impl FaultKind {
+    /// From `admin.fault`'s `kind` and `duration`.
+    pub fn parse(kind: Option<&str>, duration: Option<&str>) -> Result<FaultKind, String> {
+        match kind.unwrap_or("stop") {
+            "stop" => Ok(FaultKind::Stop),
+            "panic" => Ok(FaultKind::Panic),
+            "stall-syncs" => {
+                let d = duration.ok_or("stall-syncs needs a duration")?;
+                let d = humantime::parse_duration(d).map_err(|e| format!("duration '{d}': {e}"))?;
+                if d > std::time::Duration::from_secs(60) {
+                    return Err("stall-syncs lasts at most 60s".into());
+                }
+                Ok(FaultKind::StallSyncs(d))
+            }
+            other => Err(format!(
+                "unknown fault kind '{other}' (stop, panic or stall-syncs)"
+            )),
+        }
+    }
+}
+
+/// The panic of `admin.fault` kind `panic` (only with `--enable-fault-injection`): shows that
+/// a panic on an actor's thread ends the broker with a clear log line (see
+/// `crate::server::install_panic_hook`) rather than leaving it up with a dead actor.
+pub fn injected_panic(actor: &str) -> ! {
+    std::panic::panic_any(format!("fault injected: panic in {actor}"))
+}
 
 /// Asks an actor for its counters.
 #[derive(Message, Debug)]

@@ -4,7 +4,7 @@
 use super::connection::{ConnectionActor, GetConnectionStats, Rejoin};
 use super::orchestrator::{GetGroupStats, OrchestratorActor};
 use super::store::{GetSyncStats, ListGroups, StoreActor};
-use super::{ActorCounters, GetActorStats, InjectFault};
+use super::{ActorCounters, FaultKind, GetActorStats, InjectFault};
 use actix::prelude::*;
 use sluice_protocol::{BrokerStats, ErrorCode, GroupStats, WireError};
 use std::collections::{BTreeMap, HashMap};
@@ -57,6 +57,8 @@ pub struct GetStats;
 pub struct InjectFaultByName {
     /// Actor name as shown in stats.
     pub actor: String,
+    /// What to do to it.
+    pub kind: FaultKind,
 }
 
 /// The addresses the registry reaches.
@@ -226,25 +228,8 @@ impl Handler<GetStats> for RegistryActor {
                 if live.contains_key(&key) {
                     continue;
                 }
-                let lag = head
-                    .saturating_sub(rec.acked_floor)
-                    .saturating_sub(rec.acked_above.len() as u64);
-                live.insert(
-                    key,
-                    GroupStats {
-                        topic,
-                        group,
-                        mode: rec.mode,
-                        head_seq: head,
-                        acked_floor: rec.acked_floor,
-                        lag,
-                        in_flight_batches: 0,
-                        in_flight_messages: 0,
-                        redeliveries: 0,
-                        dead_letters: 0,
-                        consumers: 0,
-                    },
-                );
+                let g = crate::delivery::GroupState::from_record(rec);
+                live.insert(key, g.stats(&topic, &group, head));
             }
             let mut groups: Vec<GroupStats> = live.into_values().collect();
             groups.sort_by(|a, b| (&a.topic, &a.group).cmp(&(&b.topic, &b.group)));
@@ -265,13 +250,22 @@ impl Handler<InjectFaultByName> for RegistryActor {
     fn handle(&mut self, msg: InjectFaultByName, ctx: &mut Context<Self>) -> Self::Result {
         self.counters.handled += 1;
         let name = msg.actor.as_str();
+        if name != "store" && matches!(msg.kind, FaultKind::StallSyncs(_)) {
+            return Err(WireError::new(
+                ErrorCode::InvalidRequest,
+                "stall-syncs applies to the store only",
+            ));
+        }
         if name == "registry" {
+            if msg.kind == FaultKind::Panic {
+                super::injected_panic("registry");
+            }
             ctx.stop();
             return Ok(msg.actor);
         }
         if name == "store" {
             if let Some(s) = &self.store {
-                s.do_send(InjectFault);
+                s.do_send(InjectFault { kind: msg.kind });
                 return Ok(msg.actor);
             }
         }
@@ -282,7 +276,7 @@ impl Handler<InjectFaultByName> for RegistryActor {
                 .and_then(|n| n.parse::<usize>().ok())
         };
         if let Some(o) = shard.and_then(|i| self.orchestrators.get(i)) {
-            o.do_send(InjectFault);
+            o.do_send(InjectFault { kind: msg.kind });
             return Ok(msg.actor);
         }
         if let Some(c) = name
@@ -290,7 +284,7 @@ impl Handler<InjectFaultByName> for RegistryActor {
             .and_then(|n| n.parse::<u64>().ok())
             .and_then(|id| self.connections.get(&id))
         {
-            c.addr.do_send(InjectFault);
+            c.addr.do_send(InjectFault { kind: msg.kind });
             return Ok(msg.actor);
         }
         Err(WireError::new(

@@ -763,7 +763,16 @@ impl Handler<GetSyncStats> for StoreActor {
 
 impl Handler<InjectFault> for StoreActor {
     type Result = ();
-    fn handle(&mut self, _: InjectFault, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: InjectFault, ctx: &mut Context<Self>) {
+        match msg.kind {
+            super::FaultKind::Panic => super::injected_panic("store"),
+            super::FaultKind::StallSyncs(d) => {
+                tracing::warn!(stall = ?d, "fault injected: every sync waits first");
+                crate::store::stall_syncs(d);
+                return;
+            }
+            super::FaultKind::Stop => {}
+        }
         tracing::warn!("fault injected: stopping the store actor");
         ctx.stop();
     }
@@ -830,6 +839,7 @@ mod tests {
                 filters: Default::default(),
                 acked_floor: 1,
                 acked_above: Vec::new(),
+                acked_ranges: Vec::new(),
                 created_ms: 0,
             };
             let ack = CommitGroup {

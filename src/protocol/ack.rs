@@ -11,8 +11,9 @@ pub struct AckRequest {
     pub group: String,
     /// The batch being acknowledged.
     pub batch_id: u64,
-    /// Only these sequence numbers of the batch (absent: the whole batch). Sequence numbers are
-    /// acked even when the batch is no longer known (e.g. after a broker restart).
+    /// Only these sequence numbers of the batch (absent: the whole batch). Only messages
+    /// delivered to this connection in this batch are settled; any other is listed in
+    /// [`AckReply::rejected`] and left alone.
     #[serde(default)]
     pub seqs: Option<Vec<u64>>,
 }
@@ -30,6 +31,11 @@ pub struct NackRequest {
     /// Only these sequence numbers (absent: every unacked message of the batch).
     #[serde(default)]
     pub seqs: Option<Vec<u64>>,
+    /// Return the messages without counting a failure or raising their `attempt`: for a
+    /// consumer that received more than it will process (e.g. `sluice consume --count N`).
+    /// Absent: false (an ordinary nack, which counts toward `max_retries`).
+    #[serde(default)]
+    pub release: bool,
 }
 
 /// What an ack or nack did. Expected outcomes are values, not errors.
@@ -40,8 +46,9 @@ pub enum AckOutcome {
     Settled,
     /// Every named message was already acked; nothing changed.
     AlreadyAcked,
-    /// The batch is not in flight (timed out and redelivered, or the broker restarted) and no
-    /// `seqs` were given.
+    /// The batch is not in flight to this connection (timed out and redelivered, acked
+    /// already, delivered to another consumer, or the broker restarted): nothing changed.
+    /// A repeated whole-batch ack gets this outcome.
     UnknownBatch,
 }
 
@@ -52,6 +59,10 @@ pub struct AckReply {
     pub outcome: AckOutcome,
     /// How many messages changed state.
     pub count: u32,
+    /// Named sequence numbers that were not applied: not delivered to this connection in this
+    /// batch and not already settled (absent when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<u64>,
 }
 
 #[cfg(test)]
@@ -71,10 +82,12 @@ mod tests {
             group: "g".into(),
             batch_id: 1,
             seqs: None,
+            release: true,
         });
         crate::codec::round_trip(&AckReply {
             outcome: AckOutcome::UnknownBatch,
             count: 0,
+            rejected: vec![3, 4],
         });
     }
 }

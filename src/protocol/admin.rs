@@ -226,8 +226,17 @@ pub struct ConnectionStats {
 /// Data of `admin.fault`: stop the named actor so the supervisor restarts it (tests only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultRequest {
-    /// Actor name as listed in stats (e.g. `orchestrator`, `store`, `registry`).
+    /// Actor name as listed in stats (e.g. `orchestrator-0`, `store`, `registry`).
     pub actor: String,
+    /// What to do to it: `stop` (absent: the default; the supervisor restarts it) or `panic`
+    /// (a panic in its handler, as a bug would cause: the broker exits non-zero with a log
+    /// line, for the service manager to restart it), or `stall-syncs` (actor `store` only): every disk sync waits this long first, as on a
+    /// stalled disk (humantime, e.g. `2s`; up to `60s`).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// How long, for `stall-syncs` (humantime).
+    #[serde(default)]
+    pub duration: Option<String>,
 }
 
 /// Reply to `admin.fault`.
@@ -246,6 +255,8 @@ mod tests {
         crate::codec::round_trip(&StatsRequest {});
         crate::codec::round_trip(&FaultRequest {
             actor: "orchestrator".into(),
+            kind: Some("panic".into()),
+            duration: None,
         });
         crate::codec::round_trip(&FaultReply {
             stopped: "orchestrator".into(),

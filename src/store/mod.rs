@@ -63,8 +63,14 @@ pub struct GroupRecord {
     pub filters: BTreeMap<String, String>,
     /// Every seq `<= acked_floor` is settled (acked, filtered out or dead-lettered).
     pub acked_floor: u64,
-    /// Settled seqs above the floor.
+    /// Settled seqs above the floor, one by one (records of older brokers; written empty).
+    #[serde(default)]
     pub acked_above: Vec<u64>,
+    /// Settled seqs above the floor as inclusive ranges `[start, end]`, lowest first, at most
+    /// `delivery::group::MAX_ACK_RANGES` of them: the record stays small however many
+    /// messages are acked around one that is not.
+    #[serde(default)]
+    pub acked_ranges: Vec<(u64, u64)>,
     /// Creation time, ms since the epoch.
     pub created_ms: u64,
 }
@@ -409,11 +415,61 @@ impl Storage {
             + self.db.size_on_disk().unwrap_or(0)
     }
 
+    /// Where this run's batch ids start: above every id an earlier run handed out, so that an
+    /// ack naming a batch of an earlier run can never settle a batch of this one. The start is
+    /// the larger of the clock in microseconds and the previous run's reservation; this run
+    /// reserves [`BATCH_IDS_PER_RUN`] ids past its start (kept in sled). A run that hands out
+    /// more ids than that (over a million batches a second for 19 hours) is still covered by
+    /// the clock, which has then moved on further. Ids stay below 2^53 (exact in a JSON
+    /// number) for a couple of centuries.
+    pub fn batch_id_base(&self) -> Result<u64, StoreError> {
+        const KEY: &[u8] = b"batch_id_reserved";
+        let reserved = self
+            .db
+            .get(KEY)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let base = reserved.max(now_us).max(1);
+        self.db
+            .insert(KEY, &base.saturating_add(BATCH_IDS_PER_RUN).to_be_bytes())?;
+        self.db.flush()?;
+        Ok(base)
+    }
+
     /// Payload of a stored message converted to a Bytes (for tests).
     pub fn payload_of(m: &StoredMessage) -> Bytes {
         m.payload.clone()
     }
 }
+
+/// Fault injection (`admin.fault` kind `stall-syncs`): syncs wait until then, as on a stalled
+/// disk.
+static SYNC_STALL_UNTIL: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+
+/// Makes every sync starting in the next `d` wait until `d` has passed (tests of what a
+/// stalled disk does to replies; only reachable with `--enable-fault-injection`).
+pub fn stall_syncs(d: std::time::Duration) {
+    let mut until = SYNC_STALL_UNTIL.lock().unwrap_or_else(|p| p.into_inner());
+    *until = Some(std::time::Instant::now() + d);
+}
+
+fn wait_out_stall() {
+    let until = *SYNC_STALL_UNTIL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(until) = until {
+        let now = std::time::Instant::now();
+        if until > now {
+            std::thread::sleep(until - now);
+        }
+    }
+}
+
+/// Batch ids reserved per broker run (see [`Storage::batch_id_base`]).
+pub const BATCH_IDS_PER_RUN: u64 = 1 << 36;
 
 /// The fsyncs that make a set of writes durable, detached from [`Storage`] so they can run on a
 /// blocking thread.
@@ -456,6 +512,7 @@ impl SyncJob {
 
     /// fdatasync the segment files, fsync the directories.
     pub fn run(self) -> Result<(), StoreError> {
+        wait_out_stall();
         #[cfg(test)]
         if self.fail_if.as_ref().is_some_and(|p| p.exists()) {
             return Err(StoreError::Io(std::io::Error::other(
@@ -566,6 +623,7 @@ mod tests {
                 filters: BTreeMap::new(),
                 acked_floor: 2,
                 acked_above: vec![4],
+                acked_ranges: vec![],
                 created_ms: 0,
             };
             s.put_group("t", "g", &rec).unwrap();
@@ -585,6 +643,7 @@ mod tests {
             filters: BTreeMap::new(),
             acked_floor: 7,
             acked_above: vec![9],
+            acked_ranges: vec![(11, 12)],
             created_ms: 1,
         };
         {

@@ -9,6 +9,10 @@ use rsocket_rust::extension::{
 };
 use rsocket_rust::frame::{self as rf, Frame};
 use rsocket_rust::utils::Writeable;
+use sluice_protocol::{
+    AckReply, AckRequest, Batch, GroupMode, NewMessage, PublishReply, PublishRequest, StreamEvent,
+    SubscribeRequest,
+};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -117,6 +121,23 @@ impl TestBroker {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Waits up to `timeout` for the broker to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            let status = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = status {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Kills (SIGKILL) and starts again on the same data dir (a new port).
@@ -559,4 +580,112 @@ impl Drop for PowerlossFs {
     fn drop(&mut self) {
         self.umount();
     }
+}
+
+// Raw-protocol helpers for tests that drive subscriptions and acks frame by frame (stream 1 is
+// the subscription; requests use odd ids from 3).
+
+/// How long a raw helper waits for a frame.
+pub const RAW_T: Duration = Duration::from_secs(20);
+/// Keepalive lifetime of raw helper connections.
+pub const RAW_LIFETIME: Duration = Duration::from_secs(120);
+
+pub async fn raw_next(c: &mut RawClient, t: Duration) -> Option<Frame> {
+    Box::pin(c.next(t)).await
+}
+
+pub async fn raw_publish(c: &mut RawClient, sid: u32, topic: &str, n: usize) -> PublishReply {
+    let req = PublishRequest {
+        topic: topic.into(),
+        messages: (1..=n)
+            .map(|i| NewMessage {
+                payload: Bytes::from(format!("m{i}")),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    c.request(
+        sid,
+        "publish",
+        sluice_protocol::encode(&req).expect("encode"),
+    )
+    .await;
+    let f = raw_next(c, RAW_T).await.expect("publish reply");
+    let data = payload_of(&f).unwrap_or_else(|| panic!("publish failed: {:?}", error_of(&f)));
+    sluice_protocol::decode(&data).expect("decode PublishReply")
+}
+
+pub async fn raw_subscribe(
+    addr: &str,
+    topic: &str,
+    group: &str,
+    window: u32,
+    batch: u32,
+) -> RawClient {
+    let mut c = RawClient::setup(addr, RAW_LIFETIME).await;
+    let req = SubscribeRequest {
+        topic: topic.into(),
+        group: group.into(),
+        mode: GroupMode::Shared,
+        filters: Default::default(),
+        window: Some(window),
+        batch_size: Some(batch),
+    };
+    let f = rf::RequestStream::builder(1, 0)
+        .set_initial_request_n(1000)
+        .set_metadata(route_metadata("subscribe"))
+        .set_data(sluice_protocol::encode(&req).expect("encode"))
+        .build();
+    c.send(&f).await;
+    c
+}
+
+/// The next batch on the subscription (stream 1), skipping nothing.
+pub async fn raw_next_batch(c: &mut RawClient) -> Batch {
+    let f = raw_next(c, RAW_T).await.expect("a batch in time");
+    assert_eq!(f.get_stream_id(), 1, "unexpected frame {f:?}");
+    let data = payload_of(&f).unwrap_or_else(|| panic!("subscribe failed: {:?}", error_of(&f)));
+    match sluice_protocol::decode::<StreamEvent>(&data).expect("decode StreamEvent") {
+        StreamEvent::Batch(b) => b,
+        other => panic!("expected a batch, got {other:?}"),
+    }
+}
+
+pub fn ack_request(topic: &str, group: &str, batch_id: u64, seqs: Option<Vec<u64>>) -> Bytes {
+    let req = AckRequest {
+        topic: topic.into(),
+        group: group.into(),
+        batch_id,
+        seqs,
+    };
+    sluice_protocol::encode(&req).expect("encode")
+}
+
+pub async fn raw_ack(
+    c: &mut RawClient,
+    sid: u32,
+    topic: &str,
+    batch_id: u64,
+    seqs: Option<Vec<u64>>,
+) -> AckReply {
+    c.request(sid, "ack", ack_request(topic, "g", batch_id, seqs))
+        .await;
+    raw_reply(c, sid).await
+}
+
+/// The reply on stream `sid`, skipping batches that arrive meanwhile on the subscription.
+pub async fn raw_reply(c: &mut RawClient, sid: u32) -> AckReply {
+    let f = loop {
+        let f = raw_next(c, RAW_T).await.expect("ack reply");
+        if f.get_stream_id() != 1 {
+            break f;
+        }
+    };
+    assert_eq!(f.get_stream_id(), sid, "{f:?}");
+    let data = payload_of(&f).unwrap_or_else(|| panic!("ack failed: {:?}", error_of(&f)));
+    sluice_protocol::decode(&data).expect("decode AckReply")
+}
+
+pub fn batch_seqs(b: &Batch) -> Vec<u64> {
+    b.messages.iter().map(|m| m.seq).collect()
 }

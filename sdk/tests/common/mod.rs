@@ -396,6 +396,7 @@ fn request_response(ctx: &Ctx, route: &str, data: &[u8]) -> Result<Bytes, WireEr
                     AckOutcome::AlreadyAcked
                 },
                 count,
+                rejected: Vec::new(),
             }))
         }
         sluice_protocol::route::NACK => {
@@ -405,6 +406,7 @@ fn request_response(ctx: &Ctx, route: &str, data: &[u8]) -> Result<Bytes, WireEr
             enc(encode(&AckReply {
                 outcome: AckOutcome::Settled,
                 count,
+                rejected: Vec::new(),
             }))
         }
         sluice_protocol::route::ADMIN_STATS => enc(encode(&BrokerStats {
