@@ -571,3 +571,54 @@ fn consume_count_waits_for_messages_in_rounds_without_taking_extra() {
     assert!(ok, "{stderr}");
     assert_eq!(seqs_and_attempts(&stdout), vec![(6, 1), (7, 1)]);
 }
+
+#[test]
+fn consume_gives_back_what_it_could_not_print() {
+    let b = TestBroker::start();
+    let addr = b.addr();
+    // Lines of ~20 KB: a few fill the pipe, the next write blocks until the reader is gone.
+    let (ok, _, stderr) = b.cli(&[
+        "publish", "--addr", &addr, "--topic", "big", "--count", "10", "--size", "20000",
+    ]);
+    assert!(ok, "{stderr}");
+    let mut child = sluice()
+        .args([
+            "consume", "--addr", &addr, "--topic", "big", "--group", "g", "--count", "10", "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn consume");
+    {
+        use std::io::BufRead;
+        let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut first = String::new();
+        reader.read_line(&mut first).expect("first line");
+        assert!(first.contains("\"seq\":1"), "{first}");
+        // Dropping the reader closes the pipe: the blocked write fails with EPIPE.
+    }
+    let out = child.wait_with_output().expect("consume exits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What it printed (into the pipe) it acked; the rest it gave back without a failure.
+    let g = group_stats(&b, "big", "g");
+    let printed = g["acked_floor"].as_u64().expect("acked_floor");
+    assert!((1..10).contains(&printed), "{g}");
+    assert_eq!(
+        (g["in_flight_messages"].as_u64(), g["redeliveries"].as_u64()),
+        (Some(0), Some(0)),
+        "{g}"
+    );
+    let rest = (10 - printed).to_string();
+    let (ok, stdout, stderr) = b.cli(&[
+        "consume", "--addr", &addr, "--topic", "big", "--group", "g", "--count", &rest, "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        seqs_and_attempts(&stdout),
+        (printed + 1..=10).map(|s| (s, 1)).collect::<Vec<_>>()
+    );
+}

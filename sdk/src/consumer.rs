@@ -9,8 +9,9 @@
 //!   returns that error.
 //! - the **consumer** itself ([`Consumer::next`]) hands messages out one by one and tracks, per
 //!   batch, which ones are still unsettled (`AckTracker`). When every message of a batch has
-//!   been acked or nacked it queues ONE `ack` request with the acked seqs and one `nack` request
-//!   with the nacked seqs; [`Consumer::ack`] never waits for the network.
+//!   been acked, nacked or released it queues ONE `ack` request with the acked seqs, one `nack`
+//!   request with the nacked seqs and one `nack` with `release` for the released ones;
+//!   [`Consumer::ack`] never waits for the network.
 //! - the **acker task** sends those requests on the current connection (waiting for a new one
 //!   after a disconnect: the broker acks sequence numbers even for batches it no longer knows),
 //!   and records their outcome for [`Consumer::flush_acks`].
@@ -422,6 +423,14 @@ impl Consumer {
         self.settle(message, Settle::Nack)
     }
 
+    /// Returns a message that was received but will not be processed (e.g. when stopping):
+    /// once its batch is settled, one `nack` request with `release` sends it (with the batch's
+    /// other released messages) back. Unlike [`Consumer::nack`] this counts no failure: the
+    /// message comes again with the same `attempt`.
+    pub fn release(&self, message: &Received) -> Result<()> {
+        self.settle(message, Settle::Release)
+    }
+
     fn settle(&self, message: &Received, kind: Settle) -> Result<()> {
         if message.consumer_id != self.shared.consumer_id {
             return Err(SdkError::InvalidArgument(
@@ -667,6 +676,8 @@ pub(crate) struct Position {
 pub(crate) enum Settle {
     Ack,
     Nack,
+    /// A nack with `release`: no failure counted, `attempt` not raised.
+    Release,
 }
 
 /// One `ack` or `nack` request to send.
@@ -690,6 +701,7 @@ struct TrackedBatch {
     unsettled: usize,
     acked: Vec<u64>,
     nacked: Vec<u64>,
+    released: Vec<u64>,
 }
 
 impl TrackedBatch {
@@ -711,6 +723,7 @@ impl TrackedBatch {
         for (kind, seqs) in [
             (Settle::Ack, std::mem::take(&mut self.acked)),
             (Settle::Nack, std::mem::take(&mut self.nacked)),
+            (Settle::Release, std::mem::take(&mut self.released)),
         ] {
             if !seqs.is_empty() {
                 jobs.push(AckJob {
@@ -763,6 +776,7 @@ impl AckTracker {
                 // Usually every message is acked: room for all of them up front.
                 acked: Vec::with_capacity(seqs.len()),
                 nacked: Vec::new(),
+                released: Vec::new(),
                 seqs,
             },
         );
@@ -781,6 +795,7 @@ impl AckTracker {
         match kind {
             Settle::Ack => batch.acked.push(at.seq),
             Settle::Nack => batch.nacked.push(at.seq),
+            Settle::Release => batch.released.push(at.seq),
         }
         if batch.unsettled == 0 {
             self.complete(key)
@@ -882,13 +897,13 @@ async fn execute_ack(shared: &Shared, job: AckJob) -> Result<AckReply> {
                 };
                 client.request::<_, AckReply>(route::ACK, &req).await
             }
-            Settle::Nack => {
+            Settle::Nack | Settle::Release => {
                 let req = NackRequest {
                     topic: job.topic.clone(),
                     group: job.group.clone(),
                     batch_id: job.batch_id,
                     seqs: seqs.clone(),
-                    release: false,
+                    release: job.kind == Settle::Release,
                 };
                 client.request::<_, AckReply>(route::NACK, &req).await
             }
@@ -1371,21 +1386,23 @@ mod tests {
     }
 
     #[test]
-    fn mixed_batch_gives_one_ack_and_one_nack() {
+    fn mixed_batch_gives_one_ack_one_nack_and_one_release() {
         let mut t = AckTracker::default();
-        register(&mut t, key(1, 1), &[1, 2, 3, 4]);
+        register(&mut t, key(1, 1), &[1, 2, 3, 4, 5, 6]);
         t.settle(key(1, 1), at(0, 1), Settle::Ack);
         t.settle(key(1, 1), at(1, 2), Settle::Nack);
+        t.settle(key(1, 1), at(5, 6), Settle::Release);
         t.settle(key(1, 1), at(2, 3), Settle::Ack);
+        t.settle(key(1, 1), at(4, 5), Settle::Release);
         let jobs = t.settle(key(1, 1), at(3, 4), Settle::Nack);
-        assert_eq!(jobs.len(), 2);
+        let jobs: Vec<(Settle, Vec<u64>)> = jobs.into_iter().map(|j| (j.kind, j.seqs)).collect();
         assert_eq!(
-            (jobs[0].kind, jobs[0].seqs.clone()),
-            (Settle::Ack, vec![1, 3])
-        );
-        assert_eq!(
-            (jobs[1].kind, jobs[1].seqs.clone()),
-            (Settle::Nack, vec![2, 4])
+            jobs,
+            vec![
+                (Settle::Ack, vec![1, 3]),
+                (Settle::Nack, vec![2, 4]),
+                (Settle::Release, vec![6, 5])
+            ]
         );
     }
 

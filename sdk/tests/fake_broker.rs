@@ -422,3 +422,43 @@ async fn max_batches_asks_for_that_many_items_then_ends() {
     assert_eq!(rec.subscribe_credits, vec![4]);
     assert_eq!(rec.subscribes.len(), 1, "no resubscription");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_messages_go_back_in_a_release_nack() {
+    let broker = FakeBroker::start().await;
+    let producer = Producer::connect(config(&broker)).await.expect("connect");
+    for i in 0..4 {
+        producer.send("t", format!("m{i}")).await.expect("publish");
+    }
+    let mut consumer =
+        Consumer::subscribe(ConsumerConfig::new(config(&broker), "t", "g").batch_size(4))
+            .await
+            .expect("subscribe");
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(
+            within("next", consumer.next())
+                .await
+                .expect("open")
+                .expect("msg"),
+        );
+    }
+    consumer.ack(&got[0]).expect("ack");
+    consumer.nack(&got[1]).expect("nack");
+    consumer.release(&got[3]).expect("release");
+    consumer.release(&got[2]).expect("release");
+    within("flush", consumer.flush_acks()).await.expect("flush");
+    // Two requests, sent concurrently: the plain nack and the release.
+    let mut nacks: Vec<(bool, Option<Vec<u64>>)> = broker
+        .recorded()
+        .nacks
+        .iter()
+        .map(|n| (n.release, n.seqs.clone()))
+        .collect();
+    nacks.sort();
+    assert_eq!(
+        nacks,
+        vec![(false, Some(vec![2])), (true, Some(vec![4, 3]))]
+    );
+    assert_eq!(broker.acked("t", "g"), BTreeSet::from([1]));
+}

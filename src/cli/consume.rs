@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use base64::Engine as _;
+use futures::FutureExt as _;
 use sluice_sdk::{Consumer, ConsumerConfig, DeliveredMessage, ErrorCode, GroupMode, SdkError};
 
 use crate::config::MAX_BATCH_SIZE;
@@ -132,6 +133,7 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
         config.validate()?;
         let mut consumer = Consumer::subscribe(config).await?;
         let outcome = consume_loop(&mut consumer, &args, &mut printed).await;
+        release_unprinted(&mut consumer);
         // Whatever happened, make the acks we made durable before going on or exiting.
         let flush_limit = args.conn.request_timeout.saturating_mul(3);
         let flushed = match tokio::time::timeout(flush_limit, consumer.flush_acks()).await {
@@ -181,6 +183,24 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Gives back every message that arrived but was not printed (stopped by Ctrl-C, a closed
+/// stdout, ...) as a release: it comes again with the same `attempt`, not as a redelivery.
+fn release_unprinted(consumer: &mut Consumer) {
+    let mut released = 0u64;
+    while let Some(Some(Ok(r))) = consumer.next().now_or_never() {
+        match consumer.release(&r) {
+            Ok(()) => released += 1,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot release the messages not printed");
+                break;
+            }
+        }
+    }
+    if released > 0 {
+        tracing::debug!(released, "messages not printed given back");
+    }
+}
+
 /// True if the broker refused the subscription because another consumer holds the group.
 fn exclusive_taken(e: &anyhow::Error) -> bool {
     e.downcast_ref::<SdkError>()
@@ -224,8 +244,11 @@ async fn consume_loop(
         };
         match write_stdout(&line) {
             Ok(()) => {}
-            // Not printed, so not acked: the broker redelivers it.
-            Err(e) if is_broken_pipe(&e) => return Ok(Stop::StdoutClosed),
+            // Not printed, so not acked: given back for another consumer.
+            Err(e) if is_broken_pipe(&e) => {
+                consumer.release(&received)?;
+                return Ok(Stop::StdoutClosed);
+            }
             Err(e) => return Err(e).context("cannot write to stdout"),
         }
         if !args.no_ack {
