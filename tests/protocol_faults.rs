@@ -945,3 +945,78 @@ async fn expect_still_open(c: &mut RawClient, what: &str) {
         "{what}: answered with {f:?}"
     );
 }
+
+/// docs/protocol.md §1.4: a client's requests use odd stream ids; a request (of any kind) on an
+/// even id is a malformed frame that closes the connection. The broker does not check that ids
+/// increase (rsocket_rust's client puts concurrent requests on the wire out of id order): a
+/// smaller id, or the id of a finished request, is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_even_stream_ids_are_malformed() {
+    let b = TestBroker::start();
+    let mut by = Bystander::new(&b, "stream-ids").await;
+    let publish = |sid: u32| {
+        encoded(
+            &rf::RequestResponse::builder(sid, 0)
+                .set_metadata(route_metadata("publish"))
+                .set_data(publish_data("t", &[Bytes::from_static(b"x")]))
+                .build(),
+        )
+    };
+    let fnf = encoded(
+        &rf::RequestFNF::builder(4, 0)
+            .set_metadata(route_metadata("publish"))
+            .set_data(publish_data("t", &[Bytes::from_static(b"x")]))
+            .build(),
+    );
+    let stream = encoded(
+        &rf::RequestStream::builder(6, 0)
+            .set_initial_request_n(1)
+            .set_metadata(route_metadata("subscribe"))
+            .set_data(Bytes::from_static(b"\x80"))
+            .build(),
+    );
+    let fragment = encoded(
+        &rf::RequestResponse::builder(8, Frame::FLAG_FOLLOW)
+            .set_metadata(route_metadata("publish"))
+            .build(),
+    );
+    let cases = [
+        ("REQUEST_RESPONSE on stream 2", publish(2)),
+        ("REQUEST_FNF on stream 4", fnf),
+        ("REQUEST_STREAM on stream 6", stream),
+        ("a first fragment on stream 8", fragment),
+        ("REQUEST_RESPONSE on stream 2^31-2", publish(0x7FFF_FFFE)),
+        // Odd ids first, then an even one: still refused.
+        ("stream 2 after stream 1", [publish(1), publish(2)].concat()),
+    ];
+    for (what, bytes) in cases {
+        let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
+        c.send_raw(&bytes).await;
+        let seen = closed(&mut c, T)
+            .await
+            .unwrap_or_else(|| panic!("{what}: connection not closed"));
+        let errs: Vec<_> = seen
+            .iter()
+            .filter(|f| f.get_stream_id() == 0)
+            .filter_map(error_of)
+            .collect();
+        assert!(
+            matches!(&errs[..], [(code, text)] if *code == CONNECTION_ERROR && text.starts_with("1003 MALFORMED_FRAME")),
+            "{what}: expected ERROR 0x101 1003 on stream 0, got {seen:?}"
+        );
+        by.check(what).await;
+    }
+    // Decreasing ids and the id of a finished request are served.
+    let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
+    for sid in [9, 7, 1, 9, 0x7FFF_FFFF] {
+        c.request(
+            sid,
+            "publish",
+            publish_data("t", &[Bytes::from_static(b"y")]),
+        )
+        .await;
+        expect_publish_reply(&mut c, sid, &format!("publish on stream {sid}")).await;
+    }
+    by.check("decreasing and reused ids").await;
+    by.finish(&b).await;
+}
