@@ -1020,3 +1020,60 @@ async fn requests_on_even_stream_ids_are_malformed() {
     by.check("decreasing and reused ids").await;
     by.finish(&b).await;
 }
+
+/// docs/protocol.md §1.6: a fragmented request is reassembled; the bytes of all requests in
+/// reassembly on a connection are bounded by the max request size (4 MiB), and at most 64
+/// requests may be in reassembly at once; past either, `0x101 1007` and the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_requests_are_reassembled_within_their_limits() {
+    let b = TestBroker::start();
+    let mut by = Bystander::new(&b, "fragments").await;
+    let first = |sid: u32, data: Bytes| {
+        encoded(
+            &rf::RequestResponse::builder(sid, Frame::FLAG_FOLLOW)
+                .set_metadata(route_metadata("publish"))
+                .set_data(data)
+                .build(),
+        )
+    };
+    let more = |sid: u32, data: Bytes, follows: bool| {
+        let flags = if follows { Frame::FLAG_FOLLOW } else { 0 } | Frame::FLAG_NEXT;
+        encoded(&rf::Payload::builder(sid, flags).set_data(data).build())
+    };
+
+    // A publish in three fragments.
+    let whole = publish_data("reassembled", &[Bytes::from(vec![b'f'; 3000])]);
+    let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
+    c.send_raw(
+        &[
+            first(1, whole.slice(..1000)),
+            more(1, whole.slice(1000..2000), true),
+            more(1, whole.slice(2000..), false),
+        ]
+        .concat(),
+    )
+    .await;
+    let r = expect_publish_reply(&mut c, 1, "a publish in three fragments").await;
+    assert_eq!((r.topic.as_str(), r.first_seq), ("reassembled", 1));
+
+    // Two requests in reassembly, 3 MiB each: together over 4 MiB.
+    let chunk = Bytes::from(vec![0u8; 3 * 1024 * 1024]);
+    let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
+    c.send_raw(&first(1, chunk.clone())).await;
+    c.send_raw(&first(3, chunk)).await;
+    expect_conn_error(&mut c, CONNECTION_ERROR, "1007 PAYLOAD_TOO_LARGE").await;
+    by.check("6 MiB in reassembly").await;
+
+    // 64 requests in reassembly are fine (one more fragment each completes nothing); the 65th
+    // is refused.
+    let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
+    let starts: Vec<u8> = (0..64)
+        .flat_map(|i| first(1 + 2 * i, Bytes::from_static(b"\x82")))
+        .collect();
+    c.send_raw(&starts).await;
+    expect_still_open(&mut c, "64 requests in reassembly").await;
+    c.send_raw(&first(129, Bytes::from_static(b"\x82"))).await;
+    expect_conn_error(&mut c, CONNECTION_ERROR, "1007 PAYLOAD_TOO_LARGE").await;
+    by.check("65 requests in reassembly").await;
+    by.finish(&b).await;
+}

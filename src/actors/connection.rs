@@ -1107,28 +1107,31 @@ impl Handler<DeliverBatch> for ConnectionActor {
     type Result = ();
     fn handle(&mut self, msg: DeliverBatch, ctx: &mut Context<Self>) {
         let sid = msg.consumer.stream;
-        if !matches!(self.streams.get(&sid), Some(StreamState::Subscription(_))) {
+        let Some(StreamState::Subscription(sub)) = self.streams.get_mut(&sid) else {
             return;
-        }
+        };
         let f = rf::Payload::builder(sid, Frame::FLAG_NEXT)
             .set_data(msg.data)
             .build();
-        if let Err(e) = self.send_frame(&f, ctx) {
+        if let Err(e) = try_encode_frame(&f, &mut self.out) {
             // Never a corrupt frame: the batch is not sent, times out and is redelivered (the
             // orchestrator sizes batches to fit; this is the last guard).
             ConnectionCounters::bump(&self.links.counters.oversize_batches_dropped);
             tracing::error!(
                 conn_id = self.id,
                 sid,
+                batch_id = msg.batch_id,
                 error = %e,
                 "batch not sent: its frame does not fit the RSocket frame limit"
             );
             return;
         }
-        if let Some(StreamState::Subscription(sub)) = self.streams.get_mut(&sid) {
-            sub.credits = sub.credits.saturating_sub(1);
-        }
+        sub.credits = sub.credits.saturating_sub(1);
         self.in_flight_batches += 1;
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.notify(Flush);
+        }
     }
 }
 
