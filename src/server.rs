@@ -2,7 +2,9 @@
 //! the accept loop (one [`ConnectionActor`] per accepted socket). Must run inside an actix
 //! `System`.
 
-use crate::actors::connection::{BrokerLinks, ConnectionActor};
+use crate::actors::connection::{
+    BrokerLinks, ConnectionActor, ConnectionCounters, ConnectionLimits,
+};
 use crate::actors::orchestrator::{DeliveryConfig, OrchestratorActor, SetRegistry};
 use crate::actors::registry::{RegistryActor, SetPeers};
 use crate::actors::store::{SetAppendListeners, StoreActor};
@@ -155,6 +157,8 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
 
     let links = BrokerLinks {
         config: config.clone(),
+        limits: ConnectionLimits::default(),
+        counters: Arc::new(ConnectionCounters::default()),
         store,
         orchestrators: Arc::new(orchestrators),
         registry,

@@ -947,3 +947,135 @@ async fn expect_still_open(c: &mut RawClient, what: &str) {
         "{what}: answered with {f:?}"
     );
 }
+
+/// docs/protocol.md §1.4: a client's requests use odd stream ids; a request (of any kind) on an
+/// even id is a malformed frame that closes the connection. The broker does not check that ids
+/// increase (rsocket_rust's client puts concurrent requests on the wire out of id order): a
+/// smaller id, or the id of a finished request, is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_even_stream_ids_are_malformed() {
+    let b = TestBroker::start();
+    let mut by = Bystander::new(&b, "stream-ids").await;
+    let publish = |sid: u32| {
+        encoded(
+            &rf::RequestResponse::builder(sid, 0)
+                .set_metadata(route_metadata("publish"))
+                .set_data(publish_data("t", &[Bytes::from_static(b"x")]))
+                .build(),
+        )
+    };
+    let fnf = encoded(
+        &rf::RequestFNF::builder(4, 0)
+            .set_metadata(route_metadata("publish"))
+            .set_data(publish_data("t", &[Bytes::from_static(b"x")]))
+            .build(),
+    );
+    let stream = encoded(
+        &rf::RequestStream::builder(6, 0)
+            .set_initial_request_n(1)
+            .set_metadata(route_metadata("subscribe"))
+            .set_data(Bytes::from_static(b"\x80"))
+            .build(),
+    );
+    let fragment = encoded(
+        &rf::RequestResponse::builder(8, Frame::FLAG_FOLLOW)
+            .set_metadata(route_metadata("publish"))
+            .build(),
+    );
+    let cases = [
+        ("REQUEST_RESPONSE on stream 2", publish(2)),
+        ("REQUEST_FNF on stream 4", fnf),
+        ("REQUEST_STREAM on stream 6", stream),
+        ("a first fragment on stream 8", fragment),
+        ("REQUEST_RESPONSE on stream 2^31-2", publish(0x7FFF_FFFE)),
+        // Odd ids first, then an even one: still refused.
+        ("stream 2 after stream 1", [publish(1), publish(2)].concat()),
+    ];
+    for (what, bytes) in cases {
+        let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
+        c.send_raw(&bytes).await;
+        let seen = closed(&mut c, T)
+            .await
+            .unwrap_or_else(|| panic!("{what}: connection not closed"));
+        let errs: Vec<_> = seen
+            .iter()
+            .filter(|f| f.get_stream_id() == 0)
+            .filter_map(error_of)
+            .collect();
+        assert!(
+            matches!(&errs[..], [(code, text)] if *code == CONNECTION_ERROR && text.starts_with("1003 MALFORMED_FRAME")),
+            "{what}: expected ERROR 0x101 1003 on stream 0, got {seen:?}"
+        );
+        by.check(what).await;
+    }
+    // Decreasing ids and the id of a finished request are served.
+    let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
+    for sid in [9, 7, 1, 9, 0x7FFF_FFFF] {
+        c.request(
+            sid,
+            "publish",
+            publish_data("t", &[Bytes::from_static(b"y")]),
+        )
+        .await;
+        expect_publish_reply(&mut c, sid, &format!("publish on stream {sid}")).await;
+    }
+    by.check("decreasing and reused ids").await;
+    by.finish(&b).await;
+}
+
+/// docs/protocol.md §1.6: a fragmented request is reassembled; the bytes of all requests in
+/// reassembly on a connection are bounded by the max request size (4 MiB), and at most 64
+/// requests may be in reassembly at once; past either, `0x101 1007` and the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_requests_are_reassembled_within_their_limits() {
+    let b = TestBroker::start();
+    let mut by = Bystander::new(&b, "fragments").await;
+    let first = |sid: u32, data: Bytes| {
+        encoded(
+            &rf::RequestResponse::builder(sid, Frame::FLAG_FOLLOW)
+                .set_metadata(route_metadata("publish"))
+                .set_data(data)
+                .build(),
+        )
+    };
+    let more = |sid: u32, data: Bytes, follows: bool| {
+        let flags = if follows { Frame::FLAG_FOLLOW } else { 0 } | Frame::FLAG_NEXT;
+        encoded(&rf::Payload::builder(sid, flags).set_data(data).build())
+    };
+
+    // A publish in three fragments.
+    let whole = publish_data("reassembled", &[Bytes::from(vec![b'f'; 3000])]);
+    let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
+    c.send_raw(
+        &[
+            first(1, whole.slice(..1000)),
+            more(1, whole.slice(1000..2000), true),
+            more(1, whole.slice(2000..), false),
+        ]
+        .concat(),
+    )
+    .await;
+    let r = expect_publish_reply(&mut c, 1, "a publish in three fragments").await;
+    assert_eq!((r.topic.as_str(), r.first_seq), ("reassembled", 1));
+
+    // Two requests in reassembly, 3 MiB each: together over 4 MiB.
+    let chunk = Bytes::from(vec![0u8; 3 * 1024 * 1024]);
+    let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
+    c.send_raw(&first(1, chunk.clone())).await;
+    c.send_raw(&first(3, chunk)).await;
+    expect_conn_error(&mut c, CONNECTION_ERROR, "1007 PAYLOAD_TOO_LARGE").await;
+    by.check("6 MiB in reassembly").await;
+
+    // 64 requests in reassembly are fine (one more fragment each completes nothing); the 65th
+    // is refused.
+    let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
+    let starts: Vec<u8> = (0..64)
+        .flat_map(|i| first(1 + 2 * i, Bytes::from_static(b"\x82")))
+        .collect();
+    c.send_raw(&starts).await;
+    expect_still_open(&mut c, "64 requests in reassembly").await;
+    c.send_raw(&first(129, Bytes::from_static(b"\x82"))).await;
+    expect_conn_error(&mut c, CONNECTION_ERROR, "1007 PAYLOAD_TOO_LARGE").await;
+    by.check("65 requests in reassembly").await;
+    by.finish(&b).await;
+}

@@ -3,9 +3,12 @@
 //! credits and liveness, and forwards requests to the store, orchestrators and registry.
 //!
 //! Lifecycle: accepted → waiting for SETUP (closed after `setup_timeout`) → ready → closed when
-//! the peer closes, the socket fails, a frame is malformed, or nothing arrives for the keepalive
-//! lifetime. On stop, every subscription leaves its group (its in-flight batches are redelivered
-//! at once) and the writer drains and drops the socket.
+//! the peer closes, the socket fails, a frame is malformed, nothing arrives for the keepalive
+//! lifetime (a quiet client is first asked for a sign of life with a KEEPALIVE carrying RESPOND),
+//! or the client does not read (more than [`ConnectionLimits::max_queued_bytes`] waiting to be
+//! written). On stop, every subscription leaves its group (its in-flight batches are redelivered
+//! at once) and the writer drains and drops the socket (or, for a client that does not read,
+//! drops what is queued at once).
 
 use super::orchestrator::{
     AckBatch, DeliverBatch, GrantCredits, JoinGroup, LeaveGroup, NackBatch, OrchestratorActor,
@@ -17,22 +20,27 @@ use super::registry::{
 use super::store::{AppendMessages, StoreActor};
 use super::{shard_for, ActorCounters, ConsumerId, InjectFault};
 use crate::config::Config;
-use crate::session::frame::{encode_frame, FrameCodec, FrameError, Inbound};
-use crate::session::streams::{route_of, Partial, RequestKind};
-use crate::session::writer::{spawn_writer, WriterEnd, WriterHandle};
+use crate::session::frame::{try_encode_frame, FrameCodec, FrameError, FrameTooLarge, Inbound};
+use crate::session::keepalive::{Keepalive, Liveness};
+use crate::session::streams::{
+    check_request_stream_id, route_of, Partial, RequestKind, MAX_PARTIALS,
+};
+use crate::session::writer::{spawn_writer, SendError, WriterEnd, WriterHandle};
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use rsocket_rust::frame::{self as rf, Body, Frame};
 use serde::de::DeserializeOwned;
+use sluice_protocol::subscribe::validate_name;
 use sluice_protocol::{
     check_version, route, AckRequest, ActorStats, ConnectionStats, ErrorCode, FaultReply,
-    FaultRequest, NackRequest, PublishReply, PublishRequest, SetupRequest, SubscribeRequest,
-    WireError, MAX_PRIORITY,
+    FaultRequest, NackRequest, PublishReply, PublishRequest, SetupRequest, StatsRequest,
+    SubscribeRequest, WireError, MAX_PRIORITY,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 
@@ -48,11 +56,55 @@ const ERR_APPLICATION_ERROR: u32 = 0x201;
 const FLAG_LEASE: u16 = 0x040;
 const FLAG_RESUME_ENABLE: u16 = 0x080;
 
+/// Default of [`ConnectionLimits::max_queued_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+
+/// Limits of every connection that the configuration does not (yet) carry.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Most bytes waiting to be written to one client (encoded frames handed to the writer and
+    /// not yet accepted by the socket). A client that lets more pile up does not read: it is
+    /// disconnected, and its batches go back to their groups.
+    pub max_queued_bytes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+        }
+    }
+}
+
+/// Broker-wide counters of what the connections refused or cut short; shared by every
+/// connection.
+#[derive(Debug, Default)]
+pub struct ConnectionCounters {
+    /// Connections closed because the client did not read (queue over `max_queued_bytes`).
+    pub slow_clients_disconnected: AtomicU64,
+    /// Batches not sent because their frame would not fit the RSocket frame limit.
+    pub oversize_batches_dropped: AtomicU64,
+    /// Connections closed because nothing arrived for the keepalive lifetime.
+    pub lifetimes_expired: AtomicU64,
+    /// KEEPALIVE frames with RESPOND sent to quiet clients.
+    pub keepalive_pings: AtomicU64,
+}
+
+impl ConnectionCounters {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Handles every connection needs.
 #[derive(Clone)]
 pub struct BrokerLinks {
     /// Validated configuration.
     pub config: Arc<Config>,
+    /// Limits not in the configuration.
+    pub limits: ConnectionLimits,
+    /// Counters shared by every connection.
+    pub counters: Arc<ConnectionCounters>,
     /// The store.
     pub store: Addr<StoreActor>,
     /// Orchestrators by shard.
@@ -116,8 +168,7 @@ pub struct ConnectionActor {
     peer: SocketAddr,
     links: BrokerLinks,
     client_id: Option<String>,
-    lifetime: Duration,
-    last_inbound: Instant,
+    keepalive: Keepalive,
     connected_at: Instant,
     out: BytesMut,
     flush_scheduled: bool,
@@ -149,16 +200,22 @@ impl ConnectionActor {
                 8 * 1024,
             ));
             let addr = ctx.address();
-            let writer = spawn_writer(w, links.config.lifetime, move |end| {
-                addr.do_send(WriterEnded(end))
-            });
+            let writer = spawn_writer(
+                w,
+                links.config.lifetime,
+                links.limits.max_queued_bytes,
+                move |end| addr.do_send(WriterEnded(end)),
+            );
             ConnectionActor {
                 id,
                 peer,
-                lifetime: links.config.lifetime,
+                keepalive: Keepalive::new(
+                    links.config.lifetime,
+                    links.config.keepalive,
+                    Instant::now(),
+                ),
                 links,
                 client_id: None,
-                last_inbound: Instant::now(),
                 connected_at: Instant::now(),
                 out: BytesMut::new(),
                 flush_scheduled: false,
@@ -173,23 +230,60 @@ impl ConnectionActor {
         })
     }
 
-    fn send_frame(&mut self, frame: &Frame, ctx: &mut Context<Self>) {
-        encode_frame(frame, &mut self.out);
+    /// Encodes `frame` into the turn's buffer (nothing is written if it does not fit the
+    /// 3-byte length prefix) and makes sure the buffer is handed to the writer this turn.
+    fn send_frame(&mut self, frame: &Frame, ctx: &mut Context<Self>) -> Result<(), FrameTooLarge> {
+        try_encode_frame(frame, &mut self.out)?;
         if !self.flush_scheduled {
             self.flush_scheduled = true;
             ctx.notify(Flush);
         }
+        Ok(())
     }
 
-    fn flush(&mut self) {
+    /// Hands what this turn encoded to the writer.
+    fn hand_over(&mut self) -> Result<(), SendError> {
         self.flush_scheduled = false;
         if self.out.is_empty() {
-            return;
+            return Ok(());
         }
         let chunk = self.out.split().freeze();
-        if let Some(w) = &self.writer {
-            w.send(chunk);
+        match &self.writer {
+            Some(w) => w.send(chunk),
+            None => Err(SendError::Closed),
         }
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if let Err(SendError::Full {
+            queued,
+            chunk,
+            limit,
+        }) = self.hand_over()
+        {
+            self.not_reading(queued, chunk, limit, ctx);
+        }
+        // Closed: the writer has ended and `WriterEnded` stops the actor.
+    }
+
+    /// The client lets more than the limit pile up: it does not read. Drop what is queued for
+    /// it and disconnect; its subscriptions leave their groups, which redeliver its batches.
+    fn not_reading(&mut self, queued: usize, chunk: usize, limit: usize, ctx: &mut Context<Self>) {
+        ConnectionCounters::bump(&self.links.counters.slow_clients_disconnected);
+        tracing::warn!(
+            conn_id = self.id,
+            peer = %self.peer,
+            client_id = self.client_id.as_deref().unwrap_or(""),
+            queued,
+            chunk,
+            limit,
+            "client does not read: more than the limit waits to be written to it; disconnecting (its batches are redelivered)"
+        );
+        if let Some(w) = self.writer.take() {
+            w.abort();
+        }
+        self.closing = true;
+        ctx.stop();
     }
 
     fn send_error(&mut self, sid: u32, code: u32, text: String, ctx: &mut Context<Self>) {
@@ -197,7 +291,9 @@ impl ConnectionActor {
             .set_code(code)
             .set_data(Bytes::from(text))
             .build();
-        self.send_frame(&f, ctx);
+        if let Err(e) = self.send_frame(&f, ctx) {
+            tracing::error!(conn_id = self.id, sid, error = %e, "ERROR frame not sent");
+        }
     }
 
     /// Sends a connection-level ERROR and closes.
@@ -228,7 +324,14 @@ impl ConnectionActor {
                 let f = rf::Payload::builder(sid, Frame::FLAG_NEXT | Frame::FLAG_COMPLETE)
                     .set_data(data)
                     .build();
-                self.send_frame(&f, ctx);
+                if let Err(e) = self.send_frame(&f, ctx) {
+                    tracing::error!(conn_id = self.id, sid, error = %e, "reply too large for one frame");
+                    let e = WireError::new(
+                        ErrorCode::Internal,
+                        format!("the reply does not fit one frame: {e}"),
+                    );
+                    self.send_error(sid, ERR_APPLICATION_ERROR, e.to_text(), ctx);
+                }
             }
             Err(e) => self.send_error(sid, ERR_APPLICATION_ERROR, e.to_text(), ctx),
         }
@@ -276,7 +379,8 @@ impl ConnectionActor {
                         b = b.set_data(d.clone());
                     }
                     let f = b.build();
-                    self.send_frame(&f, ctx);
+                    // The echo is no larger than the frame that arrived (< max_frame).
+                    let _ = self.send_frame(&f, ctx);
                 }
             }
             Body::MetadataPush(_) => {}
@@ -346,15 +450,15 @@ impl ConnectionActor {
                 ctx,
             );
         }
-        let setup: SetupRequest = match s
-            .get_data()
-            .map(|d| sluice_protocol::decode::<SetupRequest>(d))
-        {
+        let setup: SetupRequest = match s.get_data().map(|d| decode::<SetupRequest>(d)) {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
                 return self.fail(
                     ERR_REJECTED_SETUP,
-                    WireError::new(ErrorCode::InvalidSetup, format!("SETUP data: {e}")),
+                    WireError::new(
+                        ErrorCode::InvalidSetup,
+                        format!("SETUP data: {}", e.message),
+                    ),
                     ctx,
                 )
             }
@@ -376,21 +480,47 @@ impl ConnectionActor {
                 ctx,
             );
         }
+        let cfg = &self.links.config;
         let declared = s.get_lifetime();
-        if !declared.is_zero() {
-            self.lifetime = declared.min(self.links.config.lifetime);
-        }
-        tracing::debug!(conn_id = self.id, client_id = %setup.client_id, lifetime = ?self.lifetime, "SETUP accepted");
+        let lifetime = if declared.is_zero() {
+            cfg.lifetime
+        } else {
+            declared.min(cfg.lifetime)
+        };
+        self.keepalive.set_lifetime(lifetime, cfg.keepalive);
+        tracing::debug!(
+            conn_id = self.id,
+            client_id = %setup.client_id,
+            ?lifetime,
+            ping_every = ?self.keepalive.ping_every(),
+            client_keepalive = ?s.get_keepalive(),
+            "SETUP accepted"
+        );
         self.client_id = Some(setup.client_id);
         self.links.registry.do_send(RegisterConnection {
             conn_id: self.id,
             addr: ctx.address(),
         });
-        let every = (self.lifetime / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-        ctx.run_interval(every, |act, ctx| {
-            if act.last_inbound.elapsed() > act.lifetime {
-                let life = act.lifetime;
-                act.fail(
+        ctx.run_interval(self.keepalive.check_every(), |act, ctx| {
+            act.check_liveness(ctx)
+        });
+    }
+
+    /// Asks a quiet client for a sign of life (KEEPALIVE with RESPOND: every RSocket client
+    /// answers it, whatever keepalive interval it chose itself); drops one silent for the
+    /// lifetime.
+    fn check_liveness(&mut self, ctx: &mut Context<Self>) {
+        match self.keepalive.check(Instant::now()) {
+            Liveness::Alive => {}
+            Liveness::Ping => {
+                ConnectionCounters::bump(&self.links.counters.keepalive_pings);
+                let f = rf::Keepalive::builder(0, Frame::FLAG_RESPOND).build();
+                let _ = self.send_frame(&f, ctx); // 14 bytes
+            }
+            Liveness::Expired => {
+                ConnectionCounters::bump(&self.links.counters.lifetimes_expired);
+                let life = self.keepalive.lifetime();
+                self.fail(
                     ERR_CONNECTION_ERROR,
                     WireError::new(
                         ErrorCode::Timeout,
@@ -399,7 +529,7 @@ impl ConnectionActor {
                     ctx,
                 );
             }
-        });
+        }
     }
 
     fn on_request(
@@ -411,6 +541,13 @@ impl ConnectionActor {
         follows: bool,
         ctx: &mut Context<Self>,
     ) {
+        if let Err(e) = check_request_stream_id(sid) {
+            return self.fail(
+                ERR_CONNECTION_ERROR,
+                WireError::new(ErrorCode::MalformedFrame, e),
+                ctx,
+            );
+        }
         if self.streams.contains_key(&sid) || self.partials.contains_key(&sid) {
             return self.fail(
                 ERR_CONNECTION_ERROR,
@@ -422,6 +559,18 @@ impl ConnectionActor {
             );
         }
         if follows {
+            if self.partials.len() >= MAX_PARTIALS {
+                return self.fail(
+                    ERR_CONNECTION_ERROR,
+                    WireError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!(
+                            "more than {MAX_PARTIALS} fragmented requests in reassembly at once"
+                        ),
+                    ),
+                    ctx,
+                );
+            }
             let p = Partial::new(sid, kind, m.as_ref(), d.as_ref());
             self.partial_bytes += p.len();
             self.partials.insert(sid, p);
@@ -508,6 +657,9 @@ impl ConnectionActor {
             (route::NACK, Response | FireAndForget) => self.settle(sid, kind, data, false, ctx),
             (route::SUBSCRIBE, Stream(n)) => self.subscribe(sid, n as u64, data, ctx),
             (route::ADMIN_STATS, Response) => {
+                if let Err(e) = decode::<StatsRequest>(&data) {
+                    return self.request_error(sid, kind, e, ctx);
+                }
                 self.streams.insert(sid, StreamState::Request);
                 let f = self.links.registry.send(GetStats);
                 ctx.spawn(f.into_actor(self).map(move |r, act, ctx| {
@@ -567,6 +719,9 @@ impl ConnectionActor {
     }
 
     fn publish(&mut self, sid: u32, kind: RequestKind, data: Bytes, ctx: &mut Context<Self>) {
+        if let Err(e) = check_is_map(&data) {
+            return self.request_error(sid, kind, e, ctx);
+        }
         // Payloads stay in the received frame's memory (no copy).
         let req = match sluice_protocol::PublishRequestRef::decode_shared(&data) {
             Ok(r) => r,
@@ -798,28 +953,36 @@ impl ConnectionActor {
     }
 }
 
-fn decode<T: DeserializeOwned>(data: &[u8]) -> Result<T, WireError> {
-    sluice_protocol::decode(data).map_err(|e| WireError::new(ErrorCode::BadPayload, e.to_string()))
+/// Request data must be one MessagePack map (a struct, §3.2 of docs/protocol.md).
+fn check_is_map(data: &[u8]) -> Result<(), WireError> {
+    match data.first() {
+        Some(0x80..=0x8f | 0xde | 0xdf) => Ok(()),
+        Some(m) => Err(WireError::new(
+            ErrorCode::BadPayload,
+            format!("the request data must be a MessagePack map; it starts with 0x{m:02x}"),
+        )),
+        None => Err(WireError::new(
+            ErrorCode::BadPayload,
+            "the request has no data (it must be a MessagePack map, e.g. 0x80 for {})",
+        )),
+    }
 }
 
-/// Topic and group names: 1..=120 bytes of `[A-Za-z0-9._-]`, not `.` or `..` (a topic is a
-/// directory; `<topic>.<group>.dlq` must fit a 255-byte file name).
-pub fn validate_name(what: &str, name: &str) -> Result<(), WireError> {
-    let ok = !name.is_empty()
-        && name.len() <= 120
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(WireError::new(
-            ErrorCode::InvalidRequest,
-            format!("{what} name '{name}' must be 1..=120 bytes of [A-Za-z0-9._-] (not . or ..)"),
-        ))
+/// Decodes request data strictly: exactly one MessagePack map of the expected shape (unknown
+/// keys ignored) and nothing after it; anything else is `1006 BAD_PAYLOAD`.
+fn decode<T: DeserializeOwned>(data: &[u8]) -> Result<T, WireError> {
+    check_is_map(data)?;
+    let bad = |m: String| WireError::new(ErrorCode::BadPayload, m);
+    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(data));
+    let value = T::deserialize(&mut de).map_err(|e| bad(format!("bad MessagePack: {e}")))?;
+    let used = usize::try_from(de.position()).unwrap_or(usize::MAX);
+    if used != data.len() {
+        return Err(bad(format!(
+            "{} bytes follow the MessagePack value",
+            data.len().saturating_sub(used)
+        )));
     }
+    Ok(value)
 }
 
 fn validate_publish(req: &PublishRequest, max_payload: usize) -> Result<(), WireError> {
@@ -879,7 +1042,12 @@ impl Actor for ConnectionActor {
     }
 
     fn stopping(&mut self, _: &mut Context<Self>) -> Running {
-        self.flush();
+        if let Err(SendError::Full { .. }) = self.hand_over() {
+            // A client that does not read gets nothing more: drop what is queued now.
+            if let Some(w) = self.writer.take() {
+                w.abort();
+            }
+        }
         // Dropping the handle lets the writer drain what is queued, then close the socket.
         self.writer = None;
         for (sid, s) in std::mem::take(&mut self.streams) {
@@ -902,7 +1070,7 @@ impl StreamHandler<Result<Inbound, FrameError>> for ConnectionActor {
         if self.closing {
             return;
         }
-        self.last_inbound = Instant::now();
+        self.keepalive.saw_inbound(Instant::now());
         match item {
             Ok(Inbound::Frame(f)) => self.on_frame(f, ctx),
             Ok(Inbound::Ignored) => {}
@@ -930,8 +1098,8 @@ impl StreamHandler<Result<Inbound, FrameError>> for ConnectionActor {
 
 impl Handler<Flush> for ConnectionActor {
     type Result = ();
-    fn handle(&mut self, _: Flush, _: &mut Context<Self>) {
-        self.flush();
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+        self.flush(ctx);
     }
 }
 
@@ -953,12 +1121,28 @@ impl Handler<DeliverBatch> for ConnectionActor {
         let Some(StreamState::Subscription(sub)) = self.streams.get_mut(&sid) else {
             return;
         };
-        sub.credits = sub.credits.saturating_sub(1);
-        self.in_flight_batches += 1;
         let f = rf::Payload::builder(sid, Frame::FLAG_NEXT)
             .set_data(msg.data)
             .build();
-        self.send_frame(&f, ctx);
+        if let Err(e) = try_encode_frame(&f, &mut self.out) {
+            // Never a corrupt frame: the batch is not sent, times out and is redelivered (the
+            // orchestrator sizes batches to fit; this is the last guard).
+            ConnectionCounters::bump(&self.links.counters.oversize_batches_dropped);
+            tracing::error!(
+                conn_id = self.id,
+                sid,
+                batch_id = msg.batch_id,
+                error = %e,
+                "batch not sent: its frame does not fit the RSocket frame limit"
+            );
+            return;
+        }
+        sub.credits = sub.credits.saturating_sub(1);
+        self.in_flight_batches += 1;
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.notify(Flush);
+        }
     }
 }
 
@@ -998,7 +1182,7 @@ impl Handler<GetConnectionStats> for ConnectionActor {
             peer: self.peer.to_string(),
             groups,
             in_flight_batches: self.in_flight_batches,
-            last_heartbeat_ms_ago: self.last_inbound.elapsed().as_millis() as u64,
+            last_heartbeat_ms_ago: self.keepalive.last_inbound().elapsed().as_millis() as u64,
             connected_ms: self.connected_at.elapsed().as_millis() as u64,
         };
         MessageResult((actor, stats))

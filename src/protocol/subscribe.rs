@@ -1,11 +1,67 @@
 //! `subscribe`: a request-stream that yields batches (and, later, status/reset events).
 
 use crate::publish::serde_bytes_compat;
+use crate::{ErrorCode, WireError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+
+/// Longest topic or group name, in bytes.
+pub const MAX_NAME_LEN: usize = 120;
+
+/// Checks a topic or group name: 1..=[`MAX_NAME_LEN`] bytes of `[A-Za-z0-9._-]`, not `.` or `..`
+/// (a topic is a directory of the data dir). `what` names the field in the error (`"topic"`,
+/// `"group"`). The broker applies this one rule wherever a name arrives (publish, subscribe).
+pub fn validate_name(what: &str, name: &str) -> Result<(), WireError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(WireError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "{what} name '{name}' ({} bytes) must be 1..={MAX_NAME_LEN} bytes of [A-Za-z0-9._-] (not . or ..)",
+                name.len()
+            ),
+        ))
+    }
+}
+
+/// The dead-letter topic of `group` on `topic`: `<topic>.<group>.dlq` when that is at most
+/// [`MAX_NAME_LEN`] bytes; otherwise the first 99 bytes of `<topic>.<group>`, a `.`, the 16
+/// lowercase hex digits of the FNV-1a 64-bit hash of the whole `<topic>.<group>`, and `.dlq`
+/// (exactly [`MAX_NAME_LEN`] bytes). Either way the result is a valid topic name whenever
+/// `topic` and `group` are valid names, so every dead-letter topic can be subscribed to, with
+/// any group, and its own dead letters have a topic too.
+pub fn dlq_topic(topic: &str, group: &str) -> String {
+    const SUFFIX: &str = ".dlq";
+    let base = format!("{topic}.{group}");
+    if base.len() + SUFFIX.len() <= MAX_NAME_LEN {
+        return base + SUFFIX;
+    }
+    let hash = fnv1a64(base.as_bytes());
+    // 99 + 1 + 16 + 4 = 120. Names are ASCII; stay on a char boundary for anything else.
+    let mut cut = MAX_NAME_LEN - 1 - 16 - SUFFIX.len();
+    while !base.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}.{hash:016x}{SUFFIX}", &base[..cut])
+}
+
+/// FNV-1a, 64 bits (offset basis `0xcbf29ce484222325`, prime `0x100000001b3`).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
 /// How a group spreads messages over its consumers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -178,6 +234,56 @@ mod tests {
         .unwrap();
         assert_eq!(bytes[0], 0x81, "fixmap of one entry");
         assert_eq!(&bytes[1..8], b"\xa6status");
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("topic", "orders.eu-west_1").is_ok());
+        assert!(validate_name("topic", &"a".repeat(MAX_NAME_LEN)).is_ok());
+        for bad in ["", ".", "..", "a/b", "é", "a b"] {
+            assert_eq!(
+                validate_name("topic", bad).unwrap_err().code,
+                ErrorCode::InvalidRequest,
+                "{bad:?}"
+            );
+        }
+        let e = validate_name("group", &"g".repeat(MAX_NAME_LEN + 1)).unwrap_err();
+        assert!(e.message.contains("121 bytes"), "{e}");
+    }
+
+    #[test]
+    fn every_dead_letter_topic_is_a_valid_name() {
+        assert_eq!(dlq_topic("jobs", "workers"), "jobs.workers.dlq");
+        // The longest plain one: 58 + 1 + 57 + 4 = 120.
+        let (t, g) = ("t".repeat(58), "g".repeat(57));
+        assert_eq!(dlq_topic(&t, &g), format!("{t}.{g}.dlq"));
+        // One byte more: shortened with the hash.
+        let g2 = "g".repeat(58);
+        let d = dlq_topic(&t, &g2);
+        assert_eq!(d.len(), MAX_NAME_LEN);
+        assert!(d.starts_with(&format!("{t}.{}", "g".repeat(40))), "{d}");
+        assert!(d.ends_with(".dlq"));
+        assert_ne!(
+            d,
+            dlq_topic(&t, &"h".repeat(58)),
+            "the hash tells groups apart"
+        );
+        // Test vector for other implementations: FNV-1a 64 of "a" is af63dc4c8601ec8c.
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        // The longest names, and dead letters of dead letters, stay valid names.
+        let mut topic = "t".repeat(MAX_NAME_LEN);
+        for group in [
+            "g".repeat(MAX_NAME_LEN),
+            "g".to_string(),
+            "dlq-readers".into(),
+        ] {
+            validate_name("group", &group).unwrap();
+            topic = dlq_topic(&topic, &group);
+            validate_name("topic", &topic).unwrap();
+        }
+        // Non-ASCII input (never a valid name) does not panic.
+        let odd = dlq_topic(&"é".repeat(60), "g");
+        assert!(odd.len() <= MAX_NAME_LEN);
     }
 
     #[test]

@@ -259,13 +259,38 @@ impl Decoder for FrameCodec {
     }
 }
 
-/// Appends `frame` with its 3-byte length prefix to `out`. Frames longer than 16 MiB cannot be
-/// expressed; callers keep batches well below (`batch_max_bytes`).
-pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
+/// The longest frame the 3-byte length prefix can express: 16 MiB − 1 bytes (without the
+/// prefix).
+pub const MAX_FRAME_LEN: usize = 0xFF_FFFF;
+
+/// A frame whose length does not fit the 3-byte prefix; nothing was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("frame of {len} bytes exceeds the RSocket limit of {MAX_FRAME_LEN} bytes")]
+pub struct FrameTooLarge {
+    /// Length of the frame (without the prefix).
+    pub len: usize,
+}
+
+/// Appends `frame` with its 3-byte length prefix to `out`, or writes nothing and returns
+/// [`FrameTooLarge`] if its length (every byte: header, metadata length, metadata, data) does
+/// not fit the prefix. Returns the bytes appended.
+pub fn try_encode_frame(frame: &Frame, out: &mut BytesMut) -> Result<usize, FrameTooLarge> {
     let len = frame.len();
+    if len > MAX_FRAME_LEN {
+        return Err(FrameTooLarge { len });
+    }
     out.reserve(3 + len);
-    out.put_uint(len.min(0xFF_FFFF) as u64, 3);
+    out.put_uint(len as u64, 3);
     frame.write_to(out);
+    Ok(3 + len)
+}
+
+/// [`try_encode_frame`] for test clients and tools: a frame too large to express is not written
+/// (and is logged), so the stream is never corrupted. The broker uses [`try_encode_frame`].
+pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
+    if let Err(e) = try_encode_frame(frame, out) {
+        tracing::error!(error = %e, "frame not sent");
+    }
 }
 
 #[cfg(test)]
@@ -380,6 +405,38 @@ mod tests {
             b
         };
         assert!(decode_all(short, 1024).is_err());
+    }
+
+    #[test]
+    fn every_byte_is_counted_and_oversize_frames_are_not_written() {
+        // Payload frame: 6 header + 3 metadata length + metadata + data.
+        let meta = Bytes::from(vec![1u8; 1000]);
+        let fits = MAX_FRAME_LEN - 6 - 3 - meta.len();
+        let f = Payload::builder(1, Frame::FLAG_NEXT)
+            .set_metadata(meta.clone())
+            .set_data(Bytes::from(vec![7u8; fits]))
+            .build();
+        let mut out = BytesMut::new();
+        assert_eq!(try_encode_frame(&f, &mut out), Ok(3 + MAX_FRAME_LEN));
+        assert_eq!(out.len(), 3 + MAX_FRAME_LEN);
+        assert_eq!(&out[..3], &[0xFF, 0xFF, 0xFF]);
+        let decoded = decode_all(out, MAX_FRAME_LEN).unwrap();
+        assert_eq!(decoded.len(), 1);
+
+        let too_big = Payload::builder(1, Frame::FLAG_NEXT)
+            .set_metadata(meta)
+            .set_data(Bytes::from(vec![7u8; fits + 1]))
+            .build();
+        let mut out = BytesMut::from(&b"abc"[..]);
+        assert_eq!(
+            try_encode_frame(&too_big, &mut out),
+            Err(FrameTooLarge {
+                len: MAX_FRAME_LEN + 1
+            })
+        );
+        assert_eq!(&out[..], b"abc", "nothing written");
+        encode_frame(&too_big, &mut out);
+        assert_eq!(&out[..], b"abc", "nothing written");
     }
 
     #[test]

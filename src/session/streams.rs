@@ -1,4 +1,4 @@
-//! Request metadata (composite + routing) parsing and fragment reassembly.
+//! Request metadata (composite + routing) parsing, fragment reassembly and the stream-id rule.
 
 use bytes::{Bytes, BytesMut};
 use rsocket_rust::extension::{CompositeMetadata, MimeType, RoutingMetadata};
@@ -50,6 +50,24 @@ pub fn route_of(metadata: Option<&Bytes>) -> Result<String, WireError> {
         ErrorCode::MissingRoute,
         "composite metadata has no routing entry",
     ))
+}
+
+/// Most requests one connection may have in reassembly at once (each costs memory even when
+/// its fragments are empty).
+pub const MAX_PARTIALS: usize = 64;
+
+/// Checks the stream id of a new request from the client. RSocket gives the client the odd
+/// stream ids (the server's own streams would be even); a request on an even id is a protocol
+/// error. Whether ids increase is not checked: rsocket_rust's client hands each request to a
+/// task of its own after picking its id, so concurrent requests reach the wire out of id order.
+pub fn check_request_stream_id(sid: u32) -> Result<(), String> {
+    if sid & 1 == 0 {
+        Err(format!(
+            "request on stream {sid}: a client's requests use odd stream ids"
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 /// The kind of request a fragmented frame started.
@@ -158,6 +176,14 @@ mod tests {
                 .code,
             ErrorCode::MissingRoute
         );
+    }
+
+    #[test]
+    fn client_requests_use_odd_ids() {
+        assert!(check_request_stream_id(1).is_ok());
+        assert!(check_request_stream_id(0x7FFF_FFFF).is_ok());
+        assert!(check_request_stream_id(2).is_err());
+        assert!(check_request_stream_id(0).is_err());
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! whole buffer over once per turn; this task writes everything queued in one `write_all`. A write
 //! that makes no progress for `stall_timeout` aborts the connection (the timer exists only while
 //! a write is in progress).
+//!
+//! The queue is bounded in bytes: [`WriterHandle::send`] refuses a chunk that would take the
+//! bytes handed over and not yet written past the limit (a peer that does not read), and the
+//! caller then [`WriterHandle::abort`]s the task, which drops everything queued at once.
 
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 
 /// Why the writer ended.
 #[derive(Debug)]
@@ -19,35 +24,74 @@ pub enum WriterEnd {
     Failed(String),
 }
 
+/// Why [`WriterHandle::send`] refused a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The writer task has ended.
+    #[error("the writer has ended")]
+    Closed,
+    /// Queuing the chunk would take the queue past its limit; nothing was queued.
+    #[error(
+        "{queued} bytes queued and not yet written, {chunk} more would pass the limit of {limit}"
+    )]
+    Full {
+        /// Bytes queued and not yet written.
+        queued: usize,
+        /// Size of the refused chunk.
+        chunk: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
 /// The actor's side of the writer.
 #[derive(Debug)]
 pub struct WriterHandle {
     tx: mpsc::UnboundedSender<Bytes>,
     queued: Arc<AtomicUsize>,
+    limit: usize,
+    task: AbortHandle,
 }
 
 impl WriterHandle {
-    /// Queues `chunk` (one or more encoded frames). Returns false when the writer is gone.
-    pub fn send(&self, chunk: Bytes) -> bool {
+    /// Queues `chunk` (one or more encoded frames), unless the bytes queued and not yet written
+    /// would then exceed the limit.
+    pub fn send(&self, chunk: Bytes) -> Result<(), SendError> {
         let n = chunk.len();
-        self.queued.fetch_add(n, Ordering::Relaxed);
+        let before = self.queued.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > self.limit {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return Err(SendError::Full {
+                queued: before,
+                chunk: n,
+                limit: self.limit,
+            });
+        }
         if self.tx.send(chunk).is_err() {
             self.queued.fetch_sub(n, Ordering::Relaxed);
-            return false;
+            return Err(SendError::Closed);
         }
-        true
+        Ok(())
     }
 
     /// Bytes handed over and not yet written.
     pub fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
+
+    /// Ends the task now: what is queued is dropped (not written) and the write half of the
+    /// socket is released. `on_end` is not called.
+    pub fn abort(self) {
+        self.task.abort();
+    }
 }
 
-/// Spawns the writer task on the current tokio runtime. `on_end` runs once when it ends.
+/// Spawns the writer task on the current tokio runtime. `on_end` runs once when it ends (unless
+/// it is aborted). At most `limit` bytes may be queued and not yet written.
 pub fn spawn_writer<W>(
     mut io: W,
     stall_timeout: Duration,
+    limit: usize,
     on_end: impl FnOnce(WriterEnd) + Send + 'static,
 ) -> WriterHandle
 where
@@ -56,7 +100,7 @@ where
     let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
     let queued = Arc::new(AtomicUsize::new(0));
     let q = queued.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut merged = BytesMut::new();
         let end = loop {
             let Some(first) = rx.recv().await else {
@@ -96,7 +140,12 @@ where
         };
         on_end(end);
     });
-    WriterHandle { tx, queued }
+    WriterHandle {
+        tx,
+        queued,
+        limit,
+        task: task.abort_handle(),
+    }
 }
 
 #[cfg(test)]
@@ -108,11 +157,11 @@ mod tests {
     async fn writes_everything_then_ends_when_dropped() {
         let (a, mut b) = tokio::io::duplex(1 << 20);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let h = spawn_writer(a, Duration::from_secs(5), move |end| {
+        let h = spawn_writer(a, Duration::from_secs(5), 1 << 20, move |end| {
             let _ = done_tx.send(matches!(end, WriterEnd::Drained));
         });
         for i in 0..100u8 {
-            assert!(h.send(Bytes::from(vec![i; 10])));
+            assert!(h.send(Bytes::from(vec![i; 10])).is_ok());
         }
         drop(h);
         let mut got = Vec::new();
@@ -126,10 +175,37 @@ mod tests {
     async fn stalled_peer_aborts() {
         let (a, _b) = tokio::io::duplex(16);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let h = spawn_writer(a, Duration::from_millis(50), move |end| {
+        let h = spawn_writer(a, Duration::from_millis(50), 1 << 20, move |end| {
             let _ = done_tx.send(matches!(end, WriterEnd::Failed(_)));
         });
-        h.send(Bytes::from(vec![0; 1024]));
+        h.send(Bytes::from(vec![0; 1024])).unwrap();
         assert!(done_rx.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn queue_is_bounded_in_bytes_and_abort_releases_the_socket() {
+        // The peer reads nothing: 16 bytes fit its buffer, the rest stays queued.
+        let (a, mut b) = tokio::io::duplex(16);
+        let h = spawn_writer(a, Duration::from_secs(60), 1000, |_| {});
+        h.send(Bytes::from(vec![1; 600])).unwrap();
+        h.send(Bytes::from(vec![2; 400])).unwrap();
+        assert_eq!(
+            h.send(Bytes::from(vec![3; 1])),
+            Err(SendError::Full {
+                queued: 1000,
+                chunk: 1,
+                limit: 1000
+            })
+        );
+        // Nothing of the refused chunk counts.
+        assert_eq!(h.queued_bytes(), 1000);
+        h.abort();
+        // The write half is dropped: the reader sees what fitted, then the end of the stream.
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut got))
+            .await
+            .expect("socket released after abort")
+            .unwrap();
+        assert!(got.len() <= 1000 && got.iter().all(|&x| x != 3));
     }
 }
