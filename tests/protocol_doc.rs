@@ -345,6 +345,7 @@ async fn a_message_is_dead_lettered_on_its_failed_delivery_number_max_retries_pl
                     group: "g".into(),
                     batch_id: batch.batch_id,
                     seqs: Some(vec![seq]),
+                    release: false,
                 };
                 c.request(sid, "nack", msgpack(&req)).await;
                 sid += 2;

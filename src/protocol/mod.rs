@@ -33,7 +33,8 @@ pub use error::{ErrorCode, WireError};
 pub use publish::{NewMessage, NewMessageRef, PublishReply, PublishRequest, PublishRequestRef};
 pub use setup::SetupRequest;
 pub use subscribe::{
-    Batch, DeliveredMessage, GroupMode, StatusUpdate, StreamEvent, SubscribeRequest,
+    dlq_topic, validate_name, Batch, DeliveredMessage, GroupMode, StatusUpdate, StreamEvent,
+    SubscribeRequest, MAX_NAME_LEN,
 };
 pub use version::{check_version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
@@ -43,11 +44,6 @@ pub const DATA_MIME_TYPE: &str = "application/x-msgpack";
 pub const METADATA_MIME_TYPE: &str = "message/x.rsocket.composite-metadata.v0";
 /// MIME type of the routing entry inside the composite metadata.
 pub const ROUTING_MIME_TYPE: &str = "message/x.rsocket.routing.v0";
-/// The dead-letter topic of `group` on `topic`: `<topic>.<group>.dlq`.
-pub fn dlq_topic(topic: &str, group: &str) -> String {
-    format!("{topic}.{group}.dlq")
-}
-
 /// Header that marks a message as a deletion of its key in the keyed state.
 pub const TOMBSTONE_HEADER: &str = "tombstone";
 /// Default maximum payload size of one message (1 MiB).
