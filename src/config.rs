@@ -10,10 +10,10 @@ use std::time::Duration;
 
 /// Largest batch a consumer may ask for (the broker clamps a subscribe's `batch_size` to it), so
 /// also the largest `batch_size` default.
-pub use crate::actors::connection::MAX_BATCH_SIZE;
+pub use sluice_protocol::MAX_BATCH_SIZE;
 
 /// Largest window a consumer may ask for (the broker clamps a subscribe's `window` to it).
-pub const MAX_WINDOW: u32 = 1024;
+pub use sluice_protocol::MAX_WINDOW;
 
 /// When a write is made durable (fsynced) relative to its acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +110,10 @@ pub struct Config {
     /// A connection that sends no SETUP within this time is closed.
     #[serde(with = "humantime_serde")]
     pub setup_timeout: Duration,
+    /// Most bytes waiting to be written to one client; a client that lets more pile up does not
+    /// read: it is disconnected and its batches go back to their groups (at least 32 MiB, so
+    /// that the largest frame always fits).
+    pub max_queued_bytes: usize,
     /// sled page cache size in bytes.
     pub cache_capacity: u64,
     /// Number of orchestrator actors (topics are spread over them by hash): the first shares
@@ -135,6 +139,7 @@ impl Default for Config {
             keepalive: Duration::from_secs(20),
             lifetime: Duration::from_secs(90),
             setup_timeout: Duration::from_secs(10),
+            max_queued_bytes: 64 * 1024 * 1024,
             cache_capacity: 64 * 1024 * 1024,
             orchestrators: 1,
             enable_fault_injection: false,
@@ -214,6 +219,9 @@ impl Config {
         }
         if self.orchestrators == 0 || self.orchestrators > 64 {
             return bad("orchestrators must be in 1..=64");
+        }
+        if self.max_queued_bytes < 32 * 1024 * 1024 {
+            return bad("max_queued_bytes must be at least 32 MiB (the largest frame must fit)");
         }
         if self.cache_capacity < 1024 * 1024 {
             return bad("cache_capacity must be at least 1 MiB");

@@ -157,7 +157,9 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
 
     let links = BrokerLinks {
         config: config.clone(),
-        limits: ConnectionLimits::default(),
+        limits: ConnectionLimits {
+            max_queued_bytes: config.max_queued_bytes,
+        },
         counters: Arc::new(ConnectionCounters::default()),
         store,
         orchestrators: Arc::new(orchestrators),

@@ -174,12 +174,8 @@ impl ConsumerConfig {
         self.client.validate()?;
         validate_topic(&self.topic)?;
         // Group names follow the topic-name rule.
-        validate_topic(&self.group).map_err(|_| {
-            SdkError::InvalidArgument(format!(
-                "group name '{}' must be 1..=120 bytes of [A-Za-z0-9._-] (not . or ..)",
-                self.group
-            ))
-        })?;
+        sluice_protocol::validate_name("group", &self.group)
+            .map_err(|e| SdkError::InvalidArgument(e.message))?;
         if self.window == Some(0) {
             return bad("window must be at least 1");
         }

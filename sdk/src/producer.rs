@@ -494,20 +494,7 @@ fn stopped() -> SdkError {
 
 /// Checks a topic name the way the broker does: 1..=120 bytes of `[A-Za-z0-9._-]`, not `.` or `..`.
 pub fn validate_topic(topic: &str) -> Result<()> {
-    let ok = !topic.is_empty()
-        && topic.len() <= 120
-        && topic != "."
-        && topic != ".."
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(SdkError::InvalidArgument(format!(
-            "topic name '{topic}' must be 1..=120 characters of [A-Za-z0-9._-] (not . or ..)"
-        )))
-    }
+    sluice_protocol::validate_name("topic", topic).map_err(|e| SdkError::InvalidArgument(e.message))
 }
 
 /// Estimated MessagePack size of one message inside a `PublishRequest` (map keys included);

@@ -44,8 +44,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 
-/// Largest batch a consumer may ask for.
-pub const MAX_BATCH_SIZE: u32 = 4096;
+use sluice_protocol::{MAX_BATCH_SIZE, MAX_WINDOW};
 
 const ERR_INVALID_SETUP: u32 = 0x001;
 const ERR_UNSUPPORTED_SETUP: u32 = 0x002;
@@ -59,7 +58,7 @@ const FLAG_RESUME_ENABLE: u16 = 0x080;
 /// Default of [`ConnectionLimits::max_queued_bytes`]: 64 MiB.
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 
-/// Limits of every connection that the configuration does not (yet) carry.
+/// Limits of every connection (from the configuration).
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     /// Most bytes waiting to be written to one client (encoded frames handed to the writer and
@@ -93,6 +92,16 @@ pub struct ConnectionCounters {
 impl ConnectionCounters {
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters for `admin.stats`.
+    pub fn snapshot(&self) -> sluice_protocol::LimitStats {
+        sluice_protocol::LimitStats {
+            slow_clients_disconnected: self.slow_clients_disconnected.load(Ordering::Relaxed),
+            oversize_batches_dropped: self.oversize_batches_dropped.load(Ordering::Relaxed),
+            lifetimes_expired: self.lifetimes_expired.load(Ordering::Relaxed),
+            keepalive_pings: self.keepalive_pings.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -663,9 +672,14 @@ impl ConnectionActor {
                 self.streams.insert(sid, StreamState::Request);
                 let f = self.links.registry.send(GetStats);
                 ctx.spawn(f.into_actor(self).map(move |r, act, ctx| {
-                    let r = r.unwrap_or_else(|e| {
-                        Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
-                    });
+                    let r = r
+                        .unwrap_or_else(|e| {
+                            Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
+                        })
+                        .map(|mut stats| {
+                            stats.limits = Some(act.links.counters.snapshot());
+                            stats
+                        });
                     act.reply(sid, r, ctx)
                 }));
             }
@@ -829,7 +843,7 @@ impl ConnectionActor {
             return self.request_error(sid, kind, e, ctx);
         }
         let cfg = &self.links.config;
-        let window = req.window.unwrap_or(cfg.window).clamp(1, 1024);
+        let window = req.window.unwrap_or(cfg.window).clamp(1, MAX_WINDOW);
         // A consumer may ask for larger batches than the default (like Kafka's
         // max.poll.records); batch_max_bytes still bounds each one.
         let batch_size = req

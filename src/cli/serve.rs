@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// Number of orchestrator actors (one thread each).
     #[arg(long, env = "SLUICE_ORCHESTRATORS", value_name = "N")]
     pub orchestrators: Option<u32>,
+    /// Bytes queued to one client before it counts as not reading and is disconnected.
+    #[arg(long, env = "SLUICE_MAX_QUEUED_BYTES", value_name = "BYTES")]
+    pub max_queued_bytes: Option<usize>,
     /// sled cache size in bytes.
     #[arg(long, env = "SLUICE_CACHE_CAPACITY", value_name = "BYTES")]
     pub cache_capacity: Option<u64>,
@@ -88,6 +91,7 @@ impl ServeArgs {
             lifetime,
             setup_timeout,
             orchestrators,
+            max_queued_bytes,
             cache_capacity
         );
         if self.enable_fault_injection {

@@ -109,6 +109,12 @@ pub fn render(stats: &BrokerStats) -> String {
     if let Some(line) = stats.syncs.as_ref().and_then(sync_line) {
         out.push_str(&line);
     }
+    if let Some(l) = &stats.limits {
+        out.push_str(&format!(
+            "limits  slow clients disconnected {}  oversize batches dropped {}  lifetimes expired {}  keepalive pings {}\n",
+            l.slow_clients_disconnected, l.oversize_batches_dropped, l.lifetimes_expired, l.keepalive_pings
+        ));
+    }
 
     out.push_str(&format!("\nACTORS ({})\n", stats.actors.len()));
     let rows: Vec<Vec<String>> = stats
@@ -155,6 +161,8 @@ pub fn render(stats: &BrokerStats) -> String {
                 g.redeliveries.to_string(),
                 g.dead_letters.to_string(),
                 g.consumers.to_string(),
+                g.ack_ranges.to_string(),
+                g.rejected_acks.to_string(),
             ]
         })
         .collect();
@@ -171,6 +179,8 @@ pub fn render(stats: &BrokerStats) -> String {
             ("REDELIVERED", R),
             ("DEAD", R),
             ("CONSUMERS", R),
+            ("ACK RANGES", R),
+            ("REJECTED", R),
         ],
         &rows,
     ));
@@ -213,7 +223,7 @@ pub fn render(stats: &BrokerStats) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_sdk::protocol::{ActorStats, ConnectionStats, GroupStats};
+    use sluice_sdk::protocol::{ActorStats, ConnectionStats, GroupStats, LimitStats};
     use sluice_sdk::GroupMode;
 
     #[test]
@@ -259,6 +269,8 @@ mod tests {
                 redeliveries: 4,
                 dead_letters: 1,
                 consumers: 3,
+                ack_ranges: 1,
+                rejected_acks: 5,
             }],
             connections: vec![ConnectionStats {
                 conn_id: 7,
@@ -270,6 +282,10 @@ mod tests {
                 connected_ms: 3_600_000,
             }],
             syncs: None,
+            limits: Some(LimitStats {
+                slow_clients_disconnected: 2,
+                ..Default::default()
+            }),
         };
         let mut syncs = SyncStats::new();
         for us in [200, 300, 2_500] {
@@ -294,6 +310,8 @@ mod tests {
             "key_shared",
             "CONNECTIONS (1)",
             "orders/billing",
+            "limits  slow clients disconnected 2  oversize batches dropped 0",
+            "ACK RANGES",
             "250ms ago",
             "1h",
         ] {

@@ -168,6 +168,8 @@ pub struct GroupState {
     rr: usize,
     redeliveries: u64,
     dead_letters: u64,
+    /// Seqs named by acks and nacks and not applied.
+    rejected_acks: u64,
     /// The cursor moved past the last record taken.
     dirty: bool,
     /// The record was cut to [`MAX_ACK_RANGES`] (logged once).
@@ -195,6 +197,7 @@ impl GroupState {
             rr: 0,
             redeliveries: 0,
             dead_letters: 0,
+            rejected_acks: 0,
             dirty: false,
             warned_ranges: false,
         };
@@ -688,6 +691,12 @@ impl GroupState {
     /// of other consumers, or never delivered are not applied: already settled ones count as
     /// already acked, the rest are `rejected`.
     pub fn ack(&mut self, conn: u64, batch_id: u64, seqs: Option<Vec<u64>>) -> Settlement {
+        let s = self.ack_inner(conn, batch_id, seqs);
+        self.rejected_acks += s.rejected.len() as u64;
+        s
+    }
+
+    fn ack_inner(&mut self, conn: u64, batch_id: u64, seqs: Option<Vec<u64>>) -> Settlement {
         let own = self.own_batch(conn, batch_id);
         let seqs = match (seqs, own) {
             (Some(s), _) => s,
@@ -749,6 +758,19 @@ impl GroupState {
         release: bool,
         max_retries: u32,
     ) -> Settlement {
+        let s = self.nack_inner(conn, batch_id, seqs, release, max_retries);
+        self.rejected_acks += s.rejected.len() as u64;
+        s
+    }
+
+    fn nack_inner(
+        &mut self,
+        conn: u64,
+        batch_id: u64,
+        seqs: Option<Vec<u64>>,
+        release: bool,
+        max_retries: u32,
+    ) -> Settlement {
         if !self.own_batch(conn, batch_id) {
             let rejected = seqs
                 .unwrap_or_default()
@@ -786,12 +808,7 @@ impl GroupState {
             } else {
                 p.failures += 1;
             }
-            if p.failures > max_retries {
-                self.dead_lettering.insert(seq);
-                dead.push(p);
-            } else {
-                self.retry.insert(seq, p);
-            }
+            self.return_or_dead_letter(p, max_retries, &mut dead);
         }
         let closed = self.close_empty([batch_id]);
         let outcome = if count > 0 {
@@ -829,14 +846,21 @@ impl GroupState {
             if counts_as_failure {
                 p.failures += 1;
             }
-            if p.failures > max_retries {
-                self.dead_lettering.insert(seq);
-                dead.push(p);
-            } else {
-                self.retry.insert(seq, p);
-            }
+            self.return_or_dead_letter(p, max_retries, &mut dead);
         }
         Some(dead)
+    }
+
+    /// The one dead-letter rule: a message that has failed more than `max_retries` times
+    /// (with 3: on its 4th failed delivery) goes to `dead`; any other waits for redelivery.
+    fn return_or_dead_letter(&mut self, p: Pending, max_retries: u32, dead: &mut Vec<Pending>) {
+        let seq = p.msg.seq;
+        if p.failures > max_retries {
+            self.dead_lettering.insert(seq);
+            dead.push(p);
+        } else {
+            self.retry.insert(seq, p);
+        }
     }
 
     /// Whether batch `batch_id` is in flight.
@@ -882,6 +906,8 @@ impl GroupState {
             redeliveries: self.redeliveries,
             dead_letters: self.dead_letters,
             consumers: self.consumers.len() as u32,
+            ack_ranges: self.above.range_count() as u32,
+            rejected_acks: self.rejected_acks,
         }
     }
 }

@@ -25,6 +25,22 @@ pub struct BrokerStats {
     /// The store's disk syncs since the broker started (absent from older brokers).
     #[serde(default)]
     pub syncs: Option<SyncStats>,
+    /// Connection limits hit since the broker started (absent from older brokers).
+    #[serde(default)]
+    pub limits: Option<LimitStats>,
+}
+
+/// How often connections hit their limits (counters since the broker started).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LimitStats {
+    /// Connections closed because the client did not read (its queue over `max_queued_bytes`).
+    pub slow_clients_disconnected: u64,
+    /// Batches not sent because their frame would not fit the RSocket frame limit.
+    pub oversize_batches_dropped: u64,
+    /// Connections closed because nothing arrived for the keepalive lifetime.
+    pub lifetimes_expired: u64,
+    /// KEEPALIVE frames with RESPOND sent to quiet clients.
+    pub keepalive_pings: u64,
 }
 
 /// Upper bounds (µs) of the buckets of [`SyncStats::buckets`]; a last bucket holds the rest.
@@ -202,6 +218,12 @@ pub struct GroupStats {
     pub dead_letters: u64,
     /// Connected consumers.
     pub consumers: u32,
+    /// Ranges of acked seqs above the floor (the cursor's size; fresh messages wait at 4,096).
+    #[serde(default)]
+    pub ack_ranges: u32,
+    /// Named seqs of acks and nacks not applied: not delivered to that connection in that batch.
+    #[serde(default)]
+    pub rejected_acks: u64,
 }
 
 /// State of one client connection.
@@ -280,7 +302,13 @@ mod tests {
                 redeliveries: 0,
                 dead_letters: 0,
                 consumers: 1,
+                ack_ranges: 2,
+                rejected_acks: 3,
             }],
+            limits: Some(LimitStats {
+                keepalive_pings: 4,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let bytes = crate::encode(&stats).unwrap();

@@ -25,8 +25,8 @@ pub mod version;
 
 pub use ack::{AckOutcome, AckReply, AckRequest, NackRequest};
 pub use admin::{
-    ActorStats, BrokerStats, ConnectionStats, FaultReply, FaultRequest, GroupStats, StatsRequest,
-    SyncBucket, SyncStats, SYNC_BUCKETS_US,
+    ActorStats, BrokerStats, ConnectionStats, FaultReply, FaultRequest, GroupStats, LimitStats,
+    StatsRequest, SyncBucket, SyncStats, SYNC_BUCKETS_US,
 };
 pub use codec::{decode, encode, CodecError};
 pub use error::{ErrorCode, WireError};
@@ -34,7 +34,7 @@ pub use publish::{NewMessage, NewMessageRef, PublishReply, PublishRequest, Publi
 pub use setup::SetupRequest;
 pub use subscribe::{
     dlq_topic, validate_name, Batch, DeliveredMessage, GroupMode, StatusUpdate, StreamEvent,
-    SubscribeRequest, MAX_NAME_LEN,
+    SubscribeRequest, MAX_BATCH_SIZE, MAX_NAME_LEN, MAX_WINDOW,
 };
 pub use version::{check_version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 

@@ -8,6 +8,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+/// Largest `window` a subscription may ask for.
+pub const MAX_WINDOW: u32 = 1024;
+/// Largest `batch_size` a subscription may ask for.
+pub const MAX_BATCH_SIZE: u32 = 4096;
+
 /// Longest topic or group name, in bytes.
 pub const MAX_NAME_LEN: usize = 120;
 
@@ -128,10 +133,12 @@ pub struct SubscribeRequest {
     /// Header filters (exact match, all must hold); must match the group's if it exists.
     #[serde(default)]
     pub filters: BTreeMap<String, String>,
-    /// Most unacked batches this consumer may hold (default: broker's, 4).
+    /// Most unacked batches this consumer may hold, 1..=[`MAX_WINDOW`] (larger values are
+    /// clamped; default: the broker's `window`, 4).
     #[serde(default)]
     pub window: Option<u32>,
-    /// Most messages per batch (default and maximum: broker's batch size, 16).
+    /// Most messages per batch, 1..=[`MAX_BATCH_SIZE`] (larger values are clamped; default: the
+    /// broker's `batch_size`, 16). The broker's `batch_max_bytes` still bounds each batch.
     #[serde(default)]
     pub batch_size: Option<u32>,
 }
