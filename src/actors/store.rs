@@ -126,16 +126,26 @@ const MAX_SYNCS: usize = 2;
 type AppendReply = oneshot::Sender<Result<(u64, u64), StoreError>>;
 type GroupReply = oneshot::Sender<Result<(), StoreError>>;
 
-/// Requests written to storage and waiting for the sync that makes them durable.
+/// A request that failed and was rolled back, waiting to be answered.
+enum Refused {
+    Append(AppendReply),
+    Groups(Vec<GroupReply>),
+}
+
+/// Requests written to storage and waiting for the sync that makes them durable, and requests
+/// that failed part-way, waiting for the sync that makes their rollback durable: an error
+/// must not be answered while what the request wrote could still come back after a power cut
+/// (see `Storage::append`).
 #[derive(Default)]
 struct Written {
     appends: Vec<(String, Vec<StoredMessage>, AppendReply)>,
     groups: Vec<GroupReply>,
+    refused: Vec<(Refused, StoreError)>,
 }
 
 impl Written {
     fn is_empty(&self) -> bool {
-        self.appends.is_empty() && self.groups.is_empty()
+        self.appends.is_empty() && self.groups.is_empty() && self.refused.is_empty()
     }
 }
 
@@ -246,6 +256,20 @@ impl SyncLedger {
                     .map_err(|e| StoreError::Io(std::io::Error::other(e))),
             );
         }
+        // Their own error, whatever the sync's result.
+        for (refused, e) in batch.refused {
+            match refused {
+                Refused::Append(tx) => {
+                    let _ = tx.send(Err(e));
+                }
+                Refused::Groups(txs) => {
+                    let why = e.to_string();
+                    for tx in txs {
+                        let _ = tx.send(Err(StoreError::Io(std::io::Error::other(why.clone()))));
+                    }
+                }
+            }
+        }
     }
 
     fn announce(&self, topic: String, msgs: Vec<StoredMessage>) {
@@ -256,6 +280,29 @@ impl SyncLedger {
         let messages = Arc::new(msgs.into_iter().map(Arc::new).collect());
         self.listeners[shard].do_send(MessagesAppended { topic, messages });
     }
+}
+
+/// A write past the file size limit (`RLIMIT_FSIZE`, e.g. systemd's `LimitFSIZE=`) raises
+/// `SIGXFSZ`, which kills the process unless handled: handled, the write fails with `EFBIG`
+/// instead, and that request fails (rolled back) like one on a full disk. Installed once per
+/// process (tokio never uninstalls a signal handler); each signal is logged.
+fn catch_file_size_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+        Ok(mut sig) => {
+            actix_rt::spawn(async move {
+                while sig.recv().await.is_some() {
+                    tracing::warn!(
+                        "a write reached the file size limit (SIGXFSZ): it fails with EFBIG"
+                    );
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGXFSZ: a file size limit kills the broker")
+        }
+    });
 }
 
 /// The error for a write refused after a failed sync (`why`).
@@ -355,6 +402,83 @@ pub struct StoreActor {
     dirty: bool,
     counters: ActorCounters,
     commits: u64,
+    /// Retrying a sync that could not be taken for want of file descriptors.
+    retry: SyncRetry,
+    /// Requests that failed (and were rolled back), logged at most once a second.
+    failures: FailureLog,
+}
+
+/// Logs failed requests without flooding the log (a full disk fails every publish): the
+/// first at once, then at most one line a second with how many failed meanwhile.
+#[derive(Default)]
+struct FailureLog {
+    last: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl FailureLog {
+    fn note(&mut self, what: &str, e: &StoreError) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+        {
+            self.unlogged += 1;
+            return;
+        }
+        tracing::warn!(request = what, error = %e, failed_since_last_line = self.unlogged, "a write failed: nothing of that request is stored");
+        self.last = Some(now);
+        self.unlogged = 0;
+    }
+}
+
+/// Retries of a sync job that could not be taken (no file descriptor left): backoff from
+/// 1 ms to 200 ms, a warning when it starts and every 10 s while it lasts.
+struct SyncRetry {
+    backoff: std::time::Duration,
+    scheduled: bool,
+    since: Option<std::time::Instant>,
+    warned: Option<std::time::Instant>,
+}
+
+impl Default for SyncRetry {
+    fn default() -> Self {
+        SyncRetry {
+            backoff: Self::FIRST,
+            scheduled: false,
+            since: None,
+            warned: None,
+        }
+    }
+}
+
+impl SyncRetry {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(1);
+    const MAX: std::time::Duration = std::time::Duration::from_millis(200);
+
+    fn failed(&mut self, e: &StoreError) {
+        let now = std::time::Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if self
+            .warned
+            .is_none_or(|w| now.duration_since(w) >= std::time::Duration::from_secs(10))
+        {
+            tracing::warn!(error = %e, waiting_ms = now.duration_since(since).as_millis() as u64, "cannot take a sync (no file descriptor left): its requests wait, retrying");
+            self.warned = Some(now);
+        }
+        self.backoff = (self.backoff * 2).min(Self::MAX);
+    }
+
+    fn succeeded(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                waited_ms = since.elapsed().as_millis() as u64,
+                "sync taken again"
+            );
+        }
+        self.backoff = Self::FIRST;
+        self.warned = None;
+    }
 }
 
 impl StoreActor {
@@ -384,6 +508,8 @@ impl StoreActor {
             dirty: false,
             counters: ActorCounters::default(),
             commits: 0,
+            retry: SyncRetry::default(),
+            failures: FailureLog::default(),
         }
     }
 
@@ -409,7 +535,12 @@ impl StoreActor {
             return;
         }
         self.commits += 1;
+        let mut inconsistent: Option<String> = None;
         for (topic, mut msgs, tx) in appends {
+            if let Some(why) = &inconsistent {
+                let _ = tx.send(Err(refusal(why)));
+                continue;
+            }
             match self.storage.append(&topic, &msgs) {
                 Ok(first) => {
                     for (i, m) in msgs.iter_mut().enumerate() {
@@ -418,19 +549,35 @@ impl StoreActor {
                     self.written.appends.push((topic, msgs, tx));
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(e));
+                    if let StoreError::Inconsistent(why) = &e {
+                        inconsistent = Some(why.clone());
+                    }
+                    self.failures.note(&format!("publish to {topic}"), &e);
+                    self.written.refused.push((Refused::Append(tx), e));
                 }
             }
         }
         for ((topic, group), (rec, txs)) in groups {
+            if let Some(why) = &inconsistent {
+                for tx in txs {
+                    let _ = tx.send(Err(refusal(why)));
+                }
+                continue;
+            }
             match self.storage.put_group(&topic, &group, &rec) {
                 Ok(()) => self.written.groups.extend(txs),
                 Err(e) => {
-                    for tx in txs {
-                        let _ = tx.send(Err(StoreError::Io(std::io::Error::other(e.to_string()))));
+                    if let StoreError::Inconsistent(why) = &e {
+                        inconsistent = Some(why.clone());
                     }
+                    self.failures
+                        .note(&format!("group commit of {topic}/{group}"), &e);
+                    self.written.refused.push((Refused::Groups(txs), e));
                 }
             }
+        }
+        if let Some(why) = inconsistent {
+            self.fail(why);
         }
     }
 
@@ -447,13 +594,40 @@ impl StoreActor {
         let id = self.next_sync_id;
         self.next_sync_id += 1;
         let job = match self.storage.take_sync_job() {
-            Ok(job) => job,
+            Ok(job) => {
+                self.retry.succeeded();
+                job
+            }
+            Err(e) if e.is_shortage() => {
+                // No descriptor for a handle (normally opened by the writes themselves; here
+                // after a restart of the actor). The data is written, just not synced yet:
+                // the requests wait, with what comes meanwhile, and the sync is tried again.
+                // Failing them would answer "error" for messages a later sync makes readable.
+                self.retry.failed(&e);
+                let mut batch = batch;
+                batch.appends.append(&mut self.written.appends);
+                batch.groups.append(&mut self.written.groups);
+                batch.refused.append(&mut self.written.refused);
+                self.written = batch;
+                if !self.retry.scheduled {
+                    self.retry.scheduled = true;
+                    ctx.run_later(self.retry.backoff, |a, ctx| {
+                        a.retry.scheduled = false;
+                        a.start_sync(ctx);
+                    });
+                }
+                return;
+            }
             Err(e) => {
-                self.storage.mark_dirty();
+                // Written but not syncable: answering "error" would be wrong should a later
+                // sync make them readable, so nothing more is written (like a failed sync).
                 tracing::error!(error = %e, "cannot prepare the sync: failing the requests of this commit");
                 let mut l = lock(&self.ledger);
+                l.poisoned = true;
                 l.jobs.push_back((id, batch, Some(Err(e.to_string()))));
                 l.settle_finished();
+                drop(l);
+                self.fail(format!("cannot prepare a sync: {e}"));
                 return;
             }
         };
@@ -515,6 +689,26 @@ impl StoreActor {
         }
     }
 
+    /// `Storage::sync` on this thread, waiting up to 5 s for file descriptors should the job
+    /// not be taken for want of them (shutdown, restart).
+    fn sync_now(&mut self) -> Result<(), StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut backoff = SyncRetry::FIRST;
+        loop {
+            match self.storage.take_sync_job() {
+                Ok(job) => {
+                    return job.run().inspect_err(|_| self.storage.mark_dirty());
+                }
+                Err(e) if e.is_shortage() && std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "cannot take a sync (no file descriptor left): retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(SyncRetry::MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Writes and syncs everything queued, on this thread (shutdown and restarts), and settles
     /// every job in flight with that sync's result (a thread still running finds its jobs
     /// gone). Each sync opens the files anew, so this one sees a write-back error even if a
@@ -536,7 +730,7 @@ impl StoreActor {
                 self.storage.mark_dirty();
             }
             let started = std::time::Instant::now();
-            let res = self.storage.sync().map_err(|e| e.to_string());
+            let res = self.sync_now().map_err(|e| e.to_string());
             l.timing.record(micros(started), res.is_ok());
             res
         };
@@ -561,6 +755,7 @@ impl Actor for StoreActor {
         if let FsyncPolicy::Interval(d) = self.fsync {
             ctx.run_interval(d, |_, ctx| ctx.notify(PeriodicSync));
         }
+        catch_file_size_signal();
         tracing::info!(fsync = %self.fsync, "store started");
     }
 
@@ -674,13 +869,26 @@ impl Handler<PeriodicSync> for StoreActor {
     type Result = ();
     fn handle(&mut self, _: PeriodicSync, _: &mut Context<Self>) {
         if self.dirty {
+            let job = match self.storage.take_sync_job() {
+                Ok(job) => job,
+                Err(e) if e.is_shortage() => {
+                    // Nothing changed: tried again at the next tick.
+                    tracing::warn!(error = %e, "periodic fsync postponed: no file descriptor left");
+                    return;
+                }
+                Err(e) => {
+                    self.fail(format!("periodic fsync: {e}"));
+                    return;
+                }
+            };
             self.dirty = false;
             let started = std::time::Instant::now();
-            let res = self.storage.sync();
+            let res = job.run();
             lock(&self.ledger)
                 .timing
                 .record(micros(started), res.is_ok());
             if let Err(e) = res {
+                self.storage.mark_dirty();
                 self.fail(format!("periodic fsync: {e}"));
             }
         }
@@ -800,7 +1008,7 @@ mod tests {
             .collect();
         let w = Written {
             appends: vec![("t".into(), msgs, tx)],
-            groups: Vec::new(),
+            ..Written::default()
         };
         (w, rx)
     }
@@ -899,5 +1107,100 @@ mod tests {
         // A result for a job settled elsewhere (shutdown) is ignored.
         l.finish(&[7], Ok(()));
         assert!(l.jobs.is_empty());
+    }
+
+    fn publish(topic: &str, payloads: &[&[u8]]) -> AppendMessages {
+        AppendMessages {
+            topic: topic.into(),
+            messages: payloads
+                .iter()
+                .map(|p| NewMessage {
+                    payload: Bytes::copy_from_slice(p),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_publish_failing_part_way_stores_nothing_and_the_store_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        let fail = dir.path().join("fail-writes-after");
+        actix_rt::System::new().block_on(async move {
+            let store = StoreActor::new(storage, FsyncPolicy::Always).start();
+            assert_eq!(
+                store.send(publish("t", &[b"a"])).await.unwrap().unwrap(),
+                (1, 1)
+            );
+            // Four chunks of ~64 KiB: the second fails.
+            let big = vec![7u8; 1000];
+            let many: Vec<&[u8]> = (0..250).map(|_| &big[..]).collect();
+            std::fs::write(&fail, "1").unwrap();
+            let e = store.send(publish("t", &many)).await.unwrap().unwrap_err();
+            assert!(e.to_string().contains("No space left"), "{e}");
+            std::fs::remove_file(&fail).unwrap();
+            // Not poisoned: publishes and acks go on, with the seqs the failed one had.
+            assert_eq!(
+                store.send(publish("t", &[b"c"])).await.unwrap().unwrap(),
+                (2, 2)
+            );
+            let record = GroupRecord {
+                mode: sluice_protocol::GroupMode::Shared,
+                filters: Default::default(),
+                acked_floor: 2,
+                acked_above: Vec::new(),
+                acked_ranges: Vec::new(),
+                created_ms: 0,
+            };
+            let ack = CommitGroup {
+                topic: "t".into(),
+                group: "g".into(),
+                record,
+            };
+            store.send(ack).await.unwrap().unwrap();
+            let read = ReadRange {
+                topic: "t".into(),
+                from: 1,
+                max: 1000,
+                max_bytes: 1 << 30,
+            };
+            let r = store.send(read).await.unwrap().unwrap();
+            let got: Vec<_> = r
+                .messages
+                .iter()
+                .map(|m| (m.seq, m.payload.clone()))
+                .collect();
+            assert_eq!(
+                got,
+                vec![(1, Bytes::from_static(b"a")), (2, Bytes::from_static(b"c"))]
+            );
+        });
+    }
+
+    #[test]
+    fn a_sync_without_descriptors_waits_for_them_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        let no_fds = dir.path().join("fail-takes");
+        actix_rt::System::new().block_on(async move {
+            let store = StoreActor::new(storage, FsyncPolicy::Always).start();
+            assert_eq!(
+                store.send(publish("t", &[b"a"])).await.unwrap().unwrap(),
+                (1, 1)
+            );
+            std::fs::write(&no_fds, b"").unwrap();
+            let waiting = store.send(publish("t", &[b"b"]));
+            let mut waiting = Box::pin(waiting);
+            let early =
+                tokio::time::timeout(std::time::Duration::from_millis(100), &mut waiting).await;
+            assert!(early.is_err(), "answered before its sync: {early:?}");
+            std::fs::remove_file(&no_fds).unwrap();
+            assert_eq!(waiting.await.unwrap().unwrap(), (2, 2));
+            assert_eq!(
+                store.send(publish("t", &[b"c"])).await.unwrap().unwrap(),
+                (3, 3)
+            );
+        });
     }
 }

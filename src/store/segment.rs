@@ -91,6 +91,13 @@ struct Segment {
     direct_file: Option<Arc<File>>,
     /// The file system refused `O_DIRECT`: big chunks go through the page cache.
     no_direct: bool,
+    /// A handle of its own for the next sync job, opened on the store's thread before the
+    /// first write after the last sync was taken (see [`SegmentLog::take_sync`]).
+    sync_file: Option<File>,
+    /// Started from a spare ([`Spares`]): its zeros are allocated, written and durable.
+    from_spare: bool,
+    /// A failed write could not be cut back off the file: a rollback must cut it.
+    write_failed: bool,
 }
 
 impl Segment {
@@ -104,7 +111,18 @@ impl Segment {
             direct: Vec::new(),
             direct_file: None,
             no_direct: false,
+            sync_file: None,
+            from_spare: false,
+            write_failed: false,
         }
+    }
+
+    /// Opens the handle the next sync job will use, unless open already.
+    fn open_sync_file(&mut self) -> std::io::Result<()> {
+        if self.sync_file.is_none() {
+            self.sync_file = Some(open_for_sync(&self.path)?);
+        }
+        Ok(())
     }
 
     /// The `O_DIRECT` handle, opened on first use; `None` where the file system has no direct
@@ -144,7 +162,8 @@ impl Segment {
 pub(crate) struct DirectWrite {
     /// The file, opened with `O_DIRECT`.
     file: Arc<File>,
-    /// Its path, to write through the page cache should a direct write be refused.
+    /// Its path: the sync job's handle of this file writes the middle through the page cache
+    /// should a direct write be refused.
     path: PathBuf,
     /// Where the aligned middle starts in the file.
     offset: u64,
@@ -162,14 +181,21 @@ thread_local! {
 }
 
 impl DirectWrite {
+    /// The segment file it writes into.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Whether the bytes were written (not necessarily synced).
     pub(crate) fn is_done(&self) -> bool {
         self.done.load(Ordering::Acquire)
     }
 
     /// Writes the aligned middle (unless already done); durable after the next `fdatasync`
-    /// of the file. Then lets go of the chunk's memory.
-    pub(crate) fn run(&self) -> std::io::Result<()> {
+    /// of the file. Then lets go of the chunk's memory. `buffered` is a writable handle of the
+    /// same file, used should the file system refuse the direct write (no file is opened
+    /// here: running out of descriptors must not fail a sync).
+    pub(crate) fn run(&self, buffered: &File) -> std::io::Result<()> {
         let mut chunk = self.chunk.lock().unwrap_or_else(|p| p.into_inner());
         let Some((head, parts)) = chunk.as_ref() else {
             return Ok(());
@@ -192,10 +218,7 @@ impl DirectWrite {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     // Direct I/O refused after all: the page cache then, which the sync's
                     // fdatasync covers all the same.
-                    OpenOptions::new()
-                        .write(true)
-                        .open(&self.path)?
-                        .write_all_at(data, self.offset)?;
+                    buffered.write_all_at(data, self.offset)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -227,14 +250,16 @@ const TAIL_CHECK: u64 = 1024 * 1024;
 /// live file could take a write-back error meant for a sync of data. A spare is a file of its
 /// own: its fsync sees only its own errors, and it is synced before it is renamed.
 ///
-/// One spare is made when the store opens, and another each time a topic of small messages
-/// rolls to a new segment (it will roll again), on a thread of
-/// its own. Not before: made while a segment fills, its 64 MiB of writes and sync slowed the
-/// appends (W1 -5.5% in 6 pairs, against +7.6% with no spare made during the run). A new
-/// segment without a ready spare (or of big messages, where writing zeros would double the
-/// bytes written) starts empty, with zeros written ahead as before. So a topic's first segment
-/// takes the full size on disk only when it got a spare, and a broker with many quiet topics
-/// does not turn each into 64 MiB.
+/// Spares are made lazily, on a thread of their own, only for busy topics: none at start
+/// (a fresh data dir stays a few hundred KiB, not 64 MiB), one when a topic of small messages
+/// becomes busy (`BUSY_BYTES` written within `BUSY_WINDOW`), and one each time such a topic
+/// rolls to a new segment (it will roll again). A busy topic whose segment did not start from
+/// a spare rolls early (from `EARLY_ROLL_MIN` of data on) once a spare is ready, so a busy
+/// topic's first segment is small and its next ones are spares. Not made while a segment
+/// fills: its 64 MiB of writes and sync slowed the appends (W1 -5.5% in 6 pairs, against
+/// +7.6% with no spare made during the run). A new segment without a ready spare (or of big
+/// messages, where writing zeros would double the bytes written) starts empty, with zeros
+/// written ahead as before. So a quiet topic never takes 64 MiB on disk.
 ///
 /// At open, the tail after a segment's last valid chunk is checked for zeros over its first
 /// `TAIL_CHECK` bytes only, not all 64 MiB of a spare, and the last segment is cut after what
@@ -249,6 +274,9 @@ pub struct Spares {
     dir: PathBuf,
     size: u64,
     state: std::sync::Mutex<SpareState>,
+    /// Whether a spare is ready, readable without the lock (checked by appends of busy
+    /// topics whose segment is not a spare: see [`SegmentLog::roll_if_full`]).
+    any_ready: AtomicBool,
 }
 
 #[derive(Default)]
@@ -261,8 +289,9 @@ struct SpareState {
 }
 
 impl Spares {
-    /// Opens the spare directory `dir` (creating it), removes what an earlier run left there,
-    /// and makes one spare now.
+    /// Opens the spare directory `dir` (creating it) and removes what an earlier run left
+    /// there. No spare is made yet: the first busy topic asks for one
+    /// ([`Spares::prepare_soon`]).
     ///
     /// Nothing left is reused: a spare renamed into a topic whose rename a power cut undid
     /// is back here with that topic's chunks in it (its appends' fdatasyncs had nothing of the
@@ -272,17 +301,12 @@ impl Spares {
         for entry in std::fs::read_dir(&dir)?.flatten() {
             std::fs::remove_file(entry.path())?;
         }
-        let spares = Arc::new(Spares {
+        Ok(Arc::new(Spares {
             dir,
             size,
             state: std::sync::Mutex::new(SpareState::default()),
-        });
-        let made = spares.make(0)?;
-        let mut st = spares.lock();
-        st.ready.push(made);
-        st.next = 1;
-        drop(st);
-        Ok(spares)
+            any_ready: AtomicBool::new(false),
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SpareState> {
@@ -291,7 +315,35 @@ impl Spares {
 
     /// A ready spare, if any.
     fn take(&self) -> Option<PathBuf> {
-        self.lock().ready.pop()
+        let mut st = self.lock();
+        let spare = st.ready.pop();
+        self.any_ready
+            .store(!st.ready.is_empty(), Ordering::Release);
+        spare
+    }
+
+    /// Whether a spare is ready (without taking the lock).
+    fn is_ready(&self) -> bool {
+        self.any_ready.load(Ordering::Acquire)
+    }
+
+    /// Tests: makes a spare now, on this thread.
+    #[cfg(test)]
+    fn make_one_now(&self) {
+        let id = {
+            let mut st = self.lock();
+            st.next += 1;
+            st.next - 1
+        };
+        let made = self.make(id).expect("make a spare");
+        self.put_back(made);
+    }
+
+    /// Returns a spare taken but not used (it could not be opened).
+    fn put_back(&self, spare: PathBuf) {
+        let mut st = self.lock();
+        st.ready.push(spare);
+        self.any_ready.store(true, Ordering::Release);
     }
 
     /// A spare could not be put in place (say, `topics/` on another file system): it is
@@ -320,7 +372,10 @@ impl Spares {
                 let mut st = me.lock();
                 st.preparing = false;
                 match made {
-                    Ok(path) => st.ready.push(path),
+                    Ok(path) => {
+                        st.ready.push(path);
+                        me.any_ready.store(true, Ordering::Release);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot prepare a spare segment: the next one starts empty")
                     }
@@ -370,7 +425,11 @@ pub struct SegmentLog {
     segment_bytes: u64,
     /// Index of the first segment that may hold writes not yet handed to a sync.
     unsynced_from: Option<usize>,
+    /// The directory gained or lost a file since the last sync was taken.
     dir_dirty: bool,
+    /// Handles of the directory and its parent for the next sync job, opened with the file
+    /// that made the directory dirty (see [`SegmentLog::take_sync`]).
+    dir_handles: Vec<(PathBuf, File)>,
     /// A roll failed before every group record was copied into the new segment.
     copies_pending: bool,
     /// Big chunks leave their aligned middle to the sync ([`DirectWrite`]); only where a sync
@@ -379,6 +438,76 @@ pub struct SegmentLog {
     /// Zeroed segments to start new ones from ([`Spares`]); only where a sync follows every
     /// commit.
     spares: Option<Arc<Spares>>,
+    /// Largest chunk body written or loaded ([`MAX_BODY`]; smaller in tests).
+    max_body: usize,
+    /// Bytes of small chunks written since the log was opened, and where the current busy
+    /// window started (time, bytes then): see [`Spares`].
+    small_bytes: u64,
+    busy_window: (std::time::Instant, u64),
+    /// The topic wrote `BUSY_BYTES` within `BUSY_WINDOW`: it gets spares.
+    busy: bool,
+    /// Tests: failures to inject.
+    #[cfg(test)]
+    pub(crate) faults: Faults,
+}
+
+/// Tests: failures a [`SegmentLog`] injects.
+#[cfg(test)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Faults {
+    /// Chunks written before the next one fails with `ENOSPC` (part of it written first).
+    pub chunks_ok: Option<usize>,
+    /// Starting a new segment fails with this errno.
+    pub new_segment: Option<i32>,
+}
+
+/// What a log looked like before a request, to undo the request should it fail part-way
+/// ([`SegmentLog::mark`], [`SegmentLog::rollback`]). Plain numbers: taking one costs no
+/// system call.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    segments: usize,
+    /// The last segment's end of chunks, file length, chunk count, direct write count and
+    /// whether it had a sync handle open.
+    last: Option<(u64, u64, usize, usize, bool)>,
+    last_seq: u64,
+    unsynced_from: Option<usize>,
+    dir_dirty: bool,
+    dir_handles: bool,
+    copies_pending: bool,
+}
+
+/// Written by a busy topic within `BUSY_WINDOW`, in chunks of small messages: the topic gets
+/// spares ([`Spares`]).
+const BUSY_BYTES: u64 = 1024 * 1024;
+const BUSY_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+/// A busy topic's segment that is not a spare rolls into a ready spare once it holds this much.
+const EARLY_ROLL_MIN: u64 = 1024 * 1024;
+
+/// Opens a segment file for a sync job: a handle of its own (see [`SegmentLog::take_sync`]),
+/// writable for a direct write the file system refuses ([`DirectWrite::run`]).
+fn open_for_sync(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().write(true).open(path)
+}
+
+/// Handles of `dir` and its parent, for a sync job to fsync.
+fn open_dir_handles(dir: &Path) -> std::io::Result<Vec<(PathBuf, File)>> {
+    let mut out = vec![(dir.to_owned(), File::open(dir)?)];
+    if let Some(parent) = dir.parent() {
+        out.push((parent.to_owned(), File::open(parent)?));
+    }
+    Ok(out)
+}
+
+/// The error for a chunk larger than can be read back.
+fn too_big(body_len: usize, max: usize) -> StoreError {
+    StoreError::Io(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!(
+            "a stored chunk of {body_len} bytes would exceed the largest that can be read back \
+             ({max} bytes): refused"
+        ),
+    ))
 }
 
 fn header_of(magic: u32, first: u64, count: u32, body_len: usize, body: &[Bytes]) -> [u8; HEADER] {
@@ -524,19 +653,40 @@ fn parse_header(h: &[u8; HEADER]) -> Option<Header> {
     };
     let mut first = [0u8; 8];
     first.copy_from_slice(&h[8..16]);
-    let body_len = u32_at(4) as usize;
-    (body_len <= MAX_BODY).then_some(Header {
+    // Any length: a body longer than can be loaded is skipped whole, not taken for the end of
+    // the log (older versions could write group records past `MAX_BODY`).
+    Some(Header {
         group,
-        body_len,
+        body_len: u32_at(4) as usize,
         first: u64::from_be_bytes(first),
         count: u32_at(16),
         crc: u32_at(20),
     })
 }
 
+/// Whether the body of the chunk at `pos` passes its CRC, read a piece at a time (for bodies
+/// too long to load whole).
+fn body_crc_ok(file: &File, pos: u64, hd: &Header) -> std::io::Result<bool> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1024 * 1024];
+    let (mut at, end) = (pos + HEADER as u64, pos + (HEADER + hd.body_len) as u64);
+    while at < end {
+        let n = (end - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        crc.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(crc.finalize() == hd.crc)
+}
+
 impl SegmentLog {
     /// Opens (or creates) the log in `dir`, rebuilding the index.
     pub fn open(dir: &Path) -> Result<SegmentLog, StoreError> {
+        Self::open_with(dir, MAX_BODY)
+    }
+
+    /// [`SegmentLog::open`] with a smaller largest chunk (tests).
+    fn open_with(dir: &Path, max_body: usize) -> Result<SegmentLog, StoreError> {
         let created = !dir.exists();
         std::fs::create_dir_all(dir)?;
         let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
@@ -562,10 +712,19 @@ impl SegmentLog {
             groups: std::collections::BTreeMap::new(),
             segment_bytes: SEGMENT_BYTES,
             unsynced_from: None,
-            dir_dirty: created,
+            // A directory without segments may be new (its creation not yet durable: a
+            // request that created it failed); fsynced with the first segment.
+            dir_dirty: created || n == 0,
+            dir_handles: Vec::new(),
             copies_pending: false,
             direct_writes: false,
             spares: None,
+            max_body,
+            small_bytes: 0,
+            busy_window: (std::time::Instant::now(), 0),
+            busy: false,
+            #[cfg(test)]
+            faults: Faults::default(),
         };
         for (i, (first, path)) in names.into_iter().enumerate() {
             let last_segment = i + 1 == n;
@@ -587,6 +746,19 @@ impl SegmentLog {
                     // A group record is always written at the next message's seq: this one
                     // is left from before a crash (see `Spares`), not part of the log.
                     break;
+                }
+                if hd.group && hd.body_len > max_body {
+                    // Too long to load (written by an older version): skipped whole, so the
+                    // chunks after it are still read; the group keeps its previous record.
+                    if body_crc_ok(&file, pos, &hd)? {
+                        tracing::error!(segment = %seg.path.display(), offset = pos, len = hd.body_len, "group record too large to load: skipped (the group keeps its previous record)");
+                    } else if last_segment {
+                        break;
+                    } else {
+                        tracing::error!(segment = %seg.path.display(), offset = pos, "corrupt group record skipped");
+                    }
+                    pos = end;
+                    continue;
                 }
                 if hd.group {
                     match read_body(&file, pos, &hd, &mut body)?
@@ -612,7 +784,12 @@ impl SegmentLog {
                 if last_segment {
                     // Only the tail can hold a write cut by a crash (a roll first makes the
                     // direct writes of the segment it leaves): check it fully.
-                    if !read_body(&file, pos, &hd, &mut body)? {
+                    let ok = if hd.body_len > max_body {
+                        body_crc_ok(&file, pos, &hd)?
+                    } else {
+                        read_body(&file, pos, &hd, &mut body)?
+                    };
+                    if !ok {
                         break;
                     }
                 }
@@ -668,30 +845,42 @@ impl SegmentLog {
     }
 
     /// Appends one chunk `body` holding `count` messages from `last_seq + 1`. Not durable until
-    /// [`SegmentLog::sync`].
+    /// [`SegmentLog::sync`]. On error the chunk is not in the log, but a roll it started may
+    /// be: a request of several chunks undoes itself with [`SegmentLog::rollback`].
     pub fn append_chunk(&mut self, count: u32, body: &[Bytes]) -> Result<u64, StoreError> {
         let first = self.next_seq()?;
         let last = first
             .checked_add(count.saturating_sub(1) as u64)
             .ok_or_else(seq_overflow)?;
         let size: usize = body.iter().map(Bytes::len).sum();
-        self.roll_if_full(first, (size as u64) < ZERO_STEP)?;
+        if size > self.max_body {
+            return Err(too_big(size, self.max_body));
+        }
+        let small = (size as u64) < ZERO_STEP;
+        self.roll_if_full(first, small)?;
         let off = self.write_chunk(MAGIC, first, count, body)?;
         let seg = self.segments.last_mut().ok_or(StoreError::Unavailable)?;
         seg.chunks.push((first, off));
         self.last_seq = last;
+        if small {
+            self.note_small_write(size as u64);
+        }
         Ok(first)
     }
 
     /// Writes `group`'s record (MessagePack) to the log. Not durable until
-    /// [`SegmentLog::sync`].
+    /// [`SegmentLog::sync`]. A record larger than can be read back is refused.
     pub fn put_group(&mut self, group: &str, record: Bytes) -> Result<(), StoreError> {
         if group.len() > u16::MAX as usize {
             return Err(StoreError::Io(std::io::Error::other("group name too long")));
         }
+        let body = group_body(group, &record);
+        if body.len() > self.max_body {
+            return Err(too_big(body.len(), self.max_body));
+        }
         let first = self.next_seq()?;
         self.roll_if_full(first, true)?;
-        self.write_chunk(GROUP_MAGIC, first, 0, &[group_body(group, &record)])?;
+        self.write_chunk(GROUP_MAGIC, first, 0, &[body])?;
         self.groups.insert(group.to_string(), record);
         Ok(())
     }
@@ -700,14 +889,47 @@ impl SegmentLog {
         self.last_seq.checked_add(1).ok_or_else(seq_overflow)
     }
 
-    /// Starts a new segment (named `first`) when there is none or the last one is full, and
-    /// makes sure it starts with a copy of every group's record (see the module docs). A
-    /// segment without messages is never rolled: its successor would get its name.
+    /// Counts a chunk of small messages towards the busy test; a topic found busy asks for a
+    /// spare (see [`Spares`]). No system call but a clock read once per `BUSY_BYTES`.
+    fn note_small_write(&mut self, n: u64) {
+        self.small_bytes += n;
+        if self.busy || self.small_bytes - self.busy_window.1 < BUSY_BYTES {
+            return;
+        }
+        let Some(sp) = &self.spares else { return };
+        let now = std::time::Instant::now();
+        if now.duration_since(self.busy_window.0) <= BUSY_WINDOW {
+            self.busy = true;
+            sp.prepare_soon();
+        } else {
+            self.busy_window = (now, self.small_bytes);
+        }
+    }
+
+    /// Whether the last segment `s`, of a busy topic and not from a spare, rolls into a spare
+    /// that is ready (see [`Spares`]).
+    fn early_roll(&self, s: &Segment) -> bool {
+        self.busy
+            && !s.from_spare
+            && s.len >= EARLY_ROLL_MIN.min(self.segment_bytes)
+            && self
+                .spares
+                .as_ref()
+                .is_some_and(|sp| sp.size == self.segment_bytes && sp.is_ready())
+    }
+
+    /// Starts a new segment (named `first`) when there is none or the last one is full (or a
+    /// busy topic can move to a spare), and makes sure it starts with a copy of every group's
+    /// record (see the module docs). A segment without messages is never rolled: its
+    /// successor would get its name.
     fn roll_if_full(&mut self, first: u64, small: bool) -> Result<(), StoreError> {
-        let roll = self
-            .segments
-            .last()
-            .is_none_or(|s| s.len >= self.segment_bytes && !s.chunks.is_empty());
+        let roll = match self.segments.last() {
+            None => true,
+            Some(s) => {
+                !s.chunks.is_empty()
+                    && (s.len >= self.segment_bytes || (small && self.early_roll(s)))
+            }
+        };
         if roll {
             // A segment's direct writes are made before the next segment starts, so that after
             // a crash only the last one can hold a chunk missing its middle (`open` checks it
@@ -715,7 +937,7 @@ impl SegmentLog {
             if let Some(seg) = self.segments.last_mut() {
                 for (d, _) in &seg.direct {
                     // On failure they stay, for the sync of the requests already written.
-                    d.run()?;
+                    d.run(&seg.file)?;
                 }
                 seg.direct.clear();
                 seg.direct_file = None;
@@ -755,26 +977,44 @@ impl SegmentLog {
     /// Starts segment `first`: from a spare when its first chunk is small and one is ready
     /// (see [`Spares`]), else an empty file.
     fn new_segment(&mut self, first: u64, small: bool) -> Result<(), StoreError> {
+        // The directory's handles for the next sync first: once the file exists, a rollback
+        // must be able to make its removal durable without a new descriptor.
+        if self.dir_handles.is_empty() {
+            self.dir_handles = open_dir_handles(&self.dir)?;
+        }
+        #[cfg(test)]
+        if let Some(errno) = self.faults.new_segment {
+            return Err(std::io::Error::from_raw_os_error(errno).into());
+        }
         let path = self.dir.join(format!("{first:020}.seg"));
         let spare = self
             .spares
-            .as_ref()
+            .clone()
             .filter(|sp| small && sp.size == self.segment_bytes)
-            .and_then(|sp| sp.take().map(|p| (p, sp.size)));
-        if let Some((spare, size)) = spare {
-            let opened = std::fs::rename(&spare, &path)
-                .and_then(|()| OpenOptions::new().read(true).write(true).open(&path));
+            .and_then(|sp| sp.take().map(|p| (p, sp)));
+        if let Some((spare, sp)) = spare {
+            // Opened before the rename: a spare that cannot be opened (no descriptor left)
+            // stays a spare.
+            let opened = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&spare)
+                .and_then(|file| std::fs::rename(&spare, &path).map(|()| file));
             match opened {
                 Ok(file) => {
-                    self.segments.push(Segment::new(path, file, size));
+                    let mut seg = Segment::new(path, file, sp.size);
+                    seg.from_spare = true;
+                    self.segments.push(seg);
                     self.dir_dirty = true;
                     return Ok(());
                 }
+                Err(e) if super::is_shortage(&e) => {
+                    sp.put_back(spare);
+                    return Err(e.into());
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, spare = %spare.display(), "cannot use a spare segment: starting an empty one, and no more spares");
-                    if let Some(sp) = &self.spares {
-                        sp.unusable(&spare);
-                    }
+                    sp.unusable(&spare);
                 }
             }
         }
@@ -789,7 +1029,8 @@ impl SegmentLog {
         Ok(())
     }
 
-    /// Writes one chunk at the end of the last segment; returns its offset.
+    /// Writes one chunk at the end of the last segment; returns its offset. On error nothing
+    /// of it is left in the file (unless even cutting the file back failed: `write_failed`).
     fn write_chunk(
         &mut self,
         magic: u32,
@@ -798,15 +1039,22 @@ impl SegmentLog {
         body: &[Bytes],
     ) -> Result<u64, StoreError> {
         let body_len: usize = body.iter().map(Bytes::len).sum();
+        if body_len > self.max_body {
+            return Err(too_big(body_len, self.max_body));
+        }
         let roll_at = self.segment_bytes;
+        let inject = self.injected_write_failure();
         let seg = self.segments.last_mut().ok_or(StoreError::Unavailable)?;
+        // The next sync's handle before anything is written: running out of descriptors then
+        // fails this request, never the sync of what was written.
+        seg.open_sync_file()?;
         let need = seg.len + (HEADER + body_len) as u64;
         if (body_len as u64) < ZERO_STEP && need + ZERO_STEP / 2 > seg.file_len {
             // Written zeros ahead of the data (see the module docs); never past the roll size.
             let end = (need + ZERO_STEP).min(roll_at.max(need));
             if end > need && end > seg.file_len {
                 if let Err(e) = write_zeros(&seg.file, seg.file_len, end) {
-                    let _ = seg.file.set_len(seg.len);
+                    seg.write_failed |= seg.file.set_len(seg.len).is_err();
                     seg.file_len = seg.len;
                     return Err(e.into());
                 }
@@ -850,12 +1098,19 @@ impl SegmentLog {
                         seg.direct.push((Arc::new(d), false))
                     })
             }
+            None if inject => seg
+                .file
+                .write_all(&h[..HEADER / 2])
+                .and_then(|()| Err(std::io::Error::from_raw_os_error(libc::ENOSPC))),
             None => write_all_parts(&mut seg.file, &h, body),
         };
         if let Err(e) = written {
             // Leave the file as it was: a partial chunk would poison later appends.
-            let _ = seg.file.set_len(seg.len);
-            let _ = seg.file.seek(SeekFrom::Start(seg.len));
+            seg.write_failed |= seg
+                .file
+                .set_len(seg.len)
+                .and_then(|()| seg.file.seek(SeekFrom::Start(seg.len)).map(drop))
+                .is_err();
             seg.file_len = seg.len;
             return Err(e.into());
         }
@@ -866,8 +1121,133 @@ impl SegmentLog {
         Ok(off)
     }
 
+    /// Tests: whether this chunk write is to fail ([`Faults::chunks_ok`]).
+    #[cfg(test)]
+    fn injected_write_failure(&mut self) -> bool {
+        match &mut self.faults.chunks_ok {
+            Some(0) => true,
+            Some(n) => {
+                *n -= 1;
+                false
+            }
+            None => false,
+        }
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn injected_write_failure(&mut self) -> bool {
+        false
+    }
+
+    /// The log's state before a request, for [`SegmentLog::rollback`]. No system call.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            segments: self.segments.len(),
+            last: self.segments.last().map(|s| {
+                (
+                    s.len,
+                    s.file_len,
+                    s.chunks.len(),
+                    s.direct.len(),
+                    s.sync_file.is_some(),
+                )
+            }),
+            last_seq: self.last_seq,
+            unsynced_from: self.unsynced_from,
+            dir_dirty: self.dir_dirty,
+            dir_handles: !self.dir_handles.is_empty(),
+            copies_pending: self.copies_pending,
+        }
+    }
+
+    /// Undoes everything written since `mark` (a request that failed part-way), so that none
+    /// of it is ever read and its seqs go to the next request: the segments it started are
+    /// removed (with the directory fsynced at once, before anything more is written to the
+    /// older segment, so that no power cut can bring one back beside it), the older segment
+    /// is cut back to where it ended, and the index, the last seq, the group-record copies
+    /// and the direct writes are as they were. Cutting the file back is made durable by the
+    /// next sync of the log, which the request's error reply must wait for (see the store
+    /// actor). An error means the log could not be brought back: the store must refuse
+    /// writes from then on.
+    pub fn rollback(&mut self, mark: Mark) -> Result<(), StoreError> {
+        let dir = self.dir.clone();
+        let undo = |what: &str, e: std::io::Error| {
+            StoreError::Inconsistent(format!(
+                "undoing a failed request in {}: {what}: {e}",
+                dir.display()
+            ))
+        };
+        let mut removed = false;
+        while self.segments.len() > mark.segments {
+            let Some(seg) = self.segments.pop() else {
+                break;
+            };
+            // Emptied through the handle first: should the unlink fail, nothing of the
+            // request can be read back from it.
+            let emptied = seg.file.set_len(0);
+            let path = seg.path.clone();
+            drop(seg);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(undo(
+                        &format!("removing {} (emptied: {})", path.display(), emptied.is_ok()),
+                        e,
+                    ))
+                }
+            }
+            removed = true;
+        }
+        if removed {
+            let synced = match self.dir_handles.iter().find(|(p, _)| *p == self.dir) {
+                Some((_, f)) => f.sync_all(),
+                None => File::open(&self.dir).and_then(|f| f.sync_all()),
+            };
+            synced.map_err(|e| undo("fsync of the directory", e))?;
+        }
+        let mut unsynced_from = mark.unsynced_from;
+        if let (Some((len, file_len, chunks, direct, had_sync)), Some(i)) =
+            (mark.last, self.segments.len().checked_sub(1))
+        {
+            let seg = &mut self.segments[i];
+            let touched = seg.len != len || seg.file_len != file_len || seg.write_failed;
+            seg.chunks.truncate(chunks);
+            seg.direct.truncate(direct);
+            if touched {
+                let cut = seg
+                    .file
+                    .set_len(len)
+                    .and_then(|()| seg.file.seek(SeekFrom::Start(len)).map(drop));
+                if let Err(e) = cut {
+                    return Err(undo(
+                        &format!("cutting {} back to {len} bytes", seg.path.display()),
+                        e,
+                    ));
+                }
+                seg.len = len;
+                seg.file_len = len;
+                seg.write_failed = false;
+                // The cut must reach the disk before the request's error is answered.
+                unsynced_from = Some(unsynced_from.map_or(i, |k| k.min(i)));
+            } else if !had_sync {
+                seg.sync_file = None;
+            }
+        }
+        self.last_seq = mark.last_seq;
+        self.copies_pending = mark.copies_pending;
+        self.unsynced_from = unsynced_from;
+        self.dir_dirty = mark.dir_dirty;
+        if !mark.dir_handles && !self.dir_dirty {
+            self.dir_handles.clear();
+        }
+        Ok(())
+    }
+
     /// Reads chunk bodies from the one holding `from`, calling `f(first_seq, body)` until it
-    /// returns false. A chunk failing its CRC is reported as `Err((first, next_first))`.
+    /// returns false. A chunk failing its CRC (or too long to load) is reported as
+    /// `Err((first, next_first))`.
     pub fn scan(
         &self,
         from: u64,
@@ -901,7 +1281,7 @@ impl SegmentLog {
                     continue;
                 }
                 seg.file.read_exact_at(&mut h, off)?;
-                let item = match parse_header(&h) {
+                let item = match parse_header(&h).filter(|hd| hd.body_len <= self.max_body) {
                     Some(hd) => {
                         let mut body = vec![0u8; hd.body_len];
                         seg.file.read_exact_at(&mut body, off + HEADER as u64)?;
@@ -929,19 +1309,44 @@ impl SegmentLog {
         job.run()
     }
 
+    /// Opens what the next sync job needs and the log does not hold yet (normally nothing:
+    /// writes open their segment's sync handle, a new segment the directory's; after
+    /// [`SegmentLog::mark_dirty`], the handles of every segment). Changes nothing else, so a
+    /// failure (no descriptor left) leaves the log as it was.
+    pub fn prepare_sync(&mut self) -> Result<(), StoreError> {
+        if let Some(from) = self.unsynced_from {
+            for seg in self.segments.iter_mut().skip(from) {
+                seg.open_sync_file()?;
+            }
+        }
+        if self.dir_dirty && self.dir_handles.is_empty() {
+            self.dir_handles = open_dir_handles(&self.dir)?;
+        }
+        Ok(())
+    }
+
     /// Moves what a sync of this log must do into `job` (file handles to fdatasync, directories
-    /// to fsync) and marks the log clean, so the job can run on another thread while appends
-    /// go on. If the job fails, call [`SegmentLog::mark_dirty`].
+    /// to fsync, direct writes to make) and marks the log clean, so the job can run on another
+    /// thread while appends go on. If the job fails, call [`SegmentLog::mark_dirty`]. Fails
+    /// only in [`SegmentLog::prepare_sync`], and then changes nothing.
+    ///
+    /// Each segment's handle is its own, opened on the store's thread before the first write
+    /// after the previous take (so after that take, in job order), never a copy of the
+    /// writer's: the kernel reports a write-back error once per open file, so with copies, a
+    /// sync running at the same time could take the error and this one report success over
+    /// lost pages. A handle opened before an error sees it; one opened after an error that
+    /// another job's handle saw belongs to a younger job, which cannot settle before the one
+    /// that failed (and fails with it). The job opens nothing: running out of descriptors can
+    /// fail a request, never a sync.
     pub fn take_sync(&mut self, job: &mut super::SyncJob) -> Result<(), StoreError> {
+        self.prepare_sync()?;
         if let Some(from) = self.unsynced_from {
             // Every segment written since the last take (several, if big commits rolled more
             // than once meanwhile).
             for seg in self.segments.iter_mut().skip(from) {
-                // A handle opened anew, not a copy of the writer's: the kernel reports a
-                // write-back error once per open file, so with copies, a sync running at the
-                // same time could take the error and this one report success over lost pages.
-                // A new open file still sees an error nobody has seen yet.
-                job.files.push((seg.path.clone(), File::open(&seg.path)?));
+                if let Some(file) = seg.sync_file.take() {
+                    job.files.push((seg.path.clone(), file));
+                }
                 seg.direct.retain(|(d, _)| !d.is_done());
                 for (d, taken) in seg.direct.iter_mut().filter(|(_, t)| !*t) {
                     job.direct.push(d.clone());
@@ -951,10 +1356,7 @@ impl SegmentLog {
             self.unsynced_from = None;
         }
         if self.dir_dirty {
-            job.dirs.push(self.dir.clone());
-            if let Some(parent) = self.dir.parent() {
-                job.dirs.push(parent.to_owned());
-            }
+            job.dirs.append(&mut self.dir_handles);
             self.dir_dirty = false;
         }
         Ok(())
@@ -1115,45 +1517,54 @@ mod tests {
     }
 
     #[test]
-    fn new_segments_of_small_messages_start_from_a_spare() {
-        const SIZE: u64 = 64 * 1024;
+    fn a_busy_topic_gets_spares_and_a_quiet_one_none() {
+        const SIZE: u64 = 4 * 1024 * 1024;
         let dir = tempfile::tempdir().unwrap();
         let spares = Spares::open(dir.path().join("spare"), SIZE).unwrap();
         let spare_files = || std::fs::read_dir(dir.path().join("spare")).unwrap().count();
-        assert_eq!(spare_files(), 1, "one made at open");
+        assert_eq!(spare_files(), 0, "none made at open");
         let p = dir.path().join("t");
         let seg = |first: u64| p.join(format!("{first:020}.seg"));
-        {
-            let mut log = SegmentLog::open(&p).unwrap();
-            log.segment_bytes = SIZE;
-            log.set_spares(Some(spares.clone()));
-            log.append_chunk(1, &[Bytes::from_static(b"one")]).unwrap();
-            assert_eq!(file_len(&seg(1)), SIZE, "the first segment is the spare");
-            assert_eq!(spare_files(), 0);
-            log.sync().unwrap();
-        }
-        // Reopened: the zeros after the data are kept for later appends.
+        let wait_ready = |what: &str| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !spares.is_ready() {
+                assert!(std::time::Instant::now() < deadline, "no spare made {what}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
         let mut log = SegmentLog::open(&p).unwrap();
         log.segment_bytes = SIZE;
         log.set_spares(Some(spares.clone()));
-        assert_eq!(log.last_seq(), 1);
-        assert_eq!(file_len(&seg(1)), SIZE);
-        // Fill the segment and roll: no spare is ready, so the next one starts empty (with
-        // zeros written ahead), and a spare is made for the roll after.
-        let mut n = 1;
-        while log.segments.len() == 1 {
+        // Quiet: a few small chunks ask for no spare, and the segment grows by zero steps.
+        for _ in 0..3 {
+            log.append_chunk(1, &[Bytes::from_static(b"one")]).unwrap();
+        }
+        assert!(
+            file_len(&seg(1)) < 2 * ZERO_STEP,
+            "only the zeros written ahead"
+        );
+        assert!(!log.busy && !spares.lock().preparing && spare_files() == 0);
+        // Busy (a MiB within a second): a spare is made, and the next chunk once it is ready
+        // starts the next segment from it, early.
+        let mut n = 3;
+        while !log.busy {
+            n += 1;
+            assert!(n < 1000, "5 MB written and the topic is not busy");
+            log.append_chunk(1, &[pattern(5000, n as u8)]).unwrap();
+        }
+        wait_ready("for a busy topic");
+        n += 1;
+        log.append_chunk(1, &[pattern(5000, n as u8)]).unwrap();
+        assert_eq!(log.segments.len(), 2, "rolled early into the spare");
+        assert!(log.segments[1].from_spare);
+        assert_eq!(file_len(&seg(n)), SIZE, "the new segment is the spare");
+        // The roll asked for the next one: the spare segment, once full, rolls into it.
+        wait_ready("after a roll");
+        while log.segments.len() == 2 {
             n += 1;
             log.append_chunk(1, &[pattern(5000, n as u8)]).unwrap();
         }
-        assert!(seg(n).exists());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while spare_files() != 1 || spares.take().is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no spare made after the roll"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        assert!(log.segments[2].from_spare);
         log.sync().unwrap();
         drop(log);
         let log = SegmentLog::open(&p).unwrap();
@@ -1211,6 +1622,7 @@ mod tests {
         const SIZE: u64 = 64 * 1024;
         let dir = tempfile::tempdir().unwrap();
         let spares = Spares::open(dir.path().join("spare"), SIZE).unwrap();
+        spares.make_one_now();
         // Gone from under us: the rename fails.
         for e in std::fs::read_dir(dir.path().join("spare")).unwrap() {
             std::fs::remove_file(e.unwrap().path()).unwrap();
@@ -1235,16 +1647,12 @@ mod tests {
         std::fs::write(sdir.join("00000000000000000007.tmp"), b"half made").unwrap();
         std::fs::write(sdir.join("00000000000000000003.spare"), b"wrong size").unwrap();
         let spares = Spares::open(sdir.clone(), SIZE).unwrap();
-        let names: Vec<String> = std::fs::read_dir(&sdir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
         assert_eq!(
-            names.len(),
-            1,
-            "leftovers removed, one spare made: {names:?}"
+            std::fs::read_dir(&sdir).unwrap().count(),
+            0,
+            "leftovers removed, none made"
         );
-        assert!(names[0].ends_with(".spare"));
+        spares.make_one_now();
         let p = dir.path().join("t");
         let mut log = SegmentLog::open(&p).unwrap();
         log.segment_bytes = SIZE;
@@ -1438,5 +1846,175 @@ mod tests {
         bytes[HEADER] ^= 0xff; // first chunk's body
         std::fs::write(&seg, &bytes).unwrap();
         assert_eq!(collect(&log, 1), vec![Err((1, 3)), Ok(3)]);
+    }
+
+    #[test]
+    fn a_request_failing_part_way_is_undone_entirely() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let seg = p.join(format!("{:020}.seg", 1));
+        let mut log = SegmentLog::open(&p).unwrap();
+        log.append_chunk(2, &[Bytes::from_static(b"ab")]).unwrap();
+        log.put_group("g", Bytes::from_static(b"r1")).unwrap();
+        log.sync().unwrap();
+        let len = log.segments[0].len;
+        let mark = log.mark();
+        // A request of three chunks: the third fails after writing part of itself.
+        log.faults.chunks_ok = Some(2);
+        log.append_chunk(1, &[Bytes::from_static(b"x")]).unwrap();
+        log.append_chunk(1, &[Bytes::from_static(b"y")]).unwrap();
+        let e = log
+            .append_chunk(1, &[Bytes::from_static(b"z")])
+            .unwrap_err();
+        assert!(e.to_string().contains("No space left"), "{e}");
+        log.rollback(mark).unwrap();
+        log.faults.chunks_ok = None;
+        assert_eq!(log.last_seq(), 2);
+        assert_eq!(collect(&log, 1), vec![Ok(1)]);
+        assert_eq!(file_len(&seg), len, "cut back to where the request started");
+        // The cut is made durable by the next sync (the error reply waits for it).
+        assert!(log.is_dirty());
+        let mut job = crate::store::SyncJob::default();
+        log.take_sync(&mut job).unwrap();
+        assert_eq!((job.files.len(), job.dirs.len()), (1, 0));
+        job.run().unwrap();
+        // The seqs go to the next request.
+        assert_eq!(log.append_chunk(1, &[Bytes::from_static(b"w")]).unwrap(), 3);
+        log.sync().unwrap();
+        drop(log);
+        let log = SegmentLog::open(&p).unwrap();
+        assert_eq!(log.last_seq(), 3);
+        assert_eq!(collect(&log, 1), vec![Ok(1), Ok(3)]);
+        assert_eq!(
+            bodies(&log)[1].as_ref().unwrap().1,
+            Bytes::from_static(b"w")
+        );
+        assert_eq!(log.group("g").unwrap().as_ref(), b"r1");
+    }
+
+    #[test]
+    fn a_request_failing_after_a_roll_removes_the_segment_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let mut log = SegmentLog::open(&p).unwrap();
+        log.segment_bytes = 300;
+        log.put_group("g", Bytes::from_static(b"r1")).unwrap();
+        log.append_chunk(1, &[Bytes::from(vec![1u8; 200])]).unwrap();
+        log.sync().unwrap();
+        let len = log.segments[0].len;
+        let mark = log.mark();
+        // The second chunk rolls (the first filled the segment); the new segment gets its
+        // copy of g's record, then the chunk fails.
+        log.faults.chunks_ok = Some(2);
+        log.append_chunk(1, &[Bytes::from(vec![2u8; 100])]).unwrap();
+        assert!(log.append_chunk(1, &[Bytes::from(vec![3u8; 100])]).is_err());
+        assert_eq!(log.segments.len(), 2, "the roll happened");
+        let started = log.segments[1].path.clone();
+        log.rollback(mark).unwrap();
+        log.faults.chunks_ok = None;
+        assert!(
+            !started.exists(),
+            "the segment the request started is removed"
+        );
+        assert_eq!((log.segments.len(), log.segments[0].len), (1, len));
+        assert_eq!(log.last_seq(), 1);
+        assert!(!log.copies_pending);
+        assert_eq!(log.group("g").unwrap().as_ref(), b"r1");
+        // Writing goes on where the request started.
+        assert_eq!(log.append_chunk(1, &[Bytes::from_static(b"n")]).unwrap(), 2);
+        log.sync().unwrap();
+        drop(log);
+        let log = SegmentLog::open(&p).unwrap();
+        assert_eq!(log.last_seq(), 2);
+        assert_eq!(collect(&log, 1), vec![Ok(1), Ok(2)]);
+        assert_eq!(log.group("g").unwrap().as_ref(), b"r1");
+    }
+
+    #[test]
+    fn a_new_segment_without_a_descriptor_fails_the_request_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let mut log = SegmentLog::open(&p).unwrap();
+        let mark = log.mark();
+        log.faults.new_segment = Some(libc::EMFILE);
+        let e = log
+            .append_chunk(1, &[Bytes::from_static(b"a")])
+            .unwrap_err();
+        assert!(e.is_shortage(), "{e}");
+        log.rollback(mark).unwrap();
+        log.faults.new_segment = None;
+        assert_eq!(std::fs::read_dir(&p).unwrap().count(), 0);
+        assert_eq!(log.append_chunk(1, &[Bytes::from_static(b"a")]).unwrap(), 1);
+        // The sync of the first segment also makes the new directory durable.
+        let mut job = crate::store::SyncJob::default();
+        log.take_sync(&mut job).unwrap();
+        assert_eq!((job.files.len(), job.dirs.len()), (1, 2));
+        job.run().unwrap();
+    }
+
+    #[test]
+    fn a_chunk_larger_than_can_be_read_back_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let mut log = SegmentLog::open_with(&p, 1000).unwrap();
+        log.append_chunk(1, &[Bytes::from_static(b"a")]).unwrap();
+        log.put_group("g", Bytes::from_static(b"r1")).unwrap();
+        let len = log.segments[0].len;
+        let e = log
+            .put_group("g", Bytes::from(vec![7u8; 2000]))
+            .unwrap_err();
+        assert!(e.to_string().contains("read back"), "{e}");
+        let e = log
+            .append_chunk(
+                1,
+                &[Bytes::from(vec![7u8; 600]), Bytes::from(vec![8u8; 600])],
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("read back"), "{e}");
+        assert_eq!((log.segments[0].len, log.last_seq()), (len, 1));
+        assert_eq!(log.group("g").unwrap().as_ref(), b"r1");
+        log.append_chunk(1, &[Bytes::from_static(b"b")]).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let log = SegmentLog::open_with(&p, 1000).unwrap();
+        assert_eq!(collect(&log, 1), vec![Ok(1), Ok(2)]);
+        assert_eq!(log.group("g").unwrap().as_ref(), b"r1");
+    }
+
+    #[test]
+    fn an_oversized_chunk_left_by_an_older_version_does_not_end_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let seg = p.join(format!("{:020}.seg", 1));
+        // Written with a larger limit (what an older version could write).
+        let end = {
+            let mut log = SegmentLog::open_with(&p, 1 << 20).unwrap();
+            log.append_chunk(1, &[Bytes::from_static(b"one")]).unwrap();
+            log.put_group("g", Bytes::from_static(b"r1")).unwrap();
+            log.put_group("g", Bytes::from(vec![7u8; 5000])).unwrap();
+            log.append_chunk(1, &[Bytes::from_static(b"two")]).unwrap();
+            log.append_chunk(1, &[Bytes::from(vec![9u8; 3000])])
+                .unwrap();
+            log.append_chunk(1, &[Bytes::from_static(b"four")]).unwrap();
+            log.put_group("h", Bytes::from_static(b"x")).unwrap();
+            log.sync().unwrap();
+            log.segments[0].len
+        };
+        // Read back with a smaller one: the chunks after the oversized ones are still there.
+        let log = SegmentLog::open_with(&p, 1000).unwrap();
+        assert_eq!(log.last_seq(), 4);
+        assert_eq!(log.segments[0].len, end, "nothing cut off");
+        assert!(file_len(&seg) >= end);
+        assert_eq!(
+            collect(&log, 1),
+            vec![Ok(1), Ok(2), Err((3, 4)), Ok(4)],
+            "the message chunk too long to load is reported, not served"
+        );
+        assert_eq!(
+            log.group("g").unwrap().as_ref(),
+            b"r1",
+            "the previous record"
+        );
+        assert_eq!(log.group("h").unwrap().as_ref(), b"x");
     }
 }
