@@ -26,8 +26,16 @@
 //! - When a sync fails, every job in flight or queued fails with it (they may count on what
 //!   failed), and the store then refuses every write until the broker restarts (`SyncFailed`,
 //!   `StoreActor::fail`): Linux marks the pages of a failed write-back clean, so a second sync
-//!   would report success over lost data. Each sync opens the segment files anew, so each sees
-//!   a write-back error (the kernel reports one once per open file).
+//!   would report success over lost data. Each sync has handles of the segment files of its
+//!   own, so each sees a write-back error (the kernel reports one once per open file).
+//! - Only a failed sync (or a rollback that cannot be done) poisons. A request whose *write*
+//!   fails (full disk, no file descriptor, file size limit) is rolled back
+//!   (`Storage::append`) and joins the commit as refused: its error is answered when the
+//!   commit's sync settles, so the cut that undid it is durable first, and nothing of it is
+//!   ever read. A sync job opens no file (its handles are opened by the writes, on this
+//!   thread); should one be missing and no descriptor be left (after a restart of the
+//!   actor), the commit waits and is retried (`SyncRetry`): its data is written, so
+//!   answering "error" could be contradicted by a later sync.
 //! - Reads stop at the last durable seq of the topic, and new messages are announced only once
 //!   durable, so nothing is delivered that could still be lost.
 //!

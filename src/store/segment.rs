@@ -21,6 +21,14 @@
 //! fdatasyncs every segment written since the last sync, and fsyncs a directory that gained a
 //! file; at open, the last two segments are fdatasynced (a crash may have cut a roll).
 //!
+//! A request of several chunks is all or nothing: [`SegmentLog::mark`] before it,
+//! [`SegmentLog::rollback`] if a chunk fails (segments it started removed, the older one cut
+//! back, the index as it was). Every file a sync needs is opened by the writes, on the store's
+//! thread (a segment's sync handle by the first write after a sync was taken, a directory's
+//! before a new segment is created): running out of descriptors fails the request that needed
+//! one, never a sync. No chunk body over `MAX_BODY` is written (it could not be read back);
+//! one left by an older version is skipped whole at open, not taken for the end of the log.
+//!
 //! Zero-filled tail: while chunks are small, the file is extended with written zeros
 //! (`ZERO_STEP` at a time) ahead of the data, so that most appends overwrite blocks that are
 //! already allocated, written and inside the file's length: their `fdatasync` then writes the
