@@ -260,14 +260,17 @@ const TAIL_CHECK: u64 = 1024 * 1024;
 ///
 /// Spares are made lazily, on a thread of their own, only for busy topics: none at start
 /// (a fresh data dir stays a few hundred KiB, not 64 MiB), one when a topic of small messages
-/// becomes busy (`BUSY_BYTES` written within `BUSY_WINDOW`), and one each time such a topic
-/// rolls to a new segment (it will roll again). A busy topic whose segment did not start from
-/// a spare rolls early (from `EARLY_ROLL_MIN` of data on) once a spare is ready, so a busy
-/// topic's first segment is small and its next ones are spares. Not made while a segment
-/// fills: its 64 MiB of writes and sync slowed the appends (W1 -5.5% in 6 pairs, against
-/// +7.6% with no spare made during the run). A new segment without a ready spare (or of big
-/// messages, where writing zeros would double the bytes written) starts empty, with zeros
-/// written ahead as before. So a quiet topic never takes 64 MiB on disk.
+/// becomes busy (`BUSY_BYTES` written within `BUSY_WINDOW`), and then one for each next
+/// segment, asked for when the current spare segment is three quarters full (or at once
+/// after a roll that found none ready). A busy topic whose segment did not start from a spare
+/// rolls early (from `EARLY_ROLL_MIN` of data on) once a spare is ready, so a busy topic's
+/// first segment is small and its next ones are spares, and a spare made late costs only a
+/// short segment without one. Making a spare writes and syncs 64 MiB, which slows the appends
+/// while it runs (W1 -5.5% in 6 pairs with one made during the run, against +7.6% with none):
+/// a fresh broker's first busy topic pays for it once, where an eager spare made at start
+/// cost every data dir 64 MiB. A new segment without a ready spare (or of big messages, where
+/// writing zeros would double the bytes written) starts empty, with zeros written ahead as
+/// before. So a quiet topic never takes 64 MiB on disk.
 ///
 /// At open, the tail after a segment's last valid chunk is checked for zeros over its first
 /// `TAIL_CHECK` bytes only, not all 64 MiB of a spare, and the last segment is cut after what
@@ -452,8 +455,10 @@ pub struct SegmentLog {
     /// window started (time, bytes then): see [`Spares`].
     small_bytes: u64,
     busy_window: (std::time::Instant, u64),
-    /// The topic wrote `BUSY_BYTES` within `BUSY_WINDOW`: it gets spares.
+    /// The topic wrote `BUSY_BYTES` within `BUSY_WINDOW`, or rolled: it gets spares.
     busy: bool,
+    /// The spare for the next roll was asked for (reset at each roll).
+    next_spare_asked: bool,
     /// Tests: failures to inject.
     #[cfg(test)]
     pub(crate) faults: Faults,
@@ -731,6 +736,7 @@ impl SegmentLog {
             small_bytes: 0,
             busy_window: (std::time::Instant::now(), 0),
             busy: false,
+            next_spare_asked: false,
             #[cfg(test)]
             faults: Faults::default(),
         };
@@ -901,7 +907,24 @@ impl SegmentLog {
     /// spare (see [`Spares`]). No system call but a clock read once per `BUSY_BYTES`.
     fn note_small_write(&mut self, n: u64) {
         self.small_bytes += n;
-        if self.busy || self.small_bytes - self.busy_window.1 < BUSY_BYTES {
+        if self.busy {
+            // The next spare once the current one is three quarters full: made earlier, its
+            // writes slow the appends for longer; made later, the next segment may start
+            // without it (and then moves to it early, see `early_roll`).
+            if !self.next_spare_asked
+                && self
+                    .segments
+                    .last()
+                    .is_some_and(|s| s.from_spare && s.len >= self.segment_bytes / 4 * 3)
+            {
+                self.next_spare_asked = true;
+                if let Some(sp) = &self.spares {
+                    sp.prepare_soon();
+                }
+            }
+            return;
+        }
+        if self.small_bytes - self.busy_window.1 < BUSY_BYTES {
             return;
         }
         let Some(sp) = &self.spares else { return };
@@ -953,9 +976,16 @@ impl SegmentLog {
             let rolled = !self.segments.is_empty();
             self.new_segment(first, small)?;
             self.copies_pending = !self.groups.is_empty();
-            if let (Some(sp), true) = (&self.spares, rolled && small) {
-                // A topic that fills segments will roll again: a spare for then.
-                sp.prepare_soon();
+            self.next_spare_asked = false;
+            if rolled && small {
+                // A topic that fills segments is busy and will roll again: a spare for then,
+                // now if this segment did not get one (it moves to it early), else once this
+                // one is three quarters full.
+                self.busy = true;
+                let from_spare = self.segments.last().is_some_and(|s| s.from_spare);
+                if let (Some(sp), false) = (&self.spares, from_spare) {
+                    sp.prepare_soon();
+                }
             }
         }
         if self.copies_pending {
@@ -1566,8 +1596,14 @@ mod tests {
         assert_eq!(log.segments.len(), 2, "rolled early into the spare");
         assert!(log.segments[1].from_spare);
         assert_eq!(file_len(&seg(n)), SIZE, "the new segment is the spare");
-        // The roll asked for the next one: the spare segment, once full, rolls into it.
-        wait_ready("after a roll");
+        // The next one is asked for once the spare segment is three quarters full, and the
+        // segment, once full, rolls into it.
+        assert!(!spares.lock().preparing && !spares.is_ready());
+        while log.segments[1].len < SIZE / 4 * 3 {
+            n += 1;
+            log.append_chunk(1, &[pattern(5000, n as u8)]).unwrap();
+        }
+        wait_ready("at three quarters");
         while log.segments.len() == 2 {
             n += 1;
             log.append_chunk(1, &[pattern(5000, n as u8)]).unwrap();
