@@ -8,7 +8,7 @@
 //! | (older data dirs) | sled tree `groups`: `<topic>\0<group>` → [`GroupRecord`], moved into the topic logs at open |
 //!
 //! Message data is kept out of sled because sled keeps every page it writes resident (see
-//! `segment.rs`). Group cursors moved out of sled too: a commit holding a topic's publishes and
+//! `segment/`). Group cursors moved out of sled too: a commit holding a topic's publishes and
 //! its groups' acks is then made durable by one `fdatasync` of one file, where sled cost its
 //! flush (~0.25 ms, DEPENDENCY-NOTES.md) plus an fsync of its `db` file on top of the
 //! segment's. sled stays open for the state still to come (keyed state, retention).
