@@ -15,7 +15,10 @@
 //!
 //! Durability: [`Storage::sync`] fdatasyncs the segments written since the last sync and fsyncs
 //! the directories that gained files.
+//! [`commit`] is the group-commit pipeline the store actor runs on top: sync jobs, the sync
+//! threads, and the ledger that answers requests in commit order.
 
+pub mod commit;
 pub mod record;
 pub mod segment;
 
