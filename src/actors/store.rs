@@ -1,49 +1,22 @@
 //! StoreActor: the only writer of the storage (segment files, sled), on its arbiter thread
 //! (shared with orchestrator shard 0).
 //!
-//! Group commit: `AppendMessages` and `CommitGroup` only queue their writes and schedule one
-//! `Commit`; every message already in the mailbox is handled before it, so one commit writes all
-//! the publishes and acks that arrived meanwhile. Under `fsync = "always"` the commit is
-//! *pipelined*: the fsyncs run on sync threads while this actor writes the next requests (and
-//! serves reads). The state machine of a commit's sync:
-//!
-//! ```text
-//! written ──(Commit: take_sync_job)──▶ queued ──(a sync thread takes every queued job)──▶
-//! running ──(fdatasync/fsync done)──▶ finished ──(all older jobs settled)──▶ settled
-//! ```
-//! - Each commit queues its own job (the files and directories it dirtied, and the aligned
-//!   middles of its big chunks, which the job writes with direct I/O first). Up to `MAX_SYNCS`
-//!   sync threads run; a free one takes *every* queued job and runs them as one (each file
-//!   once), so under load one fdatasync covers several commits. The thread then goes on with
-//!   whatever was queued meanwhile, without waking this actor; the actor starts a thread only
-//!   when fewer than `MAX_SYNCS` run. Two syncs may overlap, so a request written while one
-//!   runs does not wait for it to end (measured at 10,000 msg/s paced: p99 publish → receive
-//!   2.2–15.6 ms with one at a time, 1.95–2.8 ms with two).
-//! - Settling happens in one place, the `SyncLedger` shared by the actor and the sync
-//!   threads, under its lock and in queue order: replies to the publishers and the group
-//!   commits, the durable watermark, the announcements to the orchestrators. The thread that
-//!   finishes the oldest job does it at once, without a hop through this actor's thread.
-//! - When a sync fails, every job in flight or queued fails with it (they may count on what
-//!   failed), and the store then refuses every write until the broker restarts (`SyncFailed`,
-//!   `StoreActor::fail`): Linux marks the pages of a failed write-back clean, so a second sync
-//!   would report success over lost data. Each sync opens the segment files anew, so each sees
-//!   a write-back error (the kernel reports one once per open file).
-//! - Reads stop at the last durable seq of the topic, and new messages are announced only once
-//!   durable, so nothing is delivered that could still be lost.
-//!
-//! Measured (W1, 10 interleaved pairs each, medians): settling on the sync thread instead of
-//! this actor's +9.5% (352k → 386k msg/s, in a slow hour of the machine); sync threads taking
-//! the next queued jobs themselves another +4% (426k → 442k). Each removed hand-off between
-//! threads cost 60-230 µs (p50-p90) on this VM.
+//! The group-commit pipeline it drives (sync jobs, the ledger that settles them, the sync
+//! threads) is in [`crate::store::commit`]; this actor moves messages: it queues requests,
+//! writes them at each `Commit`, starts sync threads and answers reads.
 
 use super::{now_ms, ActorCounters, GetActorStats, InjectFault};
 use crate::config::FsyncPolicy;
+use crate::store::commit::{
+    lock, micros, sync_worker, Announcer, AppendReply, FailureLog, GroupReply, Refused, SyncLedger,
+    SyncPlace, SyncRetry, Written, MAX_SYNCS,
+};
 use crate::store::record::StoredMessage;
-use crate::store::{GroupRecord, ReadResult, Storage, StoreError, SyncJob};
+use crate::store::{GroupRecord, ReadResult, Storage, StoreError};
 use actix::prelude::*;
 use sluice_protocol::{NewMessage, SyncStats};
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 /// Announces durable messages to the orchestrator that owns the topic.
@@ -120,142 +93,27 @@ struct Commit;
 #[rtype(result = "()")]
 struct PeriodicSync;
 
-/// Most sync jobs running at once (see [`StoreActor::start_sync`]).
-const MAX_SYNCS: usize = 2;
-
-type AppendReply = oneshot::Sender<Result<(u64, u64), StoreError>>;
-type GroupReply = oneshot::Sender<Result<(), StoreError>>;
-
-/// Requests written to storage and waiting for the sync that makes them durable.
-#[derive(Default)]
-struct Written {
-    appends: Vec<(String, Vec<StoredMessage>, AppendReply)>,
-    groups: Vec<GroupReply>,
-}
-
-impl Written {
-    fn is_empty(&self) -> bool {
-        self.appends.is_empty() && self.groups.is_empty()
-    }
-}
-
-/// A sync job started: its id, what it makes durable, and its result once finished.
-type SyncInFlight = (u64, Written, Option<Result<(), String>>);
-
-/// What the actor and its sync jobs share: the jobs in flight, in start order, and what settling
-/// them needs. Every result is decided and every request answered here, under one lock, in
-/// start order, by whichever thread finishes the oldest job (or by the actor, for the policies
-/// without per-commit sync and at shutdown).
-#[derive(Default)]
-struct SyncLedger {
-    /// Sync jobs started, oldest first, with their result once finished.
-    jobs: VecDeque<SyncInFlight>,
-    /// A job failed: jobs queued from then on fail too (they may count on what failed), and
-    /// the actor refuses every write once it hears of it.
-    poisoned: bool,
-    /// Per topic, the last seq known durable (under the policy): reads and the head reported
-    /// to orchestrators stop there, so nothing is delivered that a power cut could take back
-    /// (and whose seq a later publish could then reuse).
-    durable: HashMap<String, u64>,
-    /// Where new durable messages are announced: one recipient per orchestrator shard.
-    listeners: Vec<Recipient<MessagesAppended>>,
-    /// Sync jobs taken (one per commit) and not yet started: a sync thread takes them all at
-    /// once and runs them as one.
-    queued: Vec<(u64, SyncJob)>,
-    /// Sync threads running ([`sync_worker`]), at most [`MAX_SYNCS`].
-    workers: usize,
-    /// How long the syncs took (`admin.stats`).
-    timing: SyncStats,
-}
-
-/// Microseconds since `t`.
-fn micros(t: std::time::Instant) -> u64 {
-    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
-}
-
-/// The ledger's lock. A panic while it was held cannot leave it half-updated in a way that
-/// matters more than losing the broker (every update is a few assignments), so a poisoned lock
-/// is used as is.
-fn lock(ledger: &Mutex<SyncLedger>) -> MutexGuard<'_, SyncLedger> {
-    ledger.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl SyncLedger {
-    /// The last durable seq of `topic` (0 if none).
-    fn durable_head(&self, topic: &str) -> u64 {
-        self.durable.get(topic).copied().unwrap_or(0)
-    }
-
-    /// Records the result of one sync run covering the jobs `ids`; a failure fails every other
-    /// job in flight and the jobs queued after it. Then settles the finished jobs at the front
-    /// (ids no longer here, settled at shutdown, are ignored).
-    fn finish(&mut self, ids: &[u64], res: Result<(), String>) {
-        if let Err(e) = &res {
-            tracing::error!(error = %e, "sync failed: failing every request of this commit and of the syncs overlapping it");
-            // An overlapping job may have counted on this one (a new segment's directory
-            // fsync): every job in flight fails too, and so do the ones queued from now on.
-            self.poisoned = true;
-            for slot in self.jobs.iter_mut().filter(|s| !ids.contains(&s.0)) {
-                slot.2 = Some(Err(format!("an overlapping sync failed: {e}")));
-            }
-        }
-        for slot in self.jobs.iter_mut().filter(|s| ids.contains(&s.0)) {
-            // A job already failed by an overlapping failure stays failed.
-            if !matches!(slot.2, Some(Err(_))) {
-                slot.2 = Some(res.clone());
-            }
-        }
-        self.settle_finished();
-    }
-
-    /// Settles the finished jobs at the front of the queue.
-    fn settle_finished(&mut self) {
-        while self.jobs.front().is_some_and(|s| s.2.is_some()) {
-            let Some((_, batch, Some(res))) = self.jobs.pop_front() else {
-                break;
-            };
-            self.settle(batch, res);
-        }
-    }
-
-    /// Replies to a written batch once its sync finished (or failed), and announces the new
-    /// messages: nothing is delivered before it is durable.
-    fn settle(&mut self, batch: Written, res: Result<(), String>) {
-        for (topic, msgs, tx) in batch.appends {
-            match &res {
-                Ok(()) => {
-                    let first = msgs.first().map(|m| m.seq).unwrap_or(0);
-                    let last = msgs.last().map(|m| m.seq).unwrap_or(0);
-                    match self.durable.get_mut(&topic) {
-                        Some(d) => *d = (*d).max(last),
-                        None => {
-                            self.durable.insert(topic.clone(), last);
-                        }
-                    }
-                    let _ = tx.send(Ok((first, last)));
-                    self.announce(topic, msgs);
+/// A write past the file size limit (`RLIMIT_FSIZE`, e.g. systemd's `LimitFSIZE=`) raises
+/// `SIGXFSZ`, which kills the process unless handled: handled, the write fails with `EFBIG`
+/// instead, and that request fails (rolled back) like one on a full disk. Installed once per
+/// process (tokio never uninstalls a signal handler); each signal is logged.
+fn catch_file_size_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+        Ok(mut sig) => {
+            actix_rt::spawn(async move {
+                while sig.recv().await.is_some() {
+                    tracing::warn!(
+                        "a write reached the file size limit (SIGXFSZ): it fails with EFBIG"
+                    );
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(StoreError::Io(std::io::Error::other(e.clone()))));
-                }
-            }
+            });
         }
-        for tx in batch.groups {
-            let _ = tx.send(
-                res.clone()
-                    .map_err(|e| StoreError::Io(std::io::Error::other(e))),
-            );
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGXFSZ: a file size limit kills the broker")
         }
-    }
-
-    fn announce(&self, topic: String, msgs: Vec<StoredMessage>) {
-        if self.listeners.is_empty() {
-            return;
-        }
-        let shard = super::shard_for(&topic, self.listeners.len());
-        let messages = Arc::new(msgs.into_iter().map(Arc::new).collect());
-        self.listeners[shard].do_send(MessagesAppended { topic, messages });
-    }
+    });
 }
 
 /// The error for a write refused after a failed sync (`why`).
@@ -269,73 +127,6 @@ fn refusal(why: &str) -> StoreError {
 #[derive(Message)]
 #[rtype(result = "()")]
 struct SyncFailed;
-
-/// A sync thread's place among the [`MAX_SYNCS`]: made before the thread is spawned and moved
-/// into it, so the place is given back however the thread ends (even if the runtime drops it
-/// unrun at shutdown), and the jobs it had taken fail rather than stay unanswered.
-struct SyncPlace {
-    ledger: Arc<Mutex<SyncLedger>>,
-    on_failure: Recipient<SyncFailed>,
-    /// The jobs taken and not yet settled.
-    taken: Vec<u64>,
-    /// The place was given back under the lock (the queue was empty).
-    left: bool,
-}
-
-impl Drop for SyncPlace {
-    fn drop(&mut self) {
-        if self.left {
-            return;
-        }
-        let mut l = lock(&self.ledger);
-        l.workers = l.workers.saturating_sub(1);
-        if !self.taken.is_empty() {
-            // Only a panic gets here with jobs taken: fail them, like any failed sync.
-            l.finish(
-                &self.taken,
-                Err("the sync thread ended before finishing".into()),
-            );
-            drop(l);
-            self.on_failure.do_send(SyncFailed);
-        }
-    }
-}
-
-/// A sync thread: takes every queued job, runs them as one (each file and directory once),
-/// settles them, and goes on while more are queued. The thread that finishes a sync thus starts
-/// the next one at once, without waking the actor; the actor only starts a thread when fewer
-/// than [`MAX_SYNCS`] run.
-fn sync_worker(mut place: SyncPlace) {
-    loop {
-        let queued = {
-            let mut l = lock(&place.ledger);
-            if l.queued.is_empty() {
-                // Leaving under the lock, so a job queued from now on starts a new thread.
-                l.workers = l.workers.saturating_sub(1);
-                place.left = true;
-                return;
-            }
-            std::mem::take(&mut l.queued)
-        };
-        // Merged outside the lock.
-        let mut job = SyncJob::default();
-        for (id, j) in queued {
-            place.taken.push(id);
-            job.absorb(j);
-        }
-        let started = std::time::Instant::now();
-        let res = job.run().map_err(|e| e.to_string());
-        let failed = res.is_err();
-        let mut l = lock(&place.ledger);
-        l.timing.record(micros(started), !failed);
-        l.finish(&place.taken, res);
-        drop(l);
-        place.taken.clear();
-        if failed {
-            place.on_failure.do_send(SyncFailed);
-        }
-    }
-}
 
 /// The store actor.
 pub struct StoreActor {
@@ -355,6 +146,10 @@ pub struct StoreActor {
     dirty: bool,
     counters: ActorCounters,
     commits: u64,
+    /// Retrying a sync that could not be taken for want of file descriptors.
+    retry: SyncRetry,
+    /// Requests that failed (and were rolled back), logged at most once a second.
+    failures: FailureLog,
 }
 
 impl StoreActor {
@@ -384,6 +179,8 @@ impl StoreActor {
             dirty: false,
             counters: ActorCounters::default(),
             commits: 0,
+            retry: SyncRetry::default(),
+            failures: FailureLog::default(),
         }
     }
 
@@ -409,7 +206,12 @@ impl StoreActor {
             return;
         }
         self.commits += 1;
+        let mut inconsistent: Option<String> = None;
         for (topic, mut msgs, tx) in appends {
+            if let Some(why) = &inconsistent {
+                let _ = tx.send(Err(refusal(why)));
+                continue;
+            }
             match self.storage.append(&topic, &msgs) {
                 Ok(first) => {
                     for (i, m) in msgs.iter_mut().enumerate() {
@@ -418,19 +220,35 @@ impl StoreActor {
                     self.written.appends.push((topic, msgs, tx));
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(e));
+                    if let StoreError::Inconsistent(why) = &e {
+                        inconsistent = Some(why.clone());
+                    }
+                    self.failures.note(&format!("publish to {topic}"), &e);
+                    self.written.refused.push((Refused::Append(tx), e));
                 }
             }
         }
         for ((topic, group), (rec, txs)) in groups {
+            if let Some(why) = &inconsistent {
+                for tx in txs {
+                    let _ = tx.send(Err(refusal(why)));
+                }
+                continue;
+            }
             match self.storage.put_group(&topic, &group, &rec) {
                 Ok(()) => self.written.groups.extend(txs),
                 Err(e) => {
-                    for tx in txs {
-                        let _ = tx.send(Err(StoreError::Io(std::io::Error::other(e.to_string()))));
+                    if let StoreError::Inconsistent(why) = &e {
+                        inconsistent = Some(why.clone());
                     }
+                    self.failures
+                        .note(&format!("group commit of {topic}/{group}"), &e);
+                    self.written.refused.push((Refused::Groups(txs), e));
                 }
             }
+        }
+        if let Some(why) = inconsistent {
+            self.fail(why);
         }
     }
 
@@ -447,13 +265,40 @@ impl StoreActor {
         let id = self.next_sync_id;
         self.next_sync_id += 1;
         let job = match self.storage.take_sync_job() {
-            Ok(job) => job,
+            Ok(job) => {
+                self.retry.succeeded();
+                job
+            }
+            Err(e) if e.is_shortage() => {
+                // No descriptor for a handle (normally opened by the writes themselves; here
+                // after a restart of the actor). The data is written, just not synced yet:
+                // the requests wait, with what comes meanwhile, and the sync is tried again.
+                // Failing them would answer "error" for messages a later sync makes readable.
+                self.retry.failed(&e);
+                let mut batch = batch;
+                batch.appends.append(&mut self.written.appends);
+                batch.groups.append(&mut self.written.groups);
+                batch.refused.append(&mut self.written.refused);
+                self.written = batch;
+                if !self.retry.scheduled {
+                    self.retry.scheduled = true;
+                    ctx.run_later(self.retry.backoff, |a, ctx| {
+                        a.retry.scheduled = false;
+                        a.start_sync(ctx);
+                    });
+                }
+                return;
+            }
             Err(e) => {
-                self.storage.mark_dirty();
+                // Written but not syncable: answering "error" would be wrong should a later
+                // sync make them readable, so nothing more is written (like a failed sync).
                 tracing::error!(error = %e, "cannot prepare the sync: failing the requests of this commit");
                 let mut l = lock(&self.ledger);
+                l.poisoned = true;
                 l.jobs.push_back((id, batch, Some(Err(e.to_string()))));
                 l.settle_finished();
+                drop(l);
+                self.fail(format!("cannot prepare a sync: {e}"));
                 return;
             }
         };
@@ -467,9 +312,10 @@ impl StoreActor {
         if l.workers < MAX_SYNCS {
             l.workers += 1;
             drop(l);
+            let on_failure: Recipient<SyncFailed> = ctx.address().recipient();
             let place = SyncPlace {
                 ledger: self.ledger.clone(),
-                on_failure: ctx.address().recipient(),
+                on_failure: Box::new(move || on_failure.do_send(SyncFailed)),
                 taken: Vec::new(),
                 left: false,
             };
@@ -515,6 +361,26 @@ impl StoreActor {
         }
     }
 
+    /// `Storage::sync` on this thread, waiting up to 5 s for file descriptors should the job
+    /// not be taken for want of them (shutdown, restart).
+    fn sync_now(&mut self) -> Result<(), StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut backoff = SyncRetry::FIRST;
+        loop {
+            match self.storage.take_sync_job() {
+                Ok(job) => {
+                    return job.run().inspect_err(|_| self.storage.mark_dirty());
+                }
+                Err(e) if e.is_shortage() && std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "cannot take a sync (no file descriptor left): retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(SyncRetry::MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Writes and syncs everything queued, on this thread (shutdown and restarts), and settles
     /// every job in flight with that sync's result (a thread still running finds its jobs
     /// gone). Each sync opens the files anew, so this one sees a write-back error even if a
@@ -536,7 +402,7 @@ impl StoreActor {
                 self.storage.mark_dirty();
             }
             let started = std::time::Instant::now();
-            let res = self.storage.sync().map_err(|e| e.to_string());
+            let res = self.sync_now().map_err(|e| e.to_string());
             l.timing.record(micros(started), res.is_ok());
             res
         };
@@ -561,6 +427,7 @@ impl Actor for StoreActor {
         if let FsyncPolicy::Interval(d) = self.fsync {
             ctx.run_interval(d, |_, ctx| ctx.notify(PeriodicSync));
         }
+        catch_file_size_signal();
         tracing::info!(fsync = %self.fsync, "store started");
     }
 
@@ -674,13 +541,26 @@ impl Handler<PeriodicSync> for StoreActor {
     type Result = ();
     fn handle(&mut self, _: PeriodicSync, _: &mut Context<Self>) {
         if self.dirty {
+            let job = match self.storage.take_sync_job() {
+                Ok(job) => job,
+                Err(e) if e.is_shortage() => {
+                    // Nothing changed: tried again at the next tick.
+                    tracing::warn!(error = %e, "periodic fsync postponed: no file descriptor left");
+                    return;
+                }
+                Err(e) => {
+                    self.fail(format!("periodic fsync: {e}"));
+                    return;
+                }
+            };
             self.dirty = false;
             let started = std::time::Instant::now();
-            let res = self.storage.sync();
+            let res = job.run();
             lock(&self.ledger)
                 .timing
                 .record(micros(started), res.is_ok());
             if let Err(e) = res {
+                self.storage.mark_dirty();
                 self.fail(format!("periodic fsync: {e}"));
             }
         }
@@ -737,7 +617,15 @@ impl Handler<ListGroups> for StoreActor {
 impl Handler<SetAppendListeners> for StoreActor {
     type Result = ();
     fn handle(&mut self, msg: SetAppendListeners, _: &mut Context<Self>) {
-        lock(&self.ledger).listeners = msg.0;
+        let listeners = msg.0;
+        let announce: Option<Announcer> = (!listeners.is_empty()).then(|| {
+            Box::new(move |topic: String, msgs: Vec<StoredMessage>| {
+                let shard = super::shard_for(&topic, listeners.len());
+                let messages = Arc::new(msgs.into_iter().map(Arc::new).collect());
+                listeners[shard].do_send(MessagesAppended { topic, messages });
+            }) as Announcer
+        });
+        lock(&self.ledger).announce = announce;
     }
 }
 
@@ -782,28 +670,6 @@ impl Handler<InjectFault> for StoreActor {
 mod tests {
     use super::*;
     use bytes::Bytes;
-
-    type AppendRx = oneshot::Receiver<Result<(u64, u64), StoreError>>;
-
-    /// A written batch of one append of `count` messages to "t" from `first`, and its reply.
-    fn batch(first: u64, count: u64) -> (Written, AppendRx) {
-        let (tx, rx) = oneshot::channel();
-        let msgs = (first..first + count)
-            .map(|seq| StoredMessage {
-                seq,
-                timestamp_ms: 0,
-                key: None,
-                headers: Default::default(),
-                priority: 0,
-                payload: Bytes::new(),
-            })
-            .collect();
-        let w = Written {
-            appends: vec![("t".into(), msgs, tx)],
-            groups: Vec::new(),
-        };
-        (w, rx)
-    }
 
     #[test]
     fn a_failed_sync_fails_its_requests_and_refuses_writes_until_restart() {
@@ -861,43 +727,98 @@ mod tests {
         });
     }
 
-    #[test]
-    fn jobs_settle_in_start_order_and_raise_the_durable_seq() {
-        let mut l = SyncLedger::default();
-        let (b1, mut r1) = batch(1, 3);
-        let (b2, mut r2) = batch(4, 2);
-        l.jobs.push_back((1, b1, None));
-        l.jobs.push_back((2, b2, None));
-        // The younger job finishes first: nothing is answered before the older one is.
-        l.finish(&[2], Ok(()));
-        assert!(r1.try_recv().is_err() && r2.try_recv().is_err());
-        assert_eq!(l.durable_head("t"), 0);
-        l.finish(&[1], Ok(()));
-        assert_eq!(r1.try_recv().ok().and_then(Result::ok), Some((1, 3)));
-        assert_eq!(r2.try_recv().ok().and_then(Result::ok), Some((4, 5)));
-        assert_eq!(l.durable_head("t"), 5);
-        assert!(l.jobs.is_empty() && !l.poisoned);
+    fn publish(topic: &str, payloads: &[&[u8]]) -> AppendMessages {
+        AppendMessages {
+            topic: topic.into(),
+            messages: payloads
+                .iter()
+                .map(|p| NewMessage {
+                    payload: Bytes::copy_from_slice(p),
+                    ..Default::default()
+                })
+                .collect(),
+        }
     }
 
     #[test]
-    fn a_failure_fails_the_overlapping_jobs_and_the_ones_queued_after_it() {
-        let mut l = SyncLedger::default();
-        let (b1, mut r1) = batch(1, 1);
-        let (b2, mut r2) = batch(2, 1);
-        l.jobs.push_back((1, b1, None));
-        l.jobs.push_back((2, b2, None));
-        l.finish(&[2], Err("EIO".into()));
-        assert!(
-            l.poisoned,
-            "jobs started before the actor reacts must fail too"
-        );
-        // The older job's own sync succeeds, but it overlapped the failure: it fails.
-        l.finish(&[1], Ok(()));
-        assert!(matches!(r1.try_recv(), Ok(Err(_))));
-        assert!(matches!(r2.try_recv(), Ok(Err(_))));
-        assert_eq!(l.durable_head("t"), 0, "nothing failed counts as durable");
-        // A result for a job settled elsewhere (shutdown) is ignored.
-        l.finish(&[7], Ok(()));
-        assert!(l.jobs.is_empty());
+    fn a_publish_failing_part_way_stores_nothing_and_the_store_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        let fail = dir.path().join("fail-writes-after");
+        actix_rt::System::new().block_on(async move {
+            let store = StoreActor::new(storage, FsyncPolicy::Always).start();
+            assert_eq!(
+                store.send(publish("t", &[b"a"])).await.unwrap().unwrap(),
+                (1, 1)
+            );
+            // Four chunks of ~64 KiB: the second fails.
+            let big = vec![7u8; 1000];
+            let many: Vec<&[u8]> = (0..250).map(|_| &big[..]).collect();
+            std::fs::write(&fail, "1").unwrap();
+            let e = store.send(publish("t", &many)).await.unwrap().unwrap_err();
+            assert!(e.to_string().contains("No space left"), "{e}");
+            std::fs::remove_file(&fail).unwrap();
+            // Not poisoned: publishes and acks go on, with the seqs the failed one had.
+            assert_eq!(
+                store.send(publish("t", &[b"c"])).await.unwrap().unwrap(),
+                (2, 2)
+            );
+            let record = GroupRecord {
+                mode: sluice_protocol::GroupMode::Shared,
+                filters: Default::default(),
+                acked_floor: 2,
+                acked_above: Vec::new(),
+                acked_ranges: Vec::new(),
+                created_ms: 0,
+            };
+            let ack = CommitGroup {
+                topic: "t".into(),
+                group: "g".into(),
+                record,
+            };
+            store.send(ack).await.unwrap().unwrap();
+            let read = ReadRange {
+                topic: "t".into(),
+                from: 1,
+                max: 1000,
+                max_bytes: 1 << 30,
+            };
+            let r = store.send(read).await.unwrap().unwrap();
+            let got: Vec<_> = r
+                .messages
+                .iter()
+                .map(|m| (m.seq, m.payload.clone()))
+                .collect();
+            assert_eq!(
+                got,
+                vec![(1, Bytes::from_static(b"a")), (2, Bytes::from_static(b"c"))]
+            );
+        });
+    }
+
+    #[test]
+    fn a_sync_without_descriptors_waits_for_them_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        let no_fds = dir.path().join("fail-takes");
+        actix_rt::System::new().block_on(async move {
+            let store = StoreActor::new(storage, FsyncPolicy::Always).start();
+            assert_eq!(
+                store.send(publish("t", &[b"a"])).await.unwrap().unwrap(),
+                (1, 1)
+            );
+            std::fs::write(&no_fds, b"").unwrap();
+            let waiting = store.send(publish("t", &[b"b"]));
+            let mut waiting = Box::pin(waiting);
+            let early =
+                tokio::time::timeout(std::time::Duration::from_millis(100), &mut waiting).await;
+            assert!(early.is_err(), "answered before its sync: {early:?}");
+            std::fs::remove_file(&no_fds).unwrap();
+            assert_eq!(waiting.await.unwrap().unwrap(), (2, 2));
+            assert_eq!(
+                store.send(publish("t", &[b"c"])).await.unwrap().unwrap(),
+                (3, 3)
+            );
+        });
     }
 }

@@ -8,14 +8,17 @@
 //! | (older data dirs) | sled tree `groups`: `<topic>\0<group>` → [`GroupRecord`], moved into the topic logs at open |
 //!
 //! Message data is kept out of sled because sled keeps every page it writes resident (see
-//! `segment.rs`). Group cursors moved out of sled too: a commit holding a topic's publishes and
+//! `segment/`). Group cursors moved out of sled too: a commit holding a topic's publishes and
 //! its groups' acks is then made durable by one `fdatasync` of one file, where sled cost its
 //! flush (~0.25 ms, DEPENDENCY-NOTES.md) plus an fsync of its `db` file on top of the
 //! segment's. sled stays open for the state still to come (keyed state, retention).
 //!
 //! Durability: [`Storage::sync`] fdatasyncs the segments written since the last sync and fsyncs
 //! the directories that gained files.
+//! [`commit`] is the group-commit pipeline the store actor runs on top: sync jobs, the sync
+//! threads, and the ledger that answers requests in commit order.
 
+pub mod commit;
 pub mod record;
 pub mod segment;
 
@@ -52,6 +55,26 @@ pub enum StoreError {
     /// The store actor is gone or restarting.
     #[error("store unavailable")]
     Unavailable,
+    /// A failed request could not be undone on disk: the store must refuse writes from then
+    /// on (like after a failed sync).
+    #[error("storage inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+impl StoreError {
+    /// Whether the error is a shortage that passes (no file descriptor or memory left), not
+    /// a failure of the storage: what failed can be tried again later.
+    pub fn is_shortage(&self) -> bool {
+        matches!(self, StoreError::Io(e) if is_shortage(e))
+    }
+}
+
+/// No file descriptor or memory left: a shortage that passes (see [`StoreError::is_shortage`]).
+pub(crate) fn is_shortage(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    )
 }
 
 /// A group's durable state.
@@ -173,8 +196,33 @@ impl Storage {
     /// Writes `messages` to the topic's log with consecutive seqs (not yet durable: call
     /// [`Storage::sync`]). Returns the first seq. Messages are grouped in chunks of about
     /// [`CHUNK_BYTES`] (a single larger message is a chunk of its own).
+    ///
+    /// All or nothing: should a chunk fail (a full disk, no descriptor for a new segment, ...)
+    /// the log is rolled back to where it was before the request ([`SegmentLog::rollback`]):
+    /// none of its messages is ever read and the next request gets the same seqs. The cut is
+    /// durable after the next [`Storage::sync`] (or sync job), which the error reply must wait
+    /// for. [`StoreError::Inconsistent`] if the rollback itself failed.
     pub fn append(&mut self, topic: &str, messages: &[StoredMessage]) -> Result<u64, StoreError> {
+        #[cfg(test)]
+        let chunks_ok = std::fs::read_to_string(self.dir.join("fail-writes-after"))
+            .ok()
+            .and_then(|n| n.trim().parse().ok());
         let log = self.topic_mut(topic)?;
+        #[cfg(test)]
+        {
+            log.faults.chunks_ok = chunks_ok;
+        }
+        let mark = log.mark();
+        match Self::append_chunks(log, messages) {
+            Ok(first) => Ok(first),
+            Err(e) => {
+                log.rollback(mark)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn append_chunks(log: &mut SegmentLog, messages: &[StoredMessage]) -> Result<u64, StoreError> {
         let first = log.last_seq() + 1;
         // A chunk is a list of parts: small things are copied into one contiguous buffer, a
         // large payload stays in the received frame's memory and is written with writev.
@@ -329,6 +377,7 @@ impl Storage {
     }
 
     /// Writes a group's record into its topic's log (not yet durable: call [`Storage::sync`]).
+    /// All or nothing, like [`Storage::append`].
     pub fn put_group(
         &mut self,
         topic: &str,
@@ -340,29 +389,40 @@ impl Storage {
             key: format!("{topic}/{group}"),
             reason: e.to_string(),
         })?;
-        self.topic_mut(topic)?.put_group(group, bytes)
+        let log = self.topic_mut(topic)?;
+        let mark = log.mark();
+        log.put_group(group, bytes).or_else(|e| {
+            log.rollback(mark)?;
+            Err(e)
+        })
     }
 
     /// Makes everything written so far durable: fdatasync the segments written since the last
-    /// sync (and fsync directories that gained files).
+    /// sync (and fsync directories that gained files). Should the job not be taken (no file
+    /// descriptor left: [`StoreError::is_shortage`]), nothing changed and it can be tried
+    /// again; should it fail, everything is synced again next time.
     pub fn sync(&mut self) -> Result<(), StoreError> {
-        match self.take_sync_job() {
-            Ok(job) => job.run().inspect_err(|_| self.mark_dirty()),
-            Err(e) => {
-                self.mark_dirty();
-                Err(e)
-            }
-        }
+        let job = self.take_sync_job()?;
+        job.run().inspect_err(|_| self.mark_dirty())
     }
 
     /// What a sync of everything written so far must do, as a job that can run on another
     /// thread while writing goes on (pipelined group commit). Marks everything clean; if the
-    /// job fails, call [`Storage::mark_dirty`].
+    /// job fails, call [`Storage::mark_dirty`]. All or nothing: an error (a handle that could
+    /// not be opened) leaves everything as it was.
     pub fn take_sync_job(&mut self) -> Result<SyncJob, StoreError> {
         let mut job = SyncJob::default();
         #[cfg(test)]
         {
             job.fail_if = Some(self.dir.join("fail-syncs"));
+            if self.dir.join("fail-takes").exists() {
+                return Err(std::io::Error::from_raw_os_error(libc::EMFILE).into());
+            }
+        }
+        for log in self.topics.values_mut() {
+            if log.is_dirty() {
+                log.prepare_sync()?;
+            }
         }
         for log in self.topics.values_mut() {
             if log.is_dirty() {
@@ -383,10 +443,10 @@ impl Storage {
     /// `segment::DirectWrite`). Only for a policy that syncs every commit: elsewhere nothing
     /// would write them until the next periodic sync.
     ///
-    /// The same policy has new segments of small messages start from spares zeroed and
-    /// synced ahead of time (`segment::Spares`, in `<data_dir>/spare/`); one is made here if
-    /// none is left from before (~64 MiB of writes). Without them (an error making one),
-    /// segments start empty as before.
+    /// The same policy has new segments of busy topics of small messages start from spares
+    /// zeroed and synced ahead of time (`segment::Spares`, in `<data_dir>/spare/`), made once
+    /// a topic is busy, not here. Without them (an error opening their directory), segments
+    /// start empty as before.
     pub fn set_direct_writes(&mut self, on: bool) {
         self.direct_writes = on;
         self.spares = if on {
@@ -472,14 +532,16 @@ fn wait_out_stall() {
 pub const BATCH_IDS_PER_RUN: u64 = 1 << 36;
 
 /// The fsyncs that make a set of writes durable, detached from [`Storage`] so they can run on a
-/// blocking thread.
+/// blocking thread. Holds every handle it needs, opened on the store's thread: running it opens
+/// nothing, so it fails only if the storage does.
 #[derive(Default)]
 pub struct SyncJob {
     /// Segment files by path (a handle of their own each).
     files: Vec<(PathBuf, File)>,
     /// Middles of big chunks to write before the files are synced.
     direct: Vec<Arc<segment::DirectWrite>>,
-    dirs: Vec<PathBuf>,
+    /// Directories by path.
+    dirs: Vec<(PathBuf, File)>,
     /// Tests: the job fails while this file exists.
     #[cfg(test)]
     fail_if: Option<PathBuf>,
@@ -503,14 +565,14 @@ impl SyncJob {
                 self.files.push((path, file));
             }
         }
-        for d in other.dirs {
-            if !self.dirs.contains(&d) {
-                self.dirs.push(d);
+        for (path, dir) in other.dirs {
+            if !self.dirs.iter().any(|(p, _)| *p == path) {
+                self.dirs.push((path, dir));
             }
         }
     }
 
-    /// fdatasync the segment files, fsync the directories.
+    /// Makes the direct writes, fdatasyncs the segment files, fsyncs the directories.
     pub fn run(self) -> Result<(), StoreError> {
         wait_out_stall();
         #[cfg(test)]
@@ -520,13 +582,17 @@ impl SyncJob {
             )));
         }
         for d in &self.direct {
-            d.run()?;
+            match self.files.iter().find(|(p, _)| p == d.path()) {
+                Some((_, file)) => d.run(file)?,
+                // Not expected: a direct write is taken with its segment's handle.
+                None => d.run(&std::fs::OpenOptions::new().write(true).open(d.path())?)?,
+            }
         }
         for (_, f) in &self.files {
             f.sync_data()?;
         }
-        for d in &self.dirs {
-            sync_dir(d)?;
+        for (_, d) in &self.dirs {
+            d.sync_all()?;
         }
         Ok(())
     }
@@ -725,5 +791,58 @@ mod tests {
         assert_eq!(r.corrupt, vec![1, 2]);
         assert_eq!(r.messages.len(), 1);
         assert_eq!(r.messages[0].seq, 3);
+    }
+
+    #[test]
+    fn an_append_failing_part_way_stores_none_of_its_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = |i: usize| StoredMessage {
+            payload: Bytes::from(vec![i as u8; 1000]),
+            ..msg("")
+        };
+        let batch: Vec<StoredMessage> = (0..200).map(big).collect();
+        {
+            let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
+            s.append("t", &[msg("a"), msg("b"), msg("c")]).unwrap();
+            // 200 KB: four chunks; the third fails.
+            std::fs::write(dir.path().join("fail-writes-after"), "2").unwrap();
+            assert!(s.append("t", &batch).is_err());
+            std::fs::remove_file(dir.path().join("fail-writes-after")).unwrap();
+            assert_eq!(s.last_seq("t"), 3);
+            let r = s.read("t", 1, 1000, usize::MAX).unwrap();
+            assert_eq!(r.messages.len(), 3);
+            assert!(r.corrupt.is_empty());
+            assert_eq!(s.append("t", &batch).unwrap(), 4, "the seqs are reused");
+            s.sync().unwrap();
+        }
+        let s = Storage::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.last_seq("t"), 203);
+        let r = s.read("t", 1, 1000, usize::MAX).unwrap();
+        assert_eq!(r.messages.len(), 203);
+        assert_eq!(r.messages[3].payload, batch[0].payload);
+        assert_eq!(r.messages[202].payload, batch[199].payload);
+    }
+
+    #[test]
+    fn a_sync_job_not_taken_for_want_of_descriptors_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
+        s.append("t", &[msg("a")]).unwrap();
+        s.append("u", &[msg("b")]).unwrap();
+        s.sync().unwrap();
+        s.append("t", &[msg("c")]).unwrap();
+        // After a failed sync `u` needs handles it does not hold, and one cannot be opened:
+        // nothing is taken, `t` included.
+        s.topics.get_mut("u").unwrap().mark_dirty();
+        let seg = dir.path().join("topics/u").join(format!("{:020}.seg", 1));
+        let hidden = dir.path().join("hidden.seg");
+        std::fs::rename(&seg, &hidden).unwrap();
+        assert!(s.take_sync_job().is_err());
+        assert!(s.topics.values().all(SegmentLog::is_dirty));
+        std::fs::rename(&hidden, &seg).unwrap();
+        let job = s.take_sync_job().unwrap();
+        assert_eq!((job.files.len(), job.dirs.len()), (2, 2));
+        job.run().unwrap();
+        assert!(s.topics.values().all(|l| !l.is_dirty()));
     }
 }
