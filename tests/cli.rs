@@ -202,8 +202,9 @@ fn client_errors_exit_non_zero_with_a_message() {
     assert!(!ok);
     // Refused by the SDK before anything is sent: one line naming the topic and the rule.
     assert!(
-        stderr.starts_with("error: invalid argument: topic name 'bad topic!' must be 1..=")
-            && stderr.contains("of [A-Za-z0-9._-]")
+        stderr.starts_with(
+            "error: invalid argument: topic name 'bad topic!' (10 bytes) must be 1..="
+        ) && stderr.contains("of [A-Za-z0-9._-]")
             && stderr.lines().count() == 1,
         "{stderr}"
     );
