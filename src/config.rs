@@ -114,6 +114,11 @@ pub struct Config {
     /// read: it is disconnected and its batches go back to their groups (at least 32 MiB, so
     /// that the largest frame always fits).
     pub max_queued_bytes: usize,
+    /// Under `fsync = "always"`: make one 64 MiB segment, zeroed and synced, at start, so the
+    /// first busy topic's syncs are fast from its first message. `false`: spare segments are
+    /// made only once a topic is busy, so a fresh data dir takes a few KiB (and the first
+    /// 64 MiB a busy topic writes go ~10% slower).
+    pub preallocate_segment: bool,
     /// sled page cache size in bytes.
     pub cache_capacity: u64,
     /// Number of orchestrator actors (topics are spread over them by hash): the first shares
@@ -140,6 +145,7 @@ impl Default for Config {
             lifetime: Duration::from_secs(90),
             setup_timeout: Duration::from_secs(10),
             max_queued_bytes: 64 * 1024 * 1024,
+            preallocate_segment: true,
             cache_capacity: 64 * 1024 * 1024,
             orchestrators: 1,
             enable_fault_injection: false,

@@ -108,6 +108,8 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let fsync = config.fsync;
     // Built here, before any request is taken: under `fsync = "always"` it makes a spare
     // segment (~64 MiB written and synced), which would otherwise hold up the first requests.
+    let mut storage = storage;
+    storage.set_preallocate(config.preallocate_segment);
     let store_actor = StoreActor::new(storage, fsync);
     let store = Supervisor::start_in_arbiter(&store_arbiter.handle(), move |_| store_actor);
     arbiters.push(store_arbiter);

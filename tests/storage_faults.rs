@@ -420,12 +420,20 @@ fn du(dir: &Path) -> u64 {
     total
 }
 
-/// New user: a fresh broker's data dir, and one holding a small topic, take a few MiB (no
-/// 64 MiB spare segment made ahead of need).
+/// New user: with `--preallocate-segment false`, a fresh broker's data dir, and one holding a
+/// small topic, take a few MiB (no 64 MiB spare segment made ahead of need); by default one
+/// segment is preallocated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_data_dir_and_a_small_topic_take_a_few_mib() {
     const BOUND: u64 = 4 << 20;
-    let b = TestBroker::start();
+    let preallocated = TestBroker::start();
+    let default_du = du(&preallocated.data_dir());
+    assert!(
+        default_du >= 64 << 20,
+        "by default one 64 MiB segment is preallocated: {default_du} bytes"
+    );
+    drop(preallocated);
+    let b = TestBroker::start_with(&["--preallocate-segment", "false"]);
     let data = b.data_dir();
     let fresh = du(&data);
     assert!(

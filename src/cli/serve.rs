@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// Number of orchestrator actors (one thread each).
     #[arg(long, env = "SLUICE_ORCHESTRATORS", value_name = "N")]
     pub orchestrators: Option<u32>,
+    /// Preallocate one 64 MiB segment at start (fsync always): true or false.
+    #[arg(long, env = "SLUICE_PREALLOCATE_SEGMENT", value_name = "BOOL")]
+    pub preallocate_segment: Option<bool>,
     /// Bytes queued to one client before it counts as not reading and is disconnected.
     #[arg(long, env = "SLUICE_MAX_QUEUED_BYTES", value_name = "BYTES")]
     pub max_queued_bytes: Option<usize>,
@@ -92,6 +95,7 @@ impl ServeArgs {
             setup_timeout,
             orchestrators,
             max_queued_bytes,
+            preallocate_segment,
             cache_capacity
         );
         if self.enable_fault_injection {

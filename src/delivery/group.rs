@@ -434,15 +434,14 @@ impl GroupState {
         let (Some(first), Some(last)) = (msgs.first(), msgs.last()) else {
             return;
         };
+        // Taken while under both bounds: the buffer exceeds them by one announcement at most
+        // (its messages are the store's, shared, not copies), and a group that keeps up never
+        // has to read back from the log what was just announced.
         if self.reading
             || self.next_read != first.seq
-            || self.ready.len() + msgs.len() > READ_AHEAD
+            || self.ready.len() >= READ_AHEAD
             || self.ready_bytes >= READ_AHEAD_BYTES
         {
-            return;
-        }
-        let bytes: usize = msgs.iter().map(|m| wire_size(m)).sum();
-        if self.ready_bytes + bytes > READ_AHEAD_BYTES && !self.ready.is_empty() {
             return;
         }
         for m in msgs {

@@ -100,16 +100,16 @@ impl Spares {
         self.any_ready.load(Ordering::Acquire)
     }
 
-    /// Tests: makes a spare now, on this thread.
-    #[cfg(test)]
-    pub(super) fn make_one_now(&self) {
+    /// Makes a spare now, on this thread (at start with `preallocate_segment`; tests).
+    pub fn make_one_now(&self) -> std::io::Result<()> {
         let id = {
             let mut st = self.lock();
             st.next += 1;
             st.next - 1
         };
-        let made = self.make(id).expect("make a spare");
+        let made = self.make(id)?;
         self.put_back(made);
+        Ok(())
     }
 
     /// Returns a spare taken but not used (it could not be opened).

@@ -240,7 +240,7 @@ fn a_spare_that_cannot_be_put_in_place_stops_the_spares() {
     const SIZE: u64 = 64 * 1024;
     let dir = tempfile::tempdir().unwrap();
     let spares = Spares::open(dir.path().join("spare"), SIZE).unwrap();
-    spares.make_one_now();
+    spares.make_one_now().expect("make a spare");
     // Gone from under us: the rename fails.
     for e in std::fs::read_dir(dir.path().join("spare")).unwrap() {
         std::fs::remove_file(e.unwrap().path()).unwrap();
@@ -270,7 +270,7 @@ fn a_big_first_chunk_does_not_take_a_spare_and_leftovers_are_cleaned() {
         0,
         "leftovers removed, none made"
     );
-    spares.make_one_now();
+    spares.make_one_now().expect("make a spare");
     let p = dir.path().join("t");
     let mut log = SegmentLog::open(&p).unwrap();
     log.segment_bytes = SIZE;
