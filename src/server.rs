@@ -5,9 +5,12 @@
 use crate::actors::connection::{
     BrokerLinks, ConnectionActor, ConnectionCounters, ConnectionLimits,
 };
-use crate::actors::orchestrator::{DeliveryConfig, OrchestratorActor, SetRegistry};
-use crate::actors::registry::{RegistryActor, SetPeers};
-use crate::actors::store::{SetAppendListeners, StoreActor};
+use crate::actors::messages::{
+    OrchestratorLinks, RegistryLinks, SetAppendListeners, SetPeers, StoreLinks,
+};
+use crate::actors::orchestrator::{DeliveryConfig, OrchestratorActor};
+use crate::actors::registry::RegistryActor;
+use crate::actors::store::StoreActor;
 use crate::config::Config;
 use crate::store::{Storage, StoreError};
 use actix::prelude::*;
@@ -139,16 +142,18 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             arbiters.push(arb);
             h
         };
-        let (d, s, ids) = (dcfg.clone(), store.clone(), batch_ids.clone());
+        let (d, s, ids) = (dcfg.clone(), StoreLinks::of(&store), batch_ids.clone());
+        let r = registry.clone().recipient();
         let addr = Supervisor::start_in_arbiter(&handle, move |_| {
-            OrchestratorActor::new(shard, d, s, None, ids)
+            OrchestratorActor::new(shard, d, s, Some(r), ids)
         });
-        addr.do_send(SetRegistry(registry.clone()));
         orchestrators.push(addr);
     }
+    // The registry and the store were built before the orchestrators and need to reach them:
+    // handed over here, before any connection is accepted.
     registry.do_send(SetPeers {
-        store: store.clone(),
-        orchestrators: orchestrators.clone(),
+        store: StoreLinks::of(&store),
+        orchestrators: orchestrators.iter().map(OrchestratorLinks::of).collect(),
     });
     store.do_send(SetAppendListeners(
         orchestrators
@@ -163,9 +168,9 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             max_queued_bytes: config.max_queued_bytes,
         },
         counters: Arc::new(ConnectionCounters::default()),
-        store,
-        orchestrators: Arc::new(orchestrators),
-        registry,
+        store: store.recipient(),
+        orchestrators: Arc::new(orchestrators.iter().map(OrchestratorLinks::of).collect()),
+        registry: RegistryLinks::of(&registry),
     };
     let accept_links = links.clone();
     actix_rt::spawn(async move {

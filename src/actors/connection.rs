@@ -10,14 +10,11 @@
 //! at once) and the writer drains and drops the socket (or, for a client that does not read,
 //! drops what is queued at once).
 
-use super::orchestrator::{
-    AckBatch, DeliverBatch, GrantCredits, JoinGroup, LeaveGroup, NackBatch, OrchestratorActor,
+use super::messages::{
+    AckBatch, AppendMessages, ConnectionClosed, ConnectionLinks, DeliverBatch, GetConnectionStats,
+    GetStats, GrantCredits, InjectFaultByName, JoinGroup, LeaveGroup, NackBatch, OrchestratorLinks,
+    RegisterConnection, RegistryLinks, Rejoin, SubscriptionOpened,
 };
-use super::registry::{
-    ConnectionClosed, GetStats, InjectFaultByName, RegisterConnection, RegistryActor,
-    SubscriptionOpened,
-};
-use super::store::{AppendMessages, StoreActor};
 use super::{shard_for, ActorCounters, ConsumerId, InjectFault};
 use crate::config::Config;
 use crate::session::frame::{try_encode_frame, FrameCodec, FrameError, FrameTooLarge, Inbound};
@@ -32,9 +29,9 @@ use rsocket_rust::frame::{self as rf, Body, Frame};
 use serde::de::DeserializeOwned;
 use sluice_protocol::subscribe::validate_name;
 use sluice_protocol::{
-    check_version, route, AckRequest, ActorStats, ConnectionStats, ErrorCode, FaultReply,
-    FaultRequest, NackRequest, PublishReply, PublishRequest, SetupRequest, StatsRequest,
-    SubscribeRequest, WireError, MAX_PRIORITY,
+    check_version, route, AckRequest, ConnectionStats, ErrorCode, FaultReply, FaultRequest,
+    NackRequest, PublishReply, PublishRequest, SetupRequest, StatsRequest, SubscribeRequest,
+    WireError, MAX_PRIORITY,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -114,33 +111,31 @@ pub struct BrokerLinks {
     pub limits: ConnectionLimits,
     /// Counters shared by every connection.
     pub counters: Arc<ConnectionCounters>,
-    /// The store.
-    pub store: Addr<StoreActor>,
+    /// The store (publishes).
+    pub store: Recipient<AppendMessages>,
     /// Orchestrators by shard.
-    pub orchestrators: Arc<Vec<Addr<OrchestratorActor>>>,
+    pub orchestrators: Arc<Vec<OrchestratorLinks>>,
     /// The registry.
-    pub registry: Addr<RegistryActor>,
+    pub registry: RegistryLinks,
 }
 
 impl BrokerLinks {
-    fn orchestrator(&self, topic: &str) -> (usize, Addr<OrchestratorActor>) {
+    fn orchestrator(&self, topic: &str) -> (usize, OrchestratorLinks) {
         let shard = shard_for(topic, self.orchestrators.len());
         (shard, self.orchestrators[shard].clone())
     }
 }
 
-/// The registry asks the connection to rejoin every subscription served by `shard`.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct Rejoin {
-    /// Shard that restarted.
-    pub shard: usize,
+impl ConnectionLinks {
+    /// The recipients of a connection actor.
+    pub fn of(addr: &Addr<ConnectionActor>) -> ConnectionLinks {
+        ConnectionLinks {
+            rejoin: addr.clone().recipient(),
+            stats: addr.clone().recipient(),
+            fault: addr.clone().recipient(),
+        }
+    }
 }
-
-/// Stats of this connection.
-#[derive(Message, Debug)]
-#[rtype(result = "(ActorStats, ConnectionStats)")]
-pub struct GetConnectionStats;
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -506,9 +501,9 @@ impl ConnectionActor {
             "SETUP accepted"
         );
         self.client_id = Some(setup.client_id);
-        self.links.registry.do_send(RegisterConnection {
+        self.links.registry.register.do_send(RegisterConnection {
             conn_id: self.id,
-            addr: ctx.address(),
+            links: ConnectionLinks::of(&ctx.address()),
         });
         ctx.run_interval(self.keepalive.check_every(), |act, ctx| {
             act.check_liveness(ctx)
@@ -670,7 +665,7 @@ impl ConnectionActor {
                     return self.request_error(sid, kind, e, ctx);
                 }
                 self.streams.insert(sid, StreamState::Request);
-                let f = self.links.registry.send(GetStats);
+                let f = self.links.registry.stats.send(GetStats);
                 ctx.spawn(f.into_actor(self).map(move |r, act, ctx| {
                     let r = r
                         .unwrap_or_else(|e| {
@@ -705,7 +700,7 @@ impl ConnectionActor {
                     };
                 self.streams.insert(sid, StreamState::Request);
                 tracing::warn!(conn_id = self.id, actor = %req.actor, ?fault, "admin.fault");
-                let f = self.links.registry.send(InjectFaultByName {
+                let f = self.links.registry.fault_by_name.send(InjectFaultByName {
                     actor: req.actor,
                     kind: fault,
                 });
@@ -802,7 +797,7 @@ impl ConnectionActor {
         self.in_flight_batches = self.in_flight_batches.saturating_sub(1);
         type Settled = Result<Result<sluice_protocol::AckReply, WireError>, MailboxError>;
         let fut: std::pin::Pin<Box<dyn std::future::Future<Output = Settled>>> = if ack {
-            Box::pin(orch.send(AckBatch {
+            Box::pin(orch.ack.send(AckBatch {
                 conn: self.id,
                 topic,
                 group,
@@ -810,7 +805,7 @@ impl ConnectionActor {
                 seqs,
             }))
         } else {
-            Box::pin(orch.send(NackBatch {
+            Box::pin(orch.nack.send(NackBatch {
                 conn: self.id,
                 release,
                 topic,
@@ -888,7 +883,7 @@ impl ConnectionActor {
             recipient: ctx.address().recipient(),
         };
         let shard = sub.shard;
-        let orch = self.links.orchestrators[shard].clone();
+        let orch = self.links.orchestrators[shard].join.clone();
         ctx.spawn(orch.send(msg).into_actor(self).map(move |r, act, ctx| {
             let r =
                 r.unwrap_or_else(|e| Err(WireError::new(ErrorCode::Unavailable, e.to_string())));
@@ -907,17 +902,22 @@ impl ConnectionActor {
                     sub.joined = true;
                     let extra = std::mem::take(&mut sub.pending_credits);
                     if extra > 0 {
-                        act.links.orchestrators[shard].do_send(GrantCredits {
-                            consumer: ConsumerId { conn, stream: sid },
-                            topic: sub.topic.clone(),
-                            group: sub.group.clone(),
-                            n: extra,
-                        });
+                        act.links.orchestrators[shard]
+                            .credits
+                            .do_send(GrantCredits {
+                                consumer: ConsumerId { conn, stream: sid },
+                                topic: sub.topic.clone(),
+                                group: sub.group.clone(),
+                                n: extra,
+                            });
                     }
-                    act.links.registry.do_send(SubscriptionOpened {
-                        conn_id: conn,
-                        shard,
-                    });
+                    act.links
+                        .registry
+                        .subscription_opened
+                        .do_send(SubscriptionOpened {
+                            conn_id: conn,
+                            shard,
+                        });
                 }
                 Err(e) => {
                     act.streams.remove(&sid);
@@ -934,12 +934,14 @@ impl ConnectionActor {
         };
         sub.credits = sub.credits.saturating_add(n);
         if sub.joined {
-            self.links.orchestrators[sub.shard].do_send(GrantCredits {
-                consumer: ConsumerId { conn, stream: sid },
-                topic: sub.topic.clone(),
-                group: sub.group.clone(),
-                n,
-            });
+            self.links.orchestrators[sub.shard]
+                .credits
+                .do_send(GrantCredits {
+                    consumer: ConsumerId { conn, stream: sid },
+                    topic: sub.topic.clone(),
+                    group: sub.group.clone(),
+                    n,
+                });
         } else {
             sub.pending_credits = sub.pending_credits.saturating_add(n);
         }
@@ -956,14 +958,16 @@ impl ConnectionActor {
     }
 
     fn leave(&self, sid: u32, sub: &Subscription) {
-        self.links.orchestrators[sub.shard].do_send(LeaveGroup {
-            consumer: ConsumerId {
-                conn: self.id,
-                stream: sid,
-            },
-            topic: sub.topic.clone(),
-            group: sub.group.clone(),
-        });
+        self.links.orchestrators[sub.shard]
+            .leave
+            .do_send(LeaveGroup {
+                consumer: ConsumerId {
+                    conn: self.id,
+                    stream: sid,
+                },
+                topic: sub.topic.clone(),
+                group: sub.group.clone(),
+            });
     }
 }
 
@@ -1072,6 +1076,7 @@ impl Actor for ConnectionActor {
         if self.client_id.is_some() {
             self.links
                 .registry
+                .closed
                 .do_send(ConnectionClosed { conn_id: self.id });
         }
         tracing::debug!(conn_id = self.id, "connection closed");

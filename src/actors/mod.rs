@@ -1,4 +1,10 @@
-//! The broker's actors and who sends what to whom.
+//! The broker's actors and who sends what to whom. Every message lives in [`messages`]; an
+//! actor reaches another only through the `Recipient`s bundled there (`StoreLinks`,
+//! `OrchestratorLinks`, `RegistryLinks`, `ConnectionLinks`), built by `crate::server` from the
+//! concrete addresses, so no actor module imports another. The store and the registry are
+//! built first; each orchestrator gets the store's and the registry's recipients when it is
+//! built; the store and the registry, which also reach the orchestrators, are handed theirs
+//! once those exist (`SetAppendListeners`, `SetPeers`), before any connection is accepted.
 //!
 //! | message | from → to | result |
 //! |---|---|---|
@@ -13,18 +19,20 @@
 //! | `RegisterConnection`, `ConnectionClosed`, `SubscriptionOpened`, `SubscriptionClosed` | connection → registry | – |
 //! | `OrchestratorStarted` | orchestrator → registry | – (registry asks connections to `Rejoin`) |
 //! | `Rejoin` | registry → connection | – (connection re-sends `JoinGroup`) |
-//! | `GetStats`, `InjectFault` | connection (admin routes) → registry → every actor | stats / – |
+//! | `GetStats`, `InjectFaultByName` | connection (admin routes) → registry | stats / the actor's name |
+//! | `GetActorStats`, `GetGroupStats`, `GetSyncStats`, `ListGroups`, `GetConnectionStats`, `InjectFault` | registry → every actor | stats / – |
 
 pub mod connection;
+pub mod messages;
 pub mod orchestrator;
 pub mod registry;
 pub mod store;
 
-use actix::prelude::*;
 use sluice_protocol::ActorStats;
 use std::time::Instant;
 
 pub use crate::delivery::ConsumerId;
+pub use messages::{FaultKind, GetActorStats, InjectFault};
 
 /// Which orchestrator shard owns `topic`.
 pub fn shard_for(topic: &str, shards: usize) -> usize {
@@ -73,58 +81,12 @@ impl ActorCounters {
     }
 }
 
-/// Stops the receiving actor so its supervisor restarts it, or makes it panic in this handler
-/// as a bug would (`admin.fault`, tests only).
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct InjectFault {
-    /// What to do.
-    pub kind: FaultKind,
-}
-
-/// What `admin.fault` does to an actor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultKind {
-    /// Stop it (its supervisor restarts it).
-    Stop,
-    /// Panic in its handler, as a bug would.
-    Panic,
-    /// (store) Every sync waits this long first, as on a stalled disk.
-    StallSyncs(std::time::Duration),
-}
-
-impl FaultKind {
-    /// From `admin.fault`'s `kind` and `duration`.
-    pub fn parse(kind: Option<&str>, duration: Option<&str>) -> Result<FaultKind, String> {
-        match kind.unwrap_or("stop") {
-            "stop" => Ok(FaultKind::Stop),
-            "panic" => Ok(FaultKind::Panic),
-            "stall-syncs" => {
-                let d = duration.ok_or("stall-syncs needs a duration")?;
-                let d = humantime::parse_duration(d).map_err(|e| format!("duration '{d}': {e}"))?;
-                if d > std::time::Duration::from_secs(60) {
-                    return Err("stall-syncs lasts at most 60s".into());
-                }
-                Ok(FaultKind::StallSyncs(d))
-            }
-            other => Err(format!(
-                "unknown fault kind '{other}' (stop, panic or stall-syncs)"
-            )),
-        }
-    }
-}
-
 /// The panic of `admin.fault` kind `panic` (only with `--enable-fault-injection`): shows that
 /// a panic on an actor's thread ends the broker with a clear log line (see
 /// `crate::server::install_panic_hook`) rather than leaving it up with a dead actor.
 pub fn injected_panic(actor: &str) -> ! {
     std::panic::panic_any(format!("fault injected: panic in {actor}"))
 }
-
-/// Asks an actor for its counters.
-#[derive(Message, Debug)]
-#[rtype(result = "ActorStats")]
-pub struct GetActorStats;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

@@ -2,20 +2,20 @@
 //! and turns acks into durable group cursors. One actor per shard of topics (see
 //! `orchestrator.md` beside this file for the batch state machine).
 
-use super::registry::{OrchestratorStarted, RegistryActor};
-use super::store::{
-    AppendMessages, CommitGroup, LoadGroup, MessagesAppended, ReadRange, StoreActor,
+use super::messages::{
+    AckBatch, AppendMessages, CommitGroup, DeliverBatch, GetGroupStats, GrantCredits, JoinGroup,
+    LeaveGroup, LoadGroup, MessagesAppended, NackBatch, OrchestratorLinks, OrchestratorStarted,
+    ReadRange, StoreLinks,
 };
 use super::{ActorCounters, ConsumerId, GetActorStats, InjectFault};
 use crate::delivery::group::{Limits, Pending, READ_AHEAD, READ_AHEAD_BYTES};
 use crate::delivery::{GroupState, Joining};
 use crate::store::{GroupRecord, StoreError};
 use actix::prelude::*;
-use bytes::Bytes;
 use sluice_protocol::{
     AckOutcome, AckReply, ErrorCode, GroupMode, GroupStats, NewMessage, StreamEvent, WireError,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,115 +25,14 @@ use std::time::Duration;
 pub struct DeliveryConfig {
     /// Most messages per batch.
     pub batch_size: u32,
-    /// Most payload bytes per batch.
+    /// Most bytes per batch, counting every byte of each message.
     pub batch_max_bytes: usize,
     /// Redelivery timeout.
     pub batch_timeout: Duration,
     /// Redeliveries before dead-lettering.
     pub max_retries: u32,
-    /// Default and maximum window.
+    /// Default window.
     pub window: u32,
-}
-
-/// A batch handed to a connection: already-encoded `StreamEvent::Batch` data.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct DeliverBatch {
-    /// The subscription it is for.
-    pub consumer: ConsumerId,
-    /// Batch id.
-    pub batch_id: u64,
-    /// Messages in it.
-    pub count: u32,
-    /// MessagePack of `StreamEvent::Batch`.
-    pub data: Bytes,
-}
-
-/// A subscription joins a group. Sent by the connection; the result says whether it may consume.
-#[derive(Message)]
-#[rtype(result = "Result<(), WireError>")]
-pub struct JoinGroup {
-    /// Who.
-    pub consumer: ConsumerId,
-    /// Topic.
-    pub topic: String,
-    /// Group.
-    pub group: String,
-    /// Requested mode.
-    pub mode: GroupMode,
-    /// Requested filters.
-    pub filters: BTreeMap<String, String>,
-    /// Unacked batches allowed.
-    pub window: u32,
-    /// Messages per batch.
-    pub batch_size: u32,
-    /// RSocket credits (REQUEST_N) available now.
-    pub credits: u64,
-    /// Where batches go.
-    pub recipient: Recipient<DeliverBatch>,
-}
-
-/// A subscription ended (cancel, connection closed): its batches go back to pending at once.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct LeaveGroup {
-    /// Who.
-    pub consumer: ConsumerId,
-    /// Topic.
-    pub topic: String,
-    /// Group.
-    pub group: String,
-}
-
-/// More REQUEST_N credits for a subscription.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct GrantCredits {
-    /// Who.
-    pub consumer: ConsumerId,
-    /// Topic.
-    pub topic: String,
-    /// Group.
-    pub group: String,
-    /// How many.
-    pub n: u64,
-}
-
-/// Acknowledge a batch (or some of its seqs). Only messages of a batch in flight to connection
-/// `conn` are settled. Replied once the cursor is durable (also when every message was acked
-/// already: that reply waits for the same durability as the ack it repeats).
-#[derive(Message, Debug)]
-#[rtype(result = "Result<AckReply, WireError>")]
-pub struct AckBatch {
-    /// The connection acking.
-    pub conn: u64,
-    /// Topic.
-    pub topic: String,
-    /// Group.
-    pub group: String,
-    /// Batch id.
-    pub batch_id: u64,
-    /// Seqs (None: the whole batch).
-    pub seqs: Option<Vec<u64>>,
-}
-
-/// Negatively acknowledge a batch (or some of its seqs) in flight to connection `conn`:
-/// redeliver at once.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<AckReply, WireError>")]
-pub struct NackBatch {
-    /// The connection nacking.
-    pub conn: u64,
-    /// Release: no failure counted, `attempt` not raised.
-    pub release: bool,
-    /// Topic.
-    pub topic: String,
-    /// Group.
-    pub group: String,
-    /// Batch id.
-    pub batch_id: u64,
-    /// Seqs (None: the whole batch).
-    pub seqs: Option<Vec<u64>>,
 }
 
 /// A batch's timer fired (tests may send it directly).
@@ -147,11 +46,6 @@ pub struct BatchTimedOut {
     /// Batch id.
     pub batch_id: u64,
 }
-
-/// Stats of every group this orchestrator has loaded.
-#[derive(Message, Debug)]
-#[rtype(result = "Vec<GroupStats>")]
-pub struct GetGroupStats;
 
 struct TopicState {
     head: u64,
@@ -171,8 +65,8 @@ pub struct OrchestratorActor {
     name: String,
     shard: usize,
     cfg: DeliveryConfig,
-    store: Addr<StoreActor>,
-    registry: Option<Addr<RegistryActor>>,
+    store: StoreLinks,
+    registry: Option<Recipient<OrchestratorStarted>>,
     topics: HashMap<String, TopicState>,
     /// Where each subscription's batches go.
     recipients: HashMap<ConsumerId, Recipient<DeliverBatch>>,
@@ -189,8 +83,8 @@ impl OrchestratorActor {
     pub fn new(
         shard: usize,
         cfg: DeliveryConfig,
-        store: Addr<StoreActor>,
-        registry: Option<Addr<RegistryActor>>,
+        store: StoreLinks,
+        registry: Option<Recipient<OrchestratorStarted>>,
         batch_ids: Arc<AtomicU64>,
     ) -> Self {
         OrchestratorActor {
@@ -286,7 +180,7 @@ impl OrchestratorActor {
             return;
         };
         let from = g.start_read();
-        let fut = self.store.send(ReadRange {
+        let fut = self.store.read.send(ReadRange {
             topic: topic.to_string(),
             from,
             max: READ_AHEAD / 2,
@@ -403,6 +297,7 @@ impl OrchestratorActor {
         let (t, gr) = (topic.to_string(), group.to_string());
         ctx.spawn(
             self.store
+                .append
                 .send(AppendMessages {
                     topic: dlq,
                     messages,
@@ -428,7 +323,7 @@ impl OrchestratorActor {
             .group_mut(topic, group)
             .and_then(|(g, _)| g.take_dirty_record())
         {
-            self.store.do_send(CommitGroup {
+            self.store.commit.do_send(CommitGroup {
                 topic: topic.into(),
                 group: group.into(),
                 record,
@@ -473,15 +368,19 @@ impl Supervised for OrchestratorActor {
     }
 }
 
-/// Sets the registry address (it is created after the orchestrators).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetRegistry(pub Addr<RegistryActor>);
-
-impl Handler<SetRegistry> for OrchestratorActor {
-    type Result = ();
-    fn handle(&mut self, msg: SetRegistry, _: &mut Context<Self>) {
-        self.registry = Some(msg.0);
+impl OrchestratorLinks {
+    /// The recipients of an orchestrator actor.
+    pub fn of(addr: &Addr<OrchestratorActor>) -> OrchestratorLinks {
+        OrchestratorLinks {
+            join: addr.clone().recipient(),
+            leave: addr.clone().recipient(),
+            credits: addr.clone().recipient(),
+            ack: addr.clone().recipient(),
+            nack: addr.clone().recipient(),
+            group_stats: addr.clone().recipient(),
+            actor_stats: addr.clone().recipient(),
+            fault: addr.clone().recipient(),
+        }
     }
 }
 
@@ -554,7 +453,7 @@ impl Handler<JoinGroup> for OrchestratorActor {
         let load = if loaded {
             None
         } else {
-            Some(self.store.send(LoadGroup {
+            Some(self.store.load.send(LoadGroup {
                 topic: msg.topic.clone(),
                 group: msg.group.clone(),
             }))
@@ -575,7 +474,7 @@ impl Handler<JoinGroup> for OrchestratorActor {
                 let res = act.join_loaded(&msg, loaded);
                 let (t, gr) = (msg.topic.clone(), msg.group.clone());
                 let persist = match &res {
-                    Ok(Some(record)) => Some(act.store.send(CommitGroup {
+                    Ok(Some(record)) => Some(act.store.commit.send(CommitGroup {
                         topic: t.clone(),
                         group: gr.clone(),
                         record: record.clone(),
@@ -670,7 +569,7 @@ impl OrchestratorActor {
         }
         // Not loaded (e.g. an ack racing the rejoin after a restart): load the group first, so
         // the reply says what happened to the named messages.
-        let load = self.store.send(LoadGroup {
+        let load = self.store.load.send(LoadGroup {
             topic: req.topic.clone(),
             group: req.group.clone(),
         });
@@ -754,7 +653,7 @@ impl OrchestratorActor {
             self.dead_letter(&topic, &group, s.dead, "nack", ctx);
         }
         let commit = record.map(|record| {
-            self.store.send(CommitGroup {
+            self.store.commit.send(CommitGroup {
                 topic: topic.clone(),
                 group: group.clone(),
                 record,

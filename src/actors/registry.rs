@@ -1,85 +1,26 @@
 //! RegistryActor: which connections and subscriptions exist, the rejoin after an orchestrator
 //! restart, stats gathering and fault injection by actor name.
 
-use super::connection::{ConnectionActor, GetConnectionStats, Rejoin};
-use super::orchestrator::{GetGroupStats, OrchestratorActor};
-use super::store::{GetSyncStats, ListGroups, StoreActor};
+use super::messages::{
+    ConnectionClosed, ConnectionLinks, GetConnectionStats, GetGroupStats, GetStats, GetSyncStats,
+    InjectFaultByName, ListGroups, OrchestratorLinks, OrchestratorStarted, RegisterConnection,
+    RegistryLinks, Rejoin, SetPeers, StoreLinks, SubscriptionOpened,
+};
 use super::{ActorCounters, FaultKind, GetActorStats, InjectFault};
 use actix::prelude::*;
 use sluice_protocol::{BrokerStats, ErrorCode, GroupStats, WireError};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-/// A connection finished its SETUP.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct RegisterConnection {
-    /// Connection id.
-    pub conn_id: u64,
-    /// Its actor.
-    pub addr: Addr<ConnectionActor>,
-}
-
-/// A connection ended.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct ConnectionClosed {
-    /// Connection id.
-    pub conn_id: u64,
-}
-
-/// A subscription joined a group.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct SubscriptionOpened {
-    /// Connection id.
-    pub conn_id: u64,
-    /// Orchestrator shard serving it.
-    pub shard: usize,
-}
-
-/// An orchestrator (re)started: every subscription of its shard must join again.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct OrchestratorStarted {
-    /// Shard.
-    pub shard: usize,
-}
-
-/// Gathers `admin.stats`.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<BrokerStats, WireError>")]
-pub struct GetStats;
-
-/// Stops the named actor (`admin.fault`).
-#[derive(Message, Debug)]
-#[rtype(result = "Result<String, WireError>")]
-pub struct InjectFaultByName {
-    /// Actor name as shown in stats.
-    pub actor: String,
-    /// What to do to it.
-    pub kind: FaultKind,
-}
-
-/// The addresses the registry reaches.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetPeers {
-    /// Store.
-    pub store: Addr<StoreActor>,
-    /// Orchestrators by shard.
-    pub orchestrators: Vec<Addr<OrchestratorActor>>,
-}
-
 struct ConnEntry {
-    addr: Addr<ConnectionActor>,
+    links: ConnectionLinks,
     shards: Vec<usize>,
 }
 
 /// The registry actor.
 pub struct RegistryActor {
-    store: Option<Addr<StoreActor>>,
-    orchestrators: Vec<Addr<OrchestratorActor>>,
+    store: Option<StoreLinks>,
+    orchestrators: Vec<OrchestratorLinks>,
     connections: BTreeMap<u64, ConnEntry>,
     counters: ActorCounters,
     broker_started: Instant,
@@ -115,6 +56,19 @@ impl Supervised for RegistryActor {
     }
 }
 
+impl RegistryLinks {
+    /// The recipients of the registry actor.
+    pub fn of(addr: &Addr<RegistryActor>) -> RegistryLinks {
+        RegistryLinks {
+            register: addr.clone().recipient(),
+            closed: addr.clone().recipient(),
+            subscription_opened: addr.clone().recipient(),
+            stats: addr.clone().recipient(),
+            fault_by_name: addr.clone().recipient(),
+        }
+    }
+}
+
 impl Handler<SetPeers> for RegistryActor {
     type Result = ();
     fn handle(&mut self, msg: SetPeers, _: &mut Context<Self>) {
@@ -130,7 +84,7 @@ impl Handler<RegisterConnection> for RegistryActor {
         self.connections.insert(
             msg.conn_id,
             ConnEntry {
-                addr: msg.addr,
+                links: msg.links,
                 shards: Vec::new(),
             },
         );
@@ -164,7 +118,7 @@ impl Handler<OrchestratorStarted> for RegistryActor {
         let mut n = 0;
         for c in self.connections.values() {
             if c.shards.contains(&msg.shard) {
-                c.addr.do_send(Rejoin { shard: msg.shard });
+                c.links.rejoin.do_send(Rejoin { shard: msg.shard });
                 n += 1;
             }
         }
@@ -185,8 +139,11 @@ impl Handler<GetStats> for RegistryActor {
         let own = self.counters.stats("registry", "registry", None);
         let store = self.store.clone();
         let orchs = self.orchestrators.clone();
-        let conns: Vec<Addr<ConnectionActor>> =
-            self.connections.values().map(|c| c.addr.clone()).collect();
+        let conns: Vec<Recipient<GetConnectionStats>> = self
+            .connections
+            .values()
+            .map(|c| c.links.stats.clone())
+            .collect();
         let version = env!("CARGO_PKG_VERSION").to_string();
         let uptime_ms = self.broker_started.elapsed().as_millis() as u64;
         let fsync = self.fsync.clone();
@@ -202,22 +159,22 @@ impl Handler<GetStats> for RegistryActor {
             stats.actors.push(own);
             let mut stored: Vec<(String, String, crate::store::GroupRecord, u64)> = Vec::new();
             if let Some(s) = &store {
-                if let Ok(a) = s.send(GetActorStats).timeout(t).await {
+                if let Ok(a) = s.actor_stats.send(GetActorStats).timeout(t).await {
                     stats.actors.push(a);
                 }
-                if let Ok(Ok(list)) = s.send(ListGroups).timeout(t).await {
+                if let Ok(Ok(list)) = s.list_groups.send(ListGroups).timeout(t).await {
                     stored = list;
                 }
-                if let Ok(syncs) = s.send(GetSyncStats).timeout(t).await {
+                if let Ok(syncs) = s.sync_stats.send(GetSyncStats).timeout(t).await {
                     stats.syncs = Some(syncs);
                 }
             }
             let mut live: HashMap<(String, String), GroupStats> = HashMap::new();
             for o in &orchs {
-                if let Ok(a) = o.send(GetActorStats).timeout(t).await {
+                if let Ok(a) = o.actor_stats.send(GetActorStats).timeout(t).await {
                     stats.actors.push(a);
                 }
-                if let Ok(gs) = o.send(GetGroupStats).timeout(t).await {
+                if let Ok(gs) = o.group_stats.send(GetGroupStats).timeout(t).await {
                     for g in gs {
                         live.insert((g.topic.clone(), g.group.clone()), g);
                     }
@@ -265,7 +222,7 @@ impl Handler<InjectFaultByName> for RegistryActor {
         }
         if name == "store" {
             if let Some(s) = &self.store {
-                s.do_send(InjectFault { kind: msg.kind });
+                s.fault.do_send(InjectFault { kind: msg.kind });
                 return Ok(msg.actor);
             }
         }
@@ -276,7 +233,7 @@ impl Handler<InjectFaultByName> for RegistryActor {
                 .and_then(|n| n.parse::<usize>().ok())
         };
         if let Some(o) = shard.and_then(|i| self.orchestrators.get(i)) {
-            o.do_send(InjectFault { kind: msg.kind });
+            o.fault.do_send(InjectFault { kind: msg.kind });
             return Ok(msg.actor);
         }
         if let Some(c) = name
@@ -284,7 +241,7 @@ impl Handler<InjectFaultByName> for RegistryActor {
             .and_then(|n| n.parse::<u64>().ok())
             .and_then(|id| self.connections.get(&id))
         {
-            c.addr.do_send(InjectFault { kind: msg.kind });
+            c.links.fault.do_send(InjectFault { kind: msg.kind });
             return Ok(msg.actor);
         }
         Err(WireError::new(

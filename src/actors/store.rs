@@ -5,6 +5,10 @@
 //! threads) is in [`crate::store::commit`]; this actor moves messages: it queues requests,
 //! writes them at each `Commit`, starts sync threads and answers reads.
 
+use super::messages::{
+    AppendMessages, CommitGroup, GetSyncStats, ListGroups, LoadGroup, MessagesAppended, ReadRange,
+    SetAppendListeners, StoreLinks,
+};
 use super::{now_ms, ActorCounters, GetActorStats, InjectFault};
 use crate::config::FsyncPolicy;
 use crate::store::commit::{
@@ -14,76 +18,10 @@ use crate::store::commit::{
 use crate::store::record::StoredMessage;
 use crate::store::{GroupRecord, ReadResult, Storage, StoreError};
 use actix::prelude::*;
-use sluice_protocol::{NewMessage, SyncStats};
+use sluice_protocol::SyncStats;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
-
-/// Announces durable messages to the orchestrator that owns the topic.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct MessagesAppended {
-    /// Topic.
-    pub topic: String,
-    /// The messages, with their seqs.
-    pub messages: Arc<Vec<Arc<StoredMessage>>>,
-}
-
-/// Appends messages to a topic (creating it). Result once durable under the fsync policy.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<(u64, u64), StoreError>")]
-pub struct AppendMessages {
-    /// Topic.
-    pub topic: String,
-    /// Messages, in order.
-    pub messages: Vec<NewMessage>,
-}
-
-/// Persists a group record. Result once durable under the fsync policy.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<(), StoreError>")]
-pub struct CommitGroup {
-    /// Topic.
-    pub topic: String,
-    /// Group.
-    pub group: String,
-    /// The whole record (later commits of the same group supersede earlier ones).
-    pub record: GroupRecord,
-}
-
-/// Reads a range of a topic's log.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<ReadResult, StoreError>")]
-pub struct ReadRange {
-    /// Topic.
-    pub topic: String,
-    /// First seq wanted.
-    pub from: u64,
-    /// Most messages.
-    pub max: usize,
-    /// Most payload bytes (at least one message is returned).
-    pub max_bytes: usize,
-}
-
-/// Loads a group record and the topic's head seq.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<(Option<GroupRecord>, u64), StoreError>")]
-pub struct LoadGroup {
-    /// Topic.
-    pub topic: String,
-    /// Group.
-    pub group: String,
-}
-
-/// Every stored group with its topic's head seq (for stats).
-#[derive(Message, Debug)]
-#[rtype(result = "Result<Vec<(String, String, GroupRecord, u64)>, StoreError>")]
-pub struct ListGroups;
-
-/// Sets where `MessagesAppended` goes: one recipient per orchestrator shard.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetAppendListeners(pub Vec<Recipient<MessagesAppended>>);
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -127,6 +65,22 @@ fn refusal(why: &str) -> StoreError {
 #[derive(Message)]
 #[rtype(result = "()")]
 struct SyncFailed;
+
+impl StoreLinks {
+    /// The recipients of the store actor.
+    pub fn of(addr: &Addr<StoreActor>) -> StoreLinks {
+        StoreLinks {
+            append: addr.clone().recipient(),
+            commit: addr.clone().recipient(),
+            read: addr.clone().recipient(),
+            load: addr.clone().recipient(),
+            list_groups: addr.clone().recipient(),
+            sync_stats: addr.clone().recipient(),
+            actor_stats: addr.clone().recipient(),
+            fault: addr.clone().recipient(),
+        }
+    }
+}
 
 /// The store actor.
 pub struct StoreActor {
@@ -637,11 +591,6 @@ impl Handler<GetActorStats> for StoreActor {
     }
 }
 
-/// Asks the store how long its syncs took.
-#[derive(Message, Debug)]
-#[rtype(result = "SyncStats")]
-pub struct GetSyncStats;
-
 impl Handler<GetSyncStats> for StoreActor {
     type Result = MessageResult<GetSyncStats>;
     fn handle(&mut self, _: GetSyncStats, _: &mut Context<Self>) -> Self::Result {
@@ -670,6 +619,7 @@ impl Handler<InjectFault> for StoreActor {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use sluice_protocol::NewMessage;
 
     #[test]
     fn a_failed_sync_fails_its_requests_and_refuses_writes_until_restart() {

@@ -463,7 +463,7 @@ impl Storage {
             None
         };
         if let (Some(sp), true) = (&self.spares, self.preallocate) {
-            if let Err(e) = sp.make_one_now() {
+            if let Err(e) = sp.preallocate() {
                 tracing::warn!(error = %e, "cannot preallocate a segment: the first one starts empty");
             }
         }

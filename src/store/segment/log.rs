@@ -234,8 +234,10 @@ impl SegmentLog {
                 // one is three quarters full.
                 self.busy = true;
                 let from_spare = self.segments.last().is_some_and(|s| s.from_spare);
-                if let (Some(sp), false) = (&self.spares, from_spare) {
-                    sp.prepare_soon();
+                if let Some(sp) = &self.spares {
+                    if !from_spare || sp.is_eager() {
+                        sp.prepare_soon();
+                    }
                 }
             }
         }

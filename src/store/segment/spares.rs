@@ -50,6 +50,10 @@ pub struct Spares {
     /// Whether a spare is ready, readable without the lock (checked by appends of busy
     /// topics whose segment is not a spare: see [`SegmentLog::roll_if_full`]).
     pub(super) any_ready: AtomicBool,
+    /// Preallocating (config `preallocate_segment`): one spare made at start, and a busy
+    /// topic's next one asked for right after each roll, not while a spare segment fills
+    /// (see [`SegmentLog::note_small_write`]).
+    pub(super) eager: AtomicBool,
 }
 
 #[derive(Default)]
@@ -79,6 +83,7 @@ impl Spares {
             size,
             state: std::sync::Mutex::new(SpareState::default()),
             any_ready: AtomicBool::new(false),
+            eager: AtomicBool::new(false),
         }))
     }
 
@@ -98,6 +103,17 @@ impl Spares {
     /// Whether a spare is ready (without taking the lock).
     pub(super) fn is_ready(&self) -> bool {
         self.any_ready.load(Ordering::Acquire)
+    }
+
+    /// Preallocating: makes one spare now, on this thread, and asks for the next ones right
+    /// after each roll (config `preallocate_segment`, before requests are taken).
+    pub fn preallocate(&self) -> std::io::Result<()> {
+        self.eager.store(true, Ordering::Release);
+        self.make_one_now()
+    }
+
+    pub(super) fn is_eager(&self) -> bool {
+        self.eager.load(Ordering::Acquire)
     }
 
     /// Makes a spare now, on this thread (at start with `preallocate_segment`; tests).
@@ -200,10 +216,13 @@ impl SegmentLog {
     pub(super) fn note_small_write(&mut self, n: u64) {
         self.small_bytes += n;
         if self.busy {
-            // The next spare once the current one is three quarters full: made earlier, its
-            // writes slow the appends for longer; made later, the next segment may start
-            // without it (and then moves to it early, see `early_roll`).
+            // Lazy: the next spare once the current one is three quarters full: made earlier,
+            // its writes slow the appends for longer; made later, the next segment may start
+            // without it (and then moves to it early, see `early_roll`). Eager: right after
+            // the roll instead (a spare made while a segment fills slows every append to it,
+            // and a fresh broker's first segment is a spare already).
             if !self.next_spare_asked
+                && self.spares.as_ref().is_some_and(|sp| !sp.is_eager())
                 && self
                     .segments
                     .last()
@@ -223,7 +242,10 @@ impl SegmentLog {
         let now = std::time::Instant::now();
         if now.duration_since(self.busy_window.0) <= BUSY_WINDOW {
             self.busy = true;
-            sp.prepare_soon();
+            // A segment that is a spare already needs none until it fills.
+            if !self.segments.last().is_some_and(|s| s.from_spare) {
+                sp.prepare_soon();
+            }
         } else {
             self.busy_window = (now, self.small_bytes);
         }
