@@ -107,25 +107,9 @@ async fn batch_ids_are_never_reused_across_broker_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_ack_is_answered_only_once_the_first_is_durable() {
     let b = TestBroker::start_with(&["--enable-fault-injection"]);
-    let mut p = RawClient::setup(&b.addr(), RAW_LIFETIME).await;
-    raw_publish(&mut p, 1, "stall", 4).await;
-    let mut a = raw_subscribe(&b.addr(), "stall", "g", 1, 4).await;
-    let batch = raw_next_batch(&mut a).await;
-    let admin = Admin::connect(client_config(&b.addr(), "admin"))
-        .await
-        .expect("admin");
     const STALL: Duration = Duration::from_millis(1500);
-    admin.stall_syncs(STALL).await.expect("stall the syncs");
     let sent = Instant::now();
-    let all = Some(batch_seqs(&batch));
-    a.request(
-        3,
-        "ack",
-        ack_request("stall", "g", batch.batch_id, all.clone()),
-    )
-    .await;
-    a.request(5, "ack", ack_request("stall", "g", batch.batch_id, all))
-        .await;
+    let mut a = ack_twice_under_a_stalled_disk(&b.addr(), "stall", STALL).await;
     let mut replies = Vec::new();
     for _ in 0..2 {
         let f = raw_next(&mut a, T).await.expect("ack reply");

@@ -5,10 +5,7 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use rsocket_rust::frame::{self as rf, Body, Frame};
-use sluice_protocol::{
-    AckOutcome, AckReply, AckRequest, Batch, GroupMode, NewMessage, PublishReply, PublishRequest,
-    StreamEvent, SubscribeRequest,
-};
+use sluice_protocol::{AckOutcome, AckReply, AckRequest, Batch, StreamEvent};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(5);
@@ -23,47 +20,6 @@ async fn next(c: &mut RawClient, t: Duration) -> Option<Frame> {
 
 async fn closed(c: &mut RawClient, t: Duration) -> Option<Vec<Frame>> {
     Box::pin(c.closed_within(t)).await
-}
-
-/// Publishes `n` messages ("m1", "m2", ...) on `topic` in one request and waits for the reply.
-async fn publish(c: &mut RawClient, sid: u32, topic: &str, n: usize) -> PublishReply {
-    let req = PublishRequest {
-        topic: topic.into(),
-        messages: (1..=n)
-            .map(|i| NewMessage {
-                payload: Bytes::from(format!("m{i}")),
-                ..Default::default()
-            })
-            .collect(),
-    };
-    c.request(
-        sid,
-        "publish",
-        sluice_protocol::encode(&req).expect("encode"),
-    )
-    .await;
-    let f = next(c, T).await.expect("publish reply");
-    assert_eq!(f.get_stream_id(), sid);
-    let data = payload_of(&f).unwrap_or_else(|| panic!("publish failed: {:?}", error_of(&f)));
-    let r: PublishReply = sluice_protocol::decode(&data).expect("decode PublishReply");
-    assert_eq!(r.last_seq - r.first_seq + 1, n as u64);
-    r
-}
-
-fn subscribe_frame(sid: u32, n: u32, topic: &str, group: &str, window: u32, batch: u32) -> Frame {
-    let req = SubscribeRequest {
-        topic: topic.into(),
-        group: group.into(),
-        mode: GroupMode::Shared,
-        filters: Default::default(),
-        window: Some(window),
-        batch_size: Some(batch),
-    };
-    rf::RequestStream::builder(sid, 0)
-        .set_initial_request_n(n)
-        .set_metadata(route_metadata("subscribe"))
-        .set_data(sluice_protocol::encode(&req).expect("encode"))
-        .build()
 }
 
 /// The batch carried by a PAYLOAD frame of a subscribe stream.
@@ -142,7 +98,7 @@ fn seqs(b: &Batch) -> Vec<u64> {
 async fn request_n_credits_bound_the_stream() {
     let b = TestBroker::start();
     let mut producer = RawClient::setup(&b.addr(), LIFETIME).await;
-    let r = publish(&mut producer, 1, "credits", 10).await;
+    let r = raw_publish(&mut producer, 1, "credits", 10).await;
     assert_eq!((r.first_seq, r.last_seq), (1, 10));
 
     let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
@@ -232,7 +188,7 @@ async fn keepalive_with_respond_is_echoed() {
 async fn silent_client_is_dropped_after_its_lifetime_and_its_batch_redelivered() {
     let b = TestBroker::start_with(&["--batch-timeout", "60s"]);
     let mut producer = RawClient::setup(&b.addr(), LIFETIME).await;
-    publish(&mut producer, 1, "lifetime", 3).await;
+    raw_publish(&mut producer, 1, "lifetime", 3).await;
 
     // A: lifetime 1 s, subscribes, receives the batch, then stays silent.
     let mut a = RawClient::setup(&b.addr(), Duration::from_secs(1)).await;
@@ -296,7 +252,7 @@ async fn silent_client_is_dropped_after_its_lifetime_and_its_batch_redelivered()
 async fn window_bounds_unsettled_batches() {
     let b = TestBroker::start();
     let mut producer = RawClient::setup(&b.addr(), LIFETIME).await;
-    publish(&mut producer, 1, "window", 10).await;
+    raw_publish(&mut producer, 1, "window", 10).await;
 
     let mut c = RawClient::setup(&b.addr(), LIFETIME).await;
     c.send(&subscribe_frame(1, 1000, "window", "g", 2, 1)).await;

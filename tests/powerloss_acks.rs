@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use sluice_protocol::AckOutcome;
-use sluice_sdk::{Admin, Consumer, ConsumerConfig, Producer};
+use sluice_sdk::{Consumer, ConsumerConfig, Producer};
 use std::time::Duration;
 
 /// One FUSE mount at a time (the simulator is a single-threaded process each).
@@ -46,27 +46,7 @@ async fn power_cut_after_a_repeated_ack_was_answered_does_not_undo_it() {
     let fs = PowerlossFs::mount("eager");
     let data = fs.mnt().join("data");
     let mut b = TestBroker::start_on(&data, &["--enable-fault-injection"]);
-    let mut p = RawClient::setup(&b.addr(), RAW_LIFETIME).await;
-    raw_publish(&mut p, 1, "rep", 4).await;
-    let mut a = raw_subscribe(&b.addr(), "rep", "g", 1, 4).await;
-    let batch = raw_next_batch(&mut a).await;
-    assert_eq!(batch_seqs(&batch), vec![1, 2, 3, 4]);
-    let admin = Admin::connect(client_config(&b.addr(), "admin"))
-        .await
-        .expect("admin");
-    admin
-        .stall_syncs(Duration::from_millis(1500))
-        .await
-        .expect("stall");
-    let all = Some(batch_seqs(&batch));
-    a.request(
-        3,
-        "ack",
-        ack_request("rep", "g", batch.batch_id, all.clone()),
-    )
-    .await;
-    a.request(5, "ack", ack_request("rep", "g", batch.batch_id, all))
-        .await;
+    let mut a = ack_twice_under_a_stalled_disk(&b.addr(), "rep", Duration::from_millis(1500)).await;
     // The repeat's answer: the moment it arrives, the cut.
     let r = loop {
         let f = raw_next(&mut a, T).await.expect("a reply");

@@ -729,20 +729,7 @@ impl GroupState {
         } else {
             vec![]
         };
-        let outcome = if count > 0 {
-            AckOutcome::Settled
-        } else if rejected.is_empty() {
-            AckOutcome::AlreadyAcked
-        } else {
-            AckOutcome::UnknownBatch
-        };
-        Settlement {
-            outcome,
-            count,
-            rejected,
-            closed,
-            dead: vec![],
-        }
+        Settlement::of(count, rejected, closed, vec![])
     }
 
     /// A nack from connection `conn` of batch `batch_id` (every message still in it when
@@ -810,20 +797,7 @@ impl GroupState {
             self.return_or_dead_letter(p, max_retries, &mut dead);
         }
         let closed = self.close_empty([batch_id]);
-        let outcome = if count > 0 {
-            AckOutcome::Settled
-        } else if rejected.is_empty() {
-            AckOutcome::AlreadyAcked
-        } else {
-            AckOutcome::UnknownBatch
-        };
-        Settlement {
-            outcome,
-            count,
-            rejected,
-            closed,
-            dead,
-        }
+        Settlement::of(count, rejected, closed, dead)
     }
 
     /// Returns a batch's messages for redelivery (timeout when `counts_as_failure`, or its
@@ -907,6 +881,27 @@ impl GroupState {
             consumers: self.consumers.len() as u32,
             ack_ranges: self.above.range_count() as u32,
             rejected_acks: self.rejected_acks,
+        }
+    }
+}
+
+impl Settlement {
+    /// The outcome of an ack or nack that changed `count` messages and refused `rejected`:
+    /// settled if anything changed, else already acked if nothing was refused, else unknown.
+    fn of(count: u32, rejected: Vec<u64>, closed: Vec<u64>, dead: Vec<Pending>) -> Settlement {
+        let outcome = if count > 0 {
+            AckOutcome::Settled
+        } else if rejected.is_empty() {
+            AckOutcome::AlreadyAcked
+        } else {
+            AckOutcome::UnknownBatch
+        };
+        Settlement {
+            outcome,
+            count,
+            rejected,
+            closed,
+            dead,
         }
     }
 }

@@ -590,10 +590,13 @@ pub const RAW_T: Duration = Duration::from_secs(20);
 /// Keepalive lifetime of raw helper connections.
 pub const RAW_LIFETIME: Duration = Duration::from_secs(120);
 
+/// The next frame (boxed: `RawClient::next` keeps a 64 KiB buffer in its future).
 pub async fn raw_next(c: &mut RawClient, t: Duration) -> Option<Frame> {
     Box::pin(c.next(t)).await
 }
 
+/// Publishes `n` messages ("m1", "m2", ...) on `topic` in one request on stream `sid` and
+/// waits for the reply, which must cover all `n`.
 pub async fn raw_publish(c: &mut RawClient, sid: u32, topic: &str, n: usize) -> PublishReply {
     let req = PublishRequest {
         topic: topic.into(),
@@ -611,18 +614,22 @@ pub async fn raw_publish(c: &mut RawClient, sid: u32, topic: &str, n: usize) -> 
     )
     .await;
     let f = raw_next(c, RAW_T).await.expect("publish reply");
+    assert_eq!(f.get_stream_id(), sid, "{f:?}");
     let data = payload_of(&f).unwrap_or_else(|| panic!("publish failed: {:?}", error_of(&f)));
-    sluice_protocol::decode(&data).expect("decode PublishReply")
+    let r: PublishReply = sluice_protocol::decode(&data).expect("decode PublishReply");
+    assert_eq!(r.last_seq - r.first_seq + 1, n as u64, "{r:?}");
+    r
 }
 
-pub async fn raw_subscribe(
-    addr: &str,
+/// A `subscribe` request-stream on stream `sid` asking for `n` batches (shared mode).
+pub fn subscribe_frame(
+    sid: u32,
+    n: u32,
     topic: &str,
     group: &str,
     window: u32,
     batch: u32,
-) -> RawClient {
-    let mut c = RawClient::setup(addr, RAW_LIFETIME).await;
+) -> Frame {
     let req = SubscribeRequest {
         topic: topic.into(),
         group: group.into(),
@@ -631,12 +638,24 @@ pub async fn raw_subscribe(
         window: Some(window),
         batch_size: Some(batch),
     };
-    let f = rf::RequestStream::builder(1, 0)
-        .set_initial_request_n(1000)
+    rf::RequestStream::builder(sid, 0)
+        .set_initial_request_n(n)
         .set_metadata(route_metadata("subscribe"))
         .set_data(sluice_protocol::encode(&req).expect("encode"))
-        .build();
-    c.send(&f).await;
+        .build()
+}
+
+/// A new connection subscribed to `topic` / `group` on stream 1 (1,000 credits).
+pub async fn raw_subscribe(
+    addr: &str,
+    topic: &str,
+    group: &str,
+    window: u32,
+    batch: u32,
+) -> RawClient {
+    let mut c = RawClient::setup(addr, RAW_LIFETIME).await;
+    c.send(&subscribe_frame(1, 1000, topic, group, window, batch))
+        .await;
     c
 }
 
@@ -651,6 +670,7 @@ pub async fn raw_next_batch(c: &mut RawClient) -> Batch {
     }
 }
 
+/// The data of an `ack` of `batch_id` (`seqs` None: the whole batch).
 pub fn ack_request(topic: &str, group: &str, batch_id: u64, seqs: Option<Vec<u64>>) -> Bytes {
     let req = AckRequest {
         topic: topic.into(),
@@ -661,6 +681,7 @@ pub fn ack_request(topic: &str, group: &str, batch_id: u64, seqs: Option<Vec<u64
     sluice_protocol::encode(&req).expect("encode")
 }
 
+/// Acks on stream `sid` (group `g`) and waits for the reply.
 pub async fn raw_ack(
     c: &mut RawClient,
     sid: u32,
@@ -686,6 +707,33 @@ pub async fn raw_reply(c: &mut RawClient, sid: u32) -> AckReply {
     sluice_protocol::decode(&data).expect("decode AckReply")
 }
 
+/// The seqs of a batch, in order.
 pub fn batch_seqs(b: &Batch) -> Vec<u64> {
     b.messages.iter().map(|m| m.seq).collect()
+}
+
+/// Publishes 4 messages on `topic`, delivers them in one batch to a subscription of group `g`,
+/// stalls the broker's disk syncs for `stall` (`admin.fault` kind `stall-syncs`: the broker
+/// needs `--enable-fault-injection`), then sends the ack of the whole batch twice, on streams 3
+/// and 5, without waiting. Returns the subscription's connection, where both replies come.
+pub async fn ack_twice_under_a_stalled_disk(addr: &str, topic: &str, stall: Duration) -> RawClient {
+    let mut p = RawClient::setup(addr, RAW_LIFETIME).await;
+    raw_publish(&mut p, 1, topic, 4).await;
+    let mut a = raw_subscribe(addr, topic, "g", 1, 4).await;
+    let batch = raw_next_batch(&mut a).await;
+    assert_eq!(batch_seqs(&batch), vec![1, 2, 3, 4]);
+    let admin = sluice_sdk::Admin::connect(client_config(addr, "admin"))
+        .await
+        .expect("admin");
+    admin.stall_syncs(stall).await.expect("stall the syncs");
+    let all = Some(batch_seqs(&batch));
+    for sid in [3, 5] {
+        a.request(
+            sid,
+            "ack",
+            ack_request(topic, "g", batch.batch_id, all.clone()),
+        )
+        .await;
+    }
+    a
 }
