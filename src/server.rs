@@ -127,6 +127,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         batch_timeout: config.batch_timeout,
         max_retries: config.max_retries,
         window: config.window,
+        max_in_flight_bytes: config.max_queued_bytes / 2,
     };
     let batch_ids = Arc::new(AtomicU64::new(batch_id_base));
     let mut orchestrators = Vec::new();

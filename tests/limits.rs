@@ -163,14 +163,25 @@ async fn a_batch_too_big_for_one_frame_never_corrupts_the_stream() {
         .contains("batch not sent: its frame does not fit the RSocket frame limit"));
 }
 
-/// Item 10: a consumer that subscribes with a big window and never reads. Its writer queue is
-/// bounded (64 MiB): past it, the broker disconnects it, and its batches go to the other
-/// consumer of the group, which receives every message; the broker's memory stays bounded.
+/// Item 10: a consumer that subscribes with a big window and never reads. What it holds is
+/// bounded in bytes (its batches in flight, half of `max_queued_bytes`; its writer queue,
+/// `max_queued_bytes`); once nothing could be written to it for its lifetime it is
+/// disconnected, and its batches go to the other consumer of the group, which receives every
+/// message; the broker's memory stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_is_disconnected_and_its_batches_go_to_another_consumer() {
     const N: u64 = 150;
     const SIZE: usize = 1_000_000;
-    let b = TestBroker::start_with(&["--batch-timeout", "10m", "--fsync", "never"]);
+    let b = TestBroker::start_with(&[
+        "--batch-timeout",
+        "10m",
+        "--fsync",
+        "never",
+        "--lifetime",
+        "4s",
+        "--keepalive",
+        "1s",
+    ]);
     let rss_start = b.rss_kb();
     let mut hog = Wire::connect(&b.addr(), Some(64 * 1024)).await;
     hog.send(&subscribe_frame(
@@ -250,10 +261,9 @@ async fn a_client_that_does_not_read_is_disconnected_and_its_batches_go_to_anoth
         redelivered > 0,
         "nothing came back from the client that does not read"
     );
-    // Measured: +170 MiB with the bound, +300 MiB without (the 150 MB sent to the client that
-    // does not read stay queued). Both include the orchestrator's live tail (up to 1,024
-    // messages whatever their size: 150 MB here); once that is bounded in bytes, this bound
-    // can come down to about 64 MiB of queue plus the tail's bound.
+    // Measured: +105 MiB now (the client that does not read holds at most 32 MiB in flight;
+    // the rest is the 150 MB published passing through, and the allocator keeping what it
+    // freed), +170 MiB with only the queue bound, +300 MiB with neither.
     let grew_mib = rss_max.saturating_sub(rss_start) / 1024;
     eprintln!(
         "broker RSS: {} MiB at start, {} MiB max (+{grew_mib} MiB)",

@@ -13,8 +13,11 @@
 //!   request with the nacked seqs and one `nack` with `release` for the released ones;
 //!   [`Consumer::ack`] never waits for the network.
 //! - the **acker task** sends those requests on the current connection (waiting for a new one
-//!   after a disconnect: the broker acks sequence numbers even for batches it no longer knows),
-//!   and records their outcome for [`Consumer::flush_acks`].
+//!   after a disconnect), and records their outcome for [`Consumer::flush_acks`]. The broker
+//!   settles only messages delivered to the connection that acks them: an ack sent on a new
+//!   connection for a batch of the old one is refused (`unknown_batch`, its seqs in
+//!   `rejected`, traced at debug level), and those messages come again — the broker returned
+//!   them to the group when the old connection ended.
 //!
 //! Messages of a subscription that ended but were not handed out yet are dropped, not replayed:
 //! the broker redelivers them on the new subscription.
@@ -906,7 +909,11 @@ async fn execute_ack(shared: &Shared, job: AckJob) -> Result<AckReply> {
         };
         match result {
             Ok(reply) => {
-                tracing::trace!(batch_id = job.batch_id, outcome = ?reply.outcome, "settled");
+                if reply.rejected.is_empty() {
+                    tracing::trace!(batch_id = job.batch_id, outcome = ?reply.outcome, "settled");
+                } else {
+                    tracing::debug!(batch_id = job.batch_id, outcome = ?reply.outcome, rejected = reply.rejected.len(), "not applied by the broker (not delivered to this connection): redelivered");
+                }
                 return Ok(reply);
             }
             Err(e) if e.is_retryable() && attempt < MAX_ACK_ATTEMPTS => {

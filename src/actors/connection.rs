@@ -889,12 +889,8 @@ impl ConnectionActor {
                 r.unwrap_or_else(|e| Err(WireError::new(ErrorCode::Unavailable, e.to_string())));
             let conn = act.id;
             let Some(StreamState::Subscription(sub)) = act.streams.get_mut(&sid) else {
-                // Cancelled while joining: make sure the group forgets it.
-                if r.is_ok() {
-                    if let Some(o) = act.links.orchestrators.get(shard) {
-                        let _ = o; // the LeaveGroup was already sent by end_stream
-                    }
-                }
+                // Cancelled while joining: `end_stream` sent the LeaveGroup, and the
+                // orchestrator does not add a subscription that left before its join finished.
                 return;
             };
             match r {
@@ -1126,7 +1122,19 @@ impl Handler<WriterEnded> for ConnectionActor {
     type Result = ();
     fn handle(&mut self, msg: WriterEnded, ctx: &mut Context<Self>) {
         if let WriterEnd::Failed(e) = msg.0 {
-            tracing::debug!(conn_id = self.id, error = %e, "write failed");
+            if e.starts_with(crate::session::writer::STALLED) {
+                // Its batches in flight fill the socket and it reads none of them.
+                ConnectionCounters::bump(&self.links.counters.slow_clients_disconnected);
+                tracing::warn!(
+                    conn_id = self.id,
+                    peer = %self.peer,
+                    client_id = self.client_id.as_deref().unwrap_or(""),
+                    error = %e,
+                    "client does not read: nothing could be written to it for its lifetime; disconnecting (its batches are redelivered)"
+                );
+            } else {
+                tracing::debug!(conn_id = self.id, error = %e, "write failed");
+            }
             self.closing = true;
             ctx.stop();
         }

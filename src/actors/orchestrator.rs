@@ -15,7 +15,7 @@ use actix::prelude::*;
 use sluice_protocol::{
     AckOutcome, AckReply, ErrorCode, GroupMode, GroupStats, NewMessage, StreamEvent, WireError,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +33,9 @@ pub struct DeliveryConfig {
     pub max_retries: u32,
     /// Default window.
     pub window: u32,
+    /// Wire bytes of batches in flight to one consumer, at most (half of what its connection
+    /// may queue unwritten, `max_queued_bytes`).
+    pub max_in_flight_bytes: usize,
 }
 
 /// A batch's timer fired (tests may send it directly).
@@ -70,6 +73,9 @@ pub struct OrchestratorActor {
     topics: HashMap<String, TopicState>,
     /// Where each subscription's batches go.
     recipients: HashMap<ConsumerId, Recipient<DeliverBatch>>,
+    /// Subscriptions whose `JoinGroup` is waiting for their group to load: a `LeaveGroup`
+    /// handled meanwhile removes them here, and the join then does not add them.
+    joining: HashSet<ConsumerId>,
     /// Redelivery timer of each batch in flight (batch ids are unique across groups).
     timers: HashMap<u64, SpawnHandle>,
     batch_ids: Arc<AtomicU64>,
@@ -95,6 +101,7 @@ impl OrchestratorActor {
             registry,
             topics: HashMap::new(),
             recipients: HashMap::new(),
+            joining: HashSet::new(),
             timers: HashMap::new(),
             batch_ids,
             counters: ActorCounters::default(),
@@ -363,6 +370,7 @@ impl Supervised for OrchestratorActor {
         // every unacked message (including what was in flight) is delivered again.
         self.topics.clear();
         self.recipients.clear();
+        self.joining.clear();
         self.timers.clear();
         tracing::warn!(name = %self.name, restarts = self.counters.restarts, "orchestrator restarting; in-flight batches will be redelivered");
     }
@@ -395,6 +403,13 @@ impl OrchestratorActor {
         msg: &JoinGroup,
         loaded: Loaded,
     ) -> Result<Option<GroupRecord>, WireError> {
+        if !self.joining.remove(&msg.consumer) {
+            // Left (cancelled, disconnected) while the group loaded: not added.
+            return Err(WireError::new(
+                ErrorCode::InvalidRequest,
+                "the subscription ended while joining",
+            ));
+        }
         let mut create = None;
         if let Some((rec, head)) = loaded? {
             let exists = self.group_mut(&msg.topic, &msg.group).is_some();
@@ -412,6 +427,7 @@ impl OrchestratorActor {
             };
             self.install_group(&msg.topic, &msg.group, rec, head);
         }
+        let max_in_flight_bytes = self.cfg.max_in_flight_bytes;
         let (g, _) = self
             .group_mut(&msg.topic, &msg.group)
             .ok_or_else(|| WireError::new(ErrorCode::Internal, "group vanished"))?;
@@ -422,6 +438,7 @@ impl OrchestratorActor {
             window: msg.window,
             batch_size: msg.batch_size,
             credits: msg.credits,
+            max_in_flight_bytes,
         })
         .map_err(|e| WireError::new(e.code, format!("group '{}': {}", msg.group, e.message)))?;
         let mode = g.mode();
@@ -446,6 +463,7 @@ impl Handler<JoinGroup> for OrchestratorActor {
                 format!("mode '{m}' is not available yet (use shared, exclusive or failover)"),
             ))));
         }
+        self.joining.insert(msg.consumer);
         let loaded = self
             .topics
             .get(&msg.topic)
@@ -472,6 +490,8 @@ impl Handler<JoinGroup> for OrchestratorActor {
             .into_actor(self)
             .then(move |loaded, act, _ctx| {
                 let res = act.join_loaded(&msg, loaded);
+                let joined = res.is_ok();
+                let consumer = msg.consumer;
                 let (t, gr) = (msg.topic.clone(), msg.group.clone());
                 let persist = match &res {
                     Ok(Some(record)) => Some(act.store.commit.send(CommitGroup {
@@ -500,6 +520,13 @@ impl Handler<JoinGroup> for OrchestratorActor {
                 .map(move |res, act, ctx| {
                     if res.is_ok() {
                         act.pump(&t, &gr, ctx);
+                    } else if joined {
+                        // Joined, but the new group's record could not be stored: the client
+                        // gets the error, so the consumer must not stay in the group.
+                        act.recipients.remove(&consumer);
+                        if let Some((g, _)) = act.group_mut(&t, &gr) {
+                            g.leave(consumer);
+                        }
                     }
                     res
                 })
@@ -513,6 +540,7 @@ impl Handler<LeaveGroup> for OrchestratorActor {
     fn handle(&mut self, msg: LeaveGroup, ctx: &mut Context<Self>) {
         self.counters.handled += 1;
         self.recipients.remove(&msg.consumer);
+        self.joining.remove(&msg.consumer);
         let Some((g, _)) = self.group_mut(&msg.topic, &msg.group) else {
             return;
         };
@@ -789,5 +817,132 @@ impl Handler<InjectFault> for OrchestratorActor {
         }
         tracing::warn!(name = %self.name, "fault injected: stopping");
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The orchestrator against a probe store (its `StoreLinks` are plain recipients), so the
+    //! order in which the actor sees messages can be set by the test.
+    use super::*;
+    use crate::store::ReadResult;
+    use sluice_protocol::{ActorStats, SyncStats};
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use tokio::sync::oneshot;
+
+    /// A store that knows no group and answers `LoadGroup` only when the test says so.
+    struct ProbeStore {
+        gate: Arc<Mutex<Option<oneshot::Receiver<()>>>>,
+    }
+
+    impl Actor for ProbeStore {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<LoadGroup> for ProbeStore {
+        type Result = ResponseFuture<Result<(Option<GroupRecord>, u64), StoreError>>;
+        fn handle(&mut self, _: LoadGroup, _: &mut Context<Self>) -> Self::Result {
+            let gate = self.gate.lock().ok().and_then(|mut g| g.take());
+            Box::pin(async move {
+                if let Some(g) = gate {
+                    let _ = g.await;
+                }
+                Ok((None, 0))
+            })
+        }
+    }
+
+    macro_rules! answers {
+        ($($msg:ty => $value:expr),* $(,)?) => {$(
+            impl Handler<$msg> for ProbeStore {
+                type Result = MessageResult<$msg>;
+                fn handle(&mut self, _: $msg, _: &mut Context<Self>) -> Self::Result {
+                    MessageResult($value)
+                }
+            }
+        )*};
+    }
+
+    answers! {
+        AppendMessages => Ok((1, 0)),
+        CommitGroup => Ok(()),
+        ReadRange => Ok(ReadResult::default()),
+        super::super::messages::ListGroups => Ok(vec![]),
+        super::super::messages::GetSyncStats => SyncStats::default(),
+        GetActorStats => ActorStats::default(),
+        InjectFault => (),
+    }
+
+    struct Sink;
+    impl Actor for Sink {
+        type Context = Context<Self>;
+    }
+    impl Handler<DeliverBatch> for Sink {
+        type Result = ();
+        fn handle(&mut self, _: DeliverBatch, _: &mut Context<Self>) {}
+    }
+
+    fn join(consumer: ConsumerId, sink: &Addr<Sink>) -> JoinGroup {
+        JoinGroup {
+            consumer,
+            topic: "t".into(),
+            group: "g".into(),
+            mode: GroupMode::Exclusive,
+            filters: BTreeMap::new(),
+            window: 1,
+            batch_size: 1,
+            credits: 1,
+            recipient: sink.clone().recipient(),
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_subscription_that_leaves_while_its_group_loads_is_not_added() {
+        let (open, gate) = oneshot::channel();
+        let store = ProbeStore {
+            gate: Arc::new(Mutex::new(Some(gate))),
+        }
+        .start();
+        let links = StoreLinks {
+            append: store.clone().recipient(),
+            commit: store.clone().recipient(),
+            read: store.clone().recipient(),
+            load: store.clone().recipient(),
+            list_groups: store.clone().recipient(),
+            sync_stats: store.clone().recipient(),
+            actor_stats: store.clone().recipient(),
+            fault: store.clone().recipient(),
+        };
+        let cfg = DeliveryConfig {
+            batch_size: 1,
+            batch_max_bytes: 1 << 20,
+            batch_timeout: Duration::from_secs(30),
+            max_retries: 3,
+            window: 1,
+            max_in_flight_bytes: 1 << 20,
+        };
+        let orch = OrchestratorActor::new(0, cfg, links, None, Arc::new(AtomicU64::new(1))).start();
+        let sink = Sink.start();
+        let first = ConsumerId { conn: 1, stream: 1 };
+        // Joins, and leaves (cancel, disconnect) while its group is still loading.
+        let joining = orch.send(join(first, &sink));
+        orch.do_send(LeaveGroup {
+            consumer: first,
+            topic: "t".into(),
+            group: "g".into(),
+        });
+        // Both are in the mailbox before the load answers.
+        tokio::task::yield_now().await;
+        let _ = open.send(());
+        let res = joining.await.expect("mailbox");
+        assert!(res.is_err(), "a subscription that left was added: {res:?}");
+        // The exclusive group is free for the next consumer.
+        let second = ConsumerId { conn: 2, stream: 1 };
+        let res = orch.send(join(second, &sink)).await.expect("mailbox");
+        assert!(res.is_ok(), "{res:?}");
+        let stats = orch.send(GetGroupStats).await.expect("mailbox");
+        assert_eq!(stats.len(), 1);
+        assert_eq!(stats[0].consumers, 1);
     }
 }

@@ -18,7 +18,8 @@ pub const READ_AHEAD: usize = 1024;
 pub const READ_AHEAD_BYTES: usize = 8 * 1024 * 1024;
 /// Most ranges of settled seqs above the floor. Each unsettled message below the highest
 /// settled one splits a range; at this many, fresh messages wait (retries and acks go on) until
-/// the floor moves, so the cursor and its record stay small whatever consumers do.
+/// the floor moves, so whatever consumers do, only acks of messages already in flight (one
+/// range each at most) can take the cursor past it, and its record stays small.
 pub const MAX_ACK_RANGES: usize = 4096;
 /// Largest RSocket frame (24-bit length) less room for the frame header and the batch's own
 /// fields: every batch is encoded below this.
@@ -74,6 +75,8 @@ impl Pending {
 struct InFlight {
     consumer: ConsumerId,
     msgs: BTreeMap<u64, Pending>,
+    /// Wire bytes of the batch when it was formed.
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -83,11 +86,24 @@ struct ConsumerSlot {
     window: u32,
     batch_size: u32,
     in_flight: u32,
+    /// Wire bytes of its batches in flight, and their bound: a consumer never holds more than
+    /// its connection may queue unwritten, so a consumer that reads is never taken for one that
+    /// does not (a new batch goes out while under the bound).
+    in_flight_bytes: usize,
+    max_in_flight_bytes: usize,
 }
 
 impl ConsumerSlot {
     fn ready(&self) -> bool {
-        self.credits > 0 && self.in_flight < self.window
+        self.credits > 0
+            && self.in_flight < self.window
+            && self.in_flight_bytes < self.max_in_flight_bytes
+    }
+
+    /// A batch of `bytes` closed.
+    fn closed(&mut self, bytes: usize) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
     }
 }
 
@@ -139,6 +155,8 @@ pub struct Joining {
     pub batch_size: u32,
     /// Credits (REQUEST_N) available now.
     pub credits: u64,
+    /// Wire bytes of batches in flight to it, at most (a new batch goes out while under).
+    pub max_in_flight_bytes: usize,
 }
 
 /// One group's delivery state. See `orchestrator.md` for the state machine.
@@ -172,7 +190,7 @@ pub struct GroupState {
     rejected_acks: u64,
     /// The cursor moved past the last record taken.
     dirty: bool,
-    /// The record was cut to [`MAX_ACK_RANGES`] (logged once).
+    /// The cursor passed [`MAX_ACK_RANGES`] (logged once).
     warned_ranges: bool,
 }
 
@@ -228,15 +246,18 @@ impl GroupState {
         }
     }
 
-    /// The durable form of the cursor: at most [`MAX_ACK_RANGES`] ranges (the lowest; seqs
-    /// settled above them would be delivered again after a restart, never lost).
+    /// The durable form of the cursor: every range. [`MAX_ACK_RANGES`] bounds them by holding
+    /// back fresh messages; acks of messages already in flight can still add ranges past it
+    /// (at most one per message in flight), and those are written too: a reply that says
+    /// "acked" never rests on a record that left the ack out. (A record the store cannot hold
+    /// fails the commit, and the ack is answered with an error.)
     pub fn record(&mut self) -> GroupRecord {
         if self.above.range_count() > MAX_ACK_RANGES && !self.warned_ranges {
             self.warned_ranges = true;
             tracing::warn!(
                 ranges = self.above.range_count(),
                 max = MAX_ACK_RANGES,
-                "group cursor has too many ack ranges: only the lowest are persisted"
+                "group cursor past its range bound (acks of messages in flight): fresh messages wait"
             );
         }
         GroupRecord {
@@ -244,7 +265,7 @@ impl GroupState {
             filters: self.filters.clone(),
             acked_floor: self.floor,
             acked_above: vec![],
-            acked_ranges: self.above.ranges().take(MAX_ACK_RANGES).collect(),
+            acked_ranges: self.above.ranges().collect(),
             created_ms: self.created_ms,
         }
     }
@@ -335,6 +356,8 @@ impl GroupState {
             window: j.window.max(1),
             batch_size: j.batch_size.max(1),
             in_flight: 0,
+            in_flight_bytes: 0,
+            max_in_flight_bytes: j.max_in_flight_bytes.max(1),
         });
         Ok(())
     }
@@ -616,9 +639,11 @@ impl GroupState {
                 continue;
             }
             let batch_id = next_id();
+            let bytes: usize = msgs.iter().map(|p| wire_size(&p.msg)).sum();
             let c = &mut self.consumers[ci];
             c.credits -= 1;
             c.in_flight += 1;
+            c.in_flight_bytes += bytes;
             let consumer = c.id;
             let mut delivered = Vec::with_capacity(msgs.len());
             let mut map = BTreeMap::new();
@@ -644,6 +669,7 @@ impl GroupState {
                 InFlight {
                     consumer,
                     msgs: map,
+                    bytes,
                 },
             );
             formed.batches.push(Outgoing {
@@ -676,7 +702,7 @@ impl GroupState {
             if self.in_flight.get(&bid).is_some_and(|b| b.msgs.is_empty()) {
                 if let Some(b) = self.in_flight.remove(&bid) {
                     if let Some(c) = self.consumers.iter_mut().find(|c| c.id == b.consumer) {
-                        c.in_flight = c.in_flight.saturating_sub(1);
+                        c.closed(b.bytes);
                     }
                     closed.push(bid);
                 }
@@ -698,6 +724,9 @@ impl GroupState {
     fn ack_inner(&mut self, conn: u64, batch_id: u64, seqs: Option<Vec<u64>>) -> Settlement {
         let own = self.own_batch(conn, batch_id);
         let seqs = match (seqs, own) {
+            (Some(s), false) if s.is_empty() => {
+                return settlement(AckOutcome::UnknownBatch, 0, vec![])
+            }
             (Some(s), _) => s,
             (None, true) => self
                 .in_flight
@@ -811,7 +840,7 @@ impl GroupState {
     ) -> Option<Vec<Pending>> {
         let b = self.in_flight.remove(&batch_id)?;
         if let Some(c) = self.consumers.iter_mut().find(|c| c.id == b.consumer) {
-            c.in_flight = c.in_flight.saturating_sub(1);
+            c.closed(b.bytes);
         }
         let mut dead = Vec::new();
         for (seq, mut p) in b.msgs {

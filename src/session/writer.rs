@@ -15,6 +15,10 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
+/// How a [`WriterEnd::Failed`] from a write that made no progress for the stall timeout
+/// begins (the peer does not read).
+pub const STALLED: &str = "peer did not read";
+
 /// Why the writer ended.
 #[derive(Debug)]
 pub enum WriterEnd {
@@ -133,9 +137,7 @@ where
                     q.fetch_sub(total, Ordering::Relaxed);
                 }
                 Ok(Err(e)) => break WriterEnd::Failed(e.to_string()),
-                Err(_) => {
-                    break WriterEnd::Failed(format!("peer did not read for {stall_timeout:?}"))
-                }
+                Err(_) => break WriterEnd::Failed(format!("{STALLED} for {stall_timeout:?}")),
             }
         };
         on_end(end);

@@ -268,8 +268,8 @@ impl Storage {
         Ok(first)
     }
 
-    /// Reads up to `max` messages (and at most `max_bytes` of payload, at least one message)
-    /// from `from` on.
+    /// Reads up to `max` messages (and at most `max_bytes`, counting every byte of each message
+    /// as delivered: payload, key, headers; at least one message) from `from` on.
     pub fn read(
         &self,
         topic: &str,
@@ -291,7 +291,7 @@ impl Storage {
                         }
                         match rec {
                             Ok(m) => {
-                                bytes += m.payload.len();
+                                bytes += crate::delivery::group::wire_size(&m);
                                 out.messages.push(m);
                             }
                             Err(reason) => {

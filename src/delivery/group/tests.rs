@@ -46,6 +46,7 @@ fn join(g: &mut GroupState, conn: u64, window: u32, batch_size: u32) {
         window,
         batch_size,
         credits: 1_000_000,
+        max_in_flight_bytes: usize::MAX,
     })
     .unwrap();
 }
@@ -376,6 +377,7 @@ fn filtered_out_messages_settle_without_delivery() {
         window: 1,
         batch_size: 10,
         credits: 10,
+        max_in_flight_bytes: usize::MAX,
     })
     .unwrap();
     let mut yes = (*msg(2, 0)).clone();
@@ -394,6 +396,74 @@ fn filtered_out_messages_settle_without_delivery() {
         window: 1,
         batch_size: 1,
         credits: 1,
+        max_in_flight_bytes: usize::MAX,
     });
     assert_eq!(other.unwrap_err().code, ErrorCode::FilterConflict);
+}
+
+#[test]
+fn acks_of_messages_in_flight_past_the_range_bound_are_all_recorded() {
+    // One consumer holds 2 × MAX_ACK_RANGES + 2 messages in flight and acks every other one:
+    // each ack past the bound still adds a range, and the record keeps every one of them.
+    let n = 2 * MAX_ACK_RANGES as u64 + 2;
+    let mut g = group_with(n, 1, n as u32);
+    let b = form(&mut g);
+    assert_eq!(b.len(), 1);
+    let evens: Vec<u64> = (1..=n).filter(|s| s % 2 == 0).collect();
+    let s = g.ack(1, b[0].batch_id, Some(evens.clone()));
+    assert_eq!(s.count as usize, evens.len());
+    assert!(g.above.range_count() > MAX_ACK_RANGES);
+    let rec = g.record();
+    assert_eq!(rec.acked_ranges.len(), evens.len());
+    let back = GroupState::from_record(rec);
+    for seq in 1..=n {
+        assert_eq!(back.is_settled(seq), seq % 2 == 0, "seq {seq}");
+    }
+}
+
+#[test]
+fn a_consumer_holds_at_most_its_bytes_in_flight() {
+    let mut g = GroupState::from_record(record(0));
+    g.join(Joining {
+        consumer: consumer(1),
+        mode: GroupMode::Shared,
+        filters: BTreeMap::new(),
+        window: 100,
+        batch_size: 1,
+        credits: 100,
+        max_in_flight_bytes: 2 * wire_size(&msg(1, 0)),
+    })
+    .unwrap();
+    let from = g.start_read();
+    g.finish_read(
+        from,
+        Some(((1..=5).map(|s| (*msg(s, 0)).clone()).collect(), vec![])),
+    );
+    let b = form(&mut g);
+    assert_eq!(
+        b.len(),
+        2,
+        "two messages' worth of bytes, whatever the window"
+    );
+    assert!(form(&mut g).is_empty());
+    g.ack(1, b[0].batch_id, None);
+    let more = form(&mut g);
+    assert_eq!(more.len(), 1, "room for one more once a batch closed");
+    g.fail_batch(b[1].batch_id, false, 3);
+    assert_eq!(
+        form(&mut g).len(),
+        1,
+        "a returned batch frees its bytes too"
+    );
+}
+
+#[test]
+fn an_empty_ack_of_a_batch_not_in_flight_to_the_connection_changes_nothing() {
+    let mut g = group_with(2, 1, 2);
+    let b = form(&mut g);
+    let s = g.ack(2, b[0].batch_id, Some(vec![]));
+    assert_eq!((s.outcome, s.count), (AckOutcome::UnknownBatch, 0));
+    assert!(g.take_dirty_record().is_none());
+    let s = g.ack(1, b[0].batch_id, Some(vec![]));
+    assert_eq!((s.outcome, s.count), (AckOutcome::AlreadyAcked, 0));
 }
