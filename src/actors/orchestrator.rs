@@ -672,7 +672,17 @@ impl OrchestratorActor {
             None => None,
         };
         if !s.rejected.is_empty() {
-            tracing::warn!(topic, group, conn, batch_id, rejected = ?s.rejected, "ack/nack of messages not delivered to this connection in this batch: not applied");
+            // A count and the first few: a request may name up to 1,000,000 seqs.
+            let first: Vec<u64> = s.rejected.iter().take(8).copied().collect();
+            tracing::warn!(
+                topic,
+                group,
+                conn,
+                batch_id,
+                rejected = s.rejected.len(),
+                ?first,
+                "ack/nack of messages not delivered to this connection in this batch: not applied"
+            );
         }
         for bid in &s.closed {
             self.cancel_timer(*bid, ctx);

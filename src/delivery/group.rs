@@ -58,12 +58,15 @@ pub struct Pending {
     pub deliveries: u32,
     /// Deliveries that failed (timeout, nack).
     pub failures: u32,
+    /// [`wire_size`] of the message, computed once.
+    pub size: usize,
 }
 
 impl Pending {
     /// A message never delivered.
     pub fn fresh(msg: Arc<StoredMessage>) -> Self {
         Pending {
+            size: wire_size(&msg),
             msg,
             deliveries: 0,
             failures: 0,
@@ -447,7 +450,7 @@ impl GroupState {
     }
 
     fn push_ready(&mut self, p: Pending) {
-        self.ready_bytes += wire_size(&p.msg);
+        self.ready_bytes += p.size;
         self.ready.push_back(p);
     }
 
@@ -518,7 +521,7 @@ impl GroupState {
             let Some((&seq, p)) = self.retry.first_key_value() else {
                 break;
             };
-            let size = wire_size(&p.msg);
+            let size = p.size;
             if size > FRAME_BUDGET {
                 if let Some(p) = self.retry.remove(&seq) {
                     too_big.push(p);
@@ -542,7 +545,7 @@ impl GroupState {
         if uniform {
             while out.len() < max {
                 let Some(p) = self.ready.front() else { break };
-                let size = wire_size(&p.msg);
+                let size = p.size;
                 if size <= FRAME_BUDGET && !fits(bytes, size, out.len()) {
                     break;
                 }
@@ -571,7 +574,7 @@ impl GroupState {
                 if out.len() + chosen.len() >= max {
                     break;
                 }
-                let size = wire_size(&self.ready[i].msg);
+                let size = self.ready[i].size;
                 if size > FRAME_BUDGET {
                     big.push(i);
                     continue;
@@ -590,7 +593,7 @@ impl GroupState {
             taken.sort_unstable();
             for (i, is_big) in taken.into_iter().rev() {
                 if let Some(p) = self.ready.remove(i) {
-                    self.ready_bytes = self.ready_bytes.saturating_sub(wire_size(&p.msg));
+                    self.ready_bytes = self.ready_bytes.saturating_sub(p.size);
                     if is_big {
                         too_big.push(p);
                     } else {
@@ -618,7 +621,7 @@ impl GroupState {
                 if self.matches(&p.msg) {
                     kept.push_back(p);
                 } else {
-                    self.ready_bytes = self.ready_bytes.saturating_sub(wire_size(&p.msg));
+                    self.ready_bytes = self.ready_bytes.saturating_sub(p.size);
                     self.settle(p.msg.seq);
                 }
             }
@@ -639,7 +642,7 @@ impl GroupState {
                 continue;
             }
             let batch_id = next_id();
-            let bytes: usize = msgs.iter().map(|p| wire_size(&p.msg)).sum();
+            let bytes: usize = msgs.iter().map(|p| p.size).sum();
             let c = &mut self.consumers[ci];
             c.credits -= 1;
             c.in_flight += 1;
