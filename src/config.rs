@@ -126,6 +126,133 @@ pub struct Config {
     pub orchestrators: u32,
     /// Enables the `admin.fault` route (tests only).
     pub enable_fault_injection: bool,
+    /// A publish to an unknown topic creates it; `false`: it is refused with `UNKNOWN_TOPIC`
+    /// (topics are made with `sluice topic create`).
+    pub auto_create_topics: bool,
+    /// How often the retention sweep runs over every topic.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
+    /// Retention of topics with no override (`sluice topic create|alter` sets per-topic ones).
+    pub retention: RetentionConfig,
+    /// A segment is closed (a new one started) once its first message is this old, so that a
+    /// quiet topic's old messages can be removed whole by `max_age` (also: at `max_age / 4`
+    /// of a topic with a shorter `max_age`).
+    #[serde(with = "humantime_serde")]
+    pub segment_max_age: Duration,
+    /// Message ids (`NewMessage.id`) are remembered this long per topic: a repeat within it is
+    /// not stored again (`0s`: no deduplication). Per-topic override: `--dedup-window`.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+    /// Redelivery schedule of groups that have none of their own nor their topic's (empty: a
+    /// batch not acked is redelivered after `batch_timeout`), e.g. `["1s", "5s", "30s", "2m"]`.
+    #[serde(with = "humantime_list")]
+    pub backoff: Vec<Duration>,
+    /// A consumer with lag that has not acked for this long is flagged stale (stats, event).
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// A consumer stale for this long is disconnected and its batches redelivered (absent: off).
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub stale_disconnect_after: Option<Duration>,
+}
+
+/// Default retention of every topic (`[retention]` in the config file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Messages older than this are removed (absent: kept whatever their age).
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<Duration>,
+    /// The oldest segments are removed while a topic holds more than this many bytes: an
+    /// integer or a size with a unit (`"1GiB"`, `"500MB"`). Absent: no limit.
+    #[serde(with = "byte_size_opt", skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// The oldest segments are removed while a topic holds more than this many messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_messages: Option<u64>,
+    /// `"age"`: only by the limits; `"acked"`: also once every group acked them.
+    pub discard: sluice_protocol::Discard,
+}
+
+/// Parses a byte size: an integer (bytes) or a number with a unit `B`, `KB`/`MB`/`GB`/`TB`
+/// (powers of 1000) or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024), e.g. `1GiB`, `500MB`, `4096`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1000,
+        "mb" | "m" => 1_000_000,
+        "gb" | "g" => 1_000_000_000,
+        "tb" | "t" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+            "bad size '{s}': unknown unit '{other}' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        ))
+        }
+    };
+    let n: f64 = num.parse().map_err(|_| {
+        format!("bad size '{s}': expected a number with an optional unit, e.g. 1GiB")
+    })?;
+    let v = n * mult as f64;
+    if !v.is_finite() || !(0.0..=9.0e18).contains(&v) {
+        return Err(format!("bad size '{s}': out of range"));
+    }
+    Ok(v as u64)
+}
+
+/// `Option<u64>` byte sizes in TOML: an integer or a string with a unit ([`parse_bytes`]).
+mod byte_size_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.serialize_u64(*n),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Some(n)),
+            Raw::S(s) => super::parse_bytes(&s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A list of humantime durations in TOML (`["1s", "5s"]`).
+mod humantime_list {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|d| humantime::format_duration(*d).to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let raw = Vec::<String>::deserialize(d)?;
+        raw.iter()
+            .map(|e| {
+                humantime::parse_duration(e.trim())
+                    .map_err(|err| serde::de::Error::custom(format!("bad duration '{e}': {err}")))
+            })
+            .collect()
+    }
 }
 
 impl Default for Config {
@@ -149,6 +276,14 @@ impl Default for Config {
             cache_capacity: 64 * 1024 * 1024,
             orchestrators: 1,
             enable_fault_injection: false,
+            auto_create_topics: true,
+            retention_interval: Duration::from_secs(10),
+            retention: RetentionConfig::default(),
+            segment_max_age: Duration::from_secs(3600),
+            dedup_window: Duration::from_secs(120),
+            backoff: Vec::new(),
+            stale_after: Duration::from_secs(300),
+            stale_disconnect_after: None,
         }
     }
 }
@@ -178,6 +313,19 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The settings of a topic with no override, as the wire carries them (ms, bytes).
+    pub fn default_topic_settings(&self) -> sluice_protocol::TopicSettings {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        sluice_protocol::TopicSettings {
+            max_age_ms: self.retention.max_age.map(ms),
+            max_bytes: self.retention.max_bytes,
+            max_messages: self.retention.max_messages,
+            discard: Some(self.retention.discard),
+            dedup_window_ms: Some(ms(self.dedup_window)),
+            backoff_ms: Some(self.backoff.iter().map(|d| ms(*d)).collect()),
+        }
+    }
+
     /// Reads a TOML file; missing keys take their defaults.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -232,6 +380,18 @@ impl Config {
         if self.cache_capacity < 1024 * 1024 {
             return bad("cache_capacity must be at least 1 MiB");
         }
+        if self.retention_interval < Duration::from_millis(100) {
+            return bad("retention_interval must be at least 100ms");
+        }
+        if self.segment_max_age < Duration::from_secs(1) {
+            return bad("segment_max_age must be at least 1s");
+        }
+        if self.stale_after.is_zero() || self.stale_disconnect_after.is_some_and(|d| d.is_zero()) {
+            return bad("stale_after and stale_disconnect_after must be greater than zero");
+        }
+        self.default_topic_settings()
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.message))?;
         Ok(())
     }
 }
@@ -262,6 +422,30 @@ mod tests {
             text.parse::<FsyncPolicy>(),
             Ok(FsyncPolicy::Interval(Duration::from_millis(5)))
         );
+    }
+
+    #[test]
+    fn retention_sizes_and_schedules_parse() {
+        let cfg = Config::from_toml(
+            "backoff = [\"1s\", \"5s\"]\n[retention]\nmax_age = \"7d\"\nmax_bytes = \"1GiB\"\ndiscard = \"acked\"\n",
+        )
+        .expect("parses");
+        assert_eq!(cfg.retention.max_bytes, Some(1 << 30));
+        assert_eq!(cfg.retention.max_age, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(cfg.retention.discard, sluice_protocol::Discard::Acked);
+        assert_eq!(
+            cfg.backoff,
+            vec![Duration::from_secs(1), Duration::from_secs(5)]
+        );
+        cfg.validate().expect("valid");
+        assert!(Config::from_toml("backoff = [\"soon\"]").is_err());
+        assert!(Config::from_toml("[retention]\nmax_bytes = \"lots\"").is_err());
+        assert_eq!(parse_bytes("500MB"), Ok(500_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("1.5KiB"), Ok(1536));
+        assert!(parse_bytes("-1").is_err() && parse_bytes("1XB").is_err());
+        let tiny = Config::from_toml("[retention]\nmax_bytes = 10").expect("parses");
+        assert!(tiny.validate().is_err(), "absurd size refused");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! | [`session`] | the server half of RSocket in plain pieces |
 //! | [`store`] | segment files (messages, group cursors), record encoding with CRC, fsync |
 //! | [`cli`] | the client subcommands of the `sluice` binary |
+//! | [`events`] | the lifecycle event bus behind `admin.events` |
 pub use sluice_protocol as protocol;
 
 #[cfg(feature = "server")]
@@ -30,6 +31,8 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod delivery;
+#[cfg(feature = "server")]
+pub mod events;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -6,7 +6,8 @@ use crate::actors::connection::{
     BrokerLinks, ConnectionActor, ConnectionCounters, ConnectionLimits,
 };
 use crate::actors::messages::{
-    OrchestratorLinks, RegistryLinks, SetAppendListeners, SetPeers, StoreLinks,
+    OrchestratorLinks, RegistryLinks, SetAppendListeners, SetPeers, SetTopicListeners, StoreLinks,
+    TopicAdminLinks, TopicListener,
 };
 use crate::actors::orchestrator::{DeliveryConfig, OrchestratorActor};
 use crate::actors::registry::RegistryActor;
@@ -106,6 +107,8 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     tracing::info!(data_dir = %config.data_dir.display(), topics, elapsed = ?started.elapsed(), "store opened");
 
     let config = Arc::new(config);
+    // Lifecycle events (`admin.events`): every actor gets a clone.
+    let events = crate::events::EventBus::default();
     let mut arbiters = Vec::new();
     let store_arbiter = Arbiter::new();
     let fsync = config.fsync;
@@ -113,22 +116,16 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     // segment (~64 MiB written and synced), which would otherwise hold up the first requests.
     let mut storage = storage;
     storage.set_preallocate(config.preallocate_segment);
-    let store_actor = StoreActor::new(storage, fsync);
+    let store_actor = StoreActor::new(storage, fsync).with_config(config.clone(), events.clone());
     let store = Supervisor::start_in_arbiter(&store_arbiter.handle(), move |_| store_actor);
     arbiters.push(store_arbiter);
 
     let registry = Supervisor::start({
         let f = config.fsync.to_string();
-        move |_| RegistryActor::new(f)
+        let ev = events.clone();
+        move |_| RegistryActor::new(f).with_events(ev)
     });
-    let dcfg = DeliveryConfig {
-        batch_size: config.batch_size,
-        batch_max_bytes: config.batch_max_bytes,
-        batch_timeout: config.batch_timeout,
-        max_retries: config.max_retries,
-        window: config.window,
-        max_in_flight_bytes: config.max_queued_bytes / 2,
-    };
+    let dcfg = DeliveryConfig::from(&*config);
     let batch_ids = Arc::new(AtomicU64::new(batch_id_base));
     let mut orchestrators = Vec::new();
     for shard in 0..config.orchestrators as usize {
@@ -145,8 +142,9 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         };
         let (d, s, ids) = (dcfg.clone(), StoreLinks::of(&store), batch_ids.clone());
         let r = registry.clone().recipient();
+        let ev = events.clone();
         let addr = Supervisor::start_in_arbiter(&handle, move |_| {
-            OrchestratorActor::new(shard, d, s, Some(r), ids)
+            OrchestratorActor::new(shard, d, s, Some(r), ids).with_events(ev)
         });
         orchestrators.push(addr);
     }
@@ -162,6 +160,9 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             .map(|o| o.clone().recipient())
             .collect(),
     ));
+    store.do_send(SetTopicListeners(
+        orchestrators.iter().map(TopicListener::of).collect(),
+    ));
 
     let links = BrokerLinks {
         config: config.clone(),
@@ -169,9 +170,11 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             max_queued_bytes: config.max_queued_bytes,
         },
         counters: Arc::new(ConnectionCounters::default()),
+        topics: TopicAdminLinks::of(&store),
         store: store.recipient(),
         orchestrators: Arc::new(orchestrators.iter().map(OrchestratorLinks::of).collect()),
         registry: RegistryLinks::of(&registry),
+        events: events.clone(),
     };
     let accept_links = links.clone();
     actix_rt::spawn(async move {

@@ -202,6 +202,7 @@ async fn subscriber_dropped_mid_stream_frees_its_fds() {
         filters: Default::default(),
         window: Some(4),
         batch_size: Some(16),
+        backoff: None,
     };
     let data = sluice_protocol::encode(&sub).expect("encode");
     // Ten subscribers, one after the other: each reads one batch and then goes away without a

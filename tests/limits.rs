@@ -148,7 +148,7 @@ async fn a_batch_too_big_for_one_frame_never_corrupts_the_stream() {
                     seen.insert(m.seq);
                 }
             }
-            Ok(StreamEvent::Status(_)) => {}
+            Ok(StreamEvent::Status(_) | StreamEvent::Reset(_)) => {}
             Err(e) => panic!("a batch frame that is not a whole batch: {e}"),
         }
     }
@@ -433,6 +433,7 @@ async fn the_longest_names_dead_letter_into_a_topic_that_can_be_consumed() {
             batch_id: batch.batch_id,
             seqs: None,
             release: false,
+            delay_ms: None,
         };
         c.send(
             &rf::RequestResponse::builder(sid + 2, 0)

@@ -28,6 +28,7 @@ async fn refusal(cfg: ConsumerConfig) -> sluice_sdk::SdkError {
 
 fn msg(payload: &str, headers: &[(&str, &str)], priority: u8) -> NewMessage {
     NewMessage {
+        id: None,
         key: None,
         headers: headers
             .iter()

@@ -53,6 +53,7 @@ fn subscribe(sid: u32, topic: &str, group: &str, data: Option<Bytes>) -> Frame {
             filters: Default::default(),
             window: Some(4),
             batch_size: Some(16),
+            backoff: None,
         })
     });
     rf::RequestStream::builder(sid, 0)
@@ -156,6 +157,7 @@ async fn request_data_must_be_one_messagepack_map() {
         filters: Default::default(),
         window: None,
         batch_size: None,
+        backoff: None,
     });
     c.send(&subscribe(sid, "t", "g", Some(with_trailing_byte(sub))))
         .await;
@@ -346,6 +348,7 @@ async fn a_message_is_dead_lettered_on_its_failed_delivery_number_max_retries_pl
                     batch_id: batch.batch_id,
                     seqs: Some(vec![seq]),
                     release: false,
+                    delay_ms: None,
                 };
                 c.request(sid, "nack", msgpack(&req)).await;
                 sid += 2;

@@ -188,6 +188,7 @@ async fn drain(addr: &str, topic: &str, n: usize) -> Vec<(u64, Bytes)> {
         filters: Default::default(),
         window: Some(1024),
         batch_size: None,
+        backoff: None,
     };
     let f = rf::RequestStream::builder(1, 0)
         .set_initial_request_n(rf::REQUEST_MAX)
@@ -205,7 +206,7 @@ async fn drain(addr: &str, topic: &str, n: usize) -> Vec<(u64, Bytes)> {
             StreamEvent::Batch(batch) => {
                 got.extend(batch.messages.into_iter().map(|m| (m.seq, m.payload)))
             }
-            StreamEvent::Status(_) => {}
+            StreamEvent::Status(_) | StreamEvent::Reset(_) => {}
         }
     }
     got
@@ -446,6 +447,7 @@ async fn routing_errors() {
         filters: Default::default(),
         window: None,
         batch_size: None,
+        backoff: None,
     })
     .expect("encode");
 
@@ -698,6 +700,7 @@ async fn other_frame_level_faults_follow_the_spec() {
         filters: Default::default(),
         window: None,
         batch_size: None,
+        backoff: None,
     })
     .expect("encode");
     let subscribe_on_1 = encoded(

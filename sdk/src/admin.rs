@@ -1,6 +1,11 @@
-//! Broker administration: stats and fault injection.
+//! Broker administration: stats, topics, groups, stale consumers and fault injection.
+//! (`admin.events` is a stream: see [`Admin::events`].)
 
-use sluice_protocol::{route, BrokerStats, FaultReply, FaultRequest, StatsRequest};
+use sluice_protocol::{
+    route, BrokerStats, DisconnectStaleReply, DisconnectStaleRequest, FaultReply, FaultRequest,
+    GroupDeleted, GroupList, GroupName, GroupStats, ListRequest, SeekReply, SeekRequest, SeekTo,
+    StatsRequest, TopicDeleted, TopicInfo, TopicList, TopicName, TopicRequest, TopicSettings,
+};
 
 use crate::client::{Client, ClientConfig};
 use crate::error::Result;
@@ -67,5 +72,121 @@ impl Admin {
             duration: None,
         };
         self.client.request(route::ADMIN_FAULT, &req).await
+    }
+
+    /// Creates a topic with `settings` (absent fields: the broker's defaults); `TOPIC_EXISTS`
+    /// if it exists.
+    pub async fn create_topic(
+        &self,
+        topic: impl Into<String>,
+        settings: TopicSettings,
+    ) -> Result<TopicInfo> {
+        let req = TopicRequest {
+            topic: topic.into(),
+            settings,
+        };
+        self.client.request(route::TOPIC_CREATE, &req).await
+    }
+
+    /// Changes the present fields of a topic's settings; `UNKNOWN_TOPIC` if it does not exist.
+    pub async fn alter_topic(
+        &self,
+        topic: impl Into<String>,
+        settings: TopicSettings,
+    ) -> Result<TopicInfo> {
+        let req = TopicRequest {
+            topic: topic.into(),
+            settings,
+        };
+        self.client.request(route::TOPIC_ALTER, &req).await
+    }
+
+    /// A topic's head, floor, size, segments, groups and settings.
+    pub async fn topic_info(&self, topic: impl Into<String>) -> Result<TopicInfo> {
+        let req = TopicName {
+            topic: topic.into(),
+        };
+        self.client.request(route::TOPIC_INFO, &req).await
+    }
+
+    /// Every topic.
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
+        let list: TopicList = self
+            .client
+            .request(route::TOPIC_LIST, &ListRequest::default())
+            .await?;
+        Ok(list.topics)
+    }
+
+    /// Deletes a topic: its messages, settings and groups.
+    pub async fn delete_topic(&self, topic: impl Into<String>) -> Result<TopicDeleted> {
+        let req = TopicName {
+            topic: topic.into(),
+        };
+        self.client.request(route::TOPIC_DELETE, &req).await
+    }
+
+    /// Every group (of `topic`, if given).
+    pub async fn list_groups(&self, topic: Option<String>) -> Result<Vec<GroupStats>> {
+        let list: GroupList = self
+            .client
+            .request(route::GROUP_LIST, &ListRequest { topic })
+            .await?;
+        Ok(list.groups)
+    }
+
+    /// One group, with its consumers.
+    pub async fn group_info(
+        &self,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+    ) -> Result<GroupStats> {
+        let req = GroupName {
+            topic: topic.into(),
+            group: group.into(),
+        };
+        self.client.request(route::GROUP_INFO, &req).await
+    }
+
+    /// Moves a group's cursor (Kafka's offset reset).
+    pub async fn seek_group(
+        &self,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+        to: SeekTo,
+    ) -> Result<SeekReply> {
+        let req = SeekRequest {
+            topic: topic.into(),
+            group: group.into(),
+            to,
+        };
+        self.client.request(route::GROUP_SEEK, &req).await
+    }
+
+    /// Deletes a group with no consumer (`GROUP_BUSY` otherwise).
+    pub async fn delete_group(
+        &self,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+    ) -> Result<GroupDeleted> {
+        let req = GroupName {
+            topic: topic.into(),
+            group: group.into(),
+        };
+        self.client.request(route::GROUP_DELETE, &req).await
+    }
+
+    /// Disconnects every consumer with lag and no ack for `older_than`; their batches go to
+    /// other consumers.
+    pub async fn disconnect_stale(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<DisconnectStaleReply> {
+        let req = DisconnectStaleRequest {
+            older_than_ms: u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX),
+        };
+        self.client
+            .request(route::ADMIN_DISCONNECT_STALE, &req)
+            .await
     }
 }

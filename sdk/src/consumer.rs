@@ -210,6 +210,7 @@ impl ConsumerConfig {
             filters: self.filters.clone(),
             window: self.window,
             batch_size: self.batch_size,
+            backoff: None,
         }
     }
 }
@@ -903,6 +904,7 @@ async fn execute_ack(shared: &Shared, job: AckJob) -> Result<AckReply> {
                     batch_id: job.batch_id,
                     seqs: seqs.clone(),
                     release: job.kind == Settle::Release,
+                    delay_ms: None,
                 };
                 client.request::<_, AckReply>(route::NACK, &req).await
             }

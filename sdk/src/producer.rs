@@ -526,11 +526,11 @@ impl Reply {
                 let _ = tx.send(Ok(first_seq));
             }
             Reply::Many(tx) => {
-                let _ = tx.send(Ok(PublishReply {
-                    topic: topic.to_string(),
+                let _ = tx.send(Ok(PublishReply::stored(
+                    topic,
                     first_seq,
-                    last_seq: first_seq + count.saturating_sub(1) as u64,
-                }));
+                    first_seq + count.saturating_sub(1) as u64,
+                )));
             }
         }
     }
@@ -1224,6 +1224,7 @@ mod tests {
         let mut headers = std::collections::BTreeMap::new();
         headers.insert("region".to_string(), "eu-west".to_string());
         let m = NewMessage {
+            id: None,
             key: Some("customer-42".into()),
             headers,
             priority: 3,
@@ -1249,11 +1250,7 @@ mod tests {
 
     #[test]
     fn reply_must_cover_the_request() {
-        let reply = |first_seq, last_seq| PublishReply {
-            topic: "t".into(),
-            first_seq,
-            last_seq,
-        };
+        let reply = |first_seq, last_seq| PublishReply::stored("t", first_seq, last_seq);
         assert!(check_reply("t", 3, &reply(5, 7)).is_ok());
         assert!(check_reply("t", 3, &reply(5, 6)).is_err());
         assert!(check_reply("t", 3, &reply(7, 5)).is_err());
@@ -1265,6 +1262,7 @@ mod tests {
         let mut headers = std::collections::BTreeMap::new();
         headers.insert("region".to_string(), "eu-west".to_string());
         let keyed = NewMessage {
+            id: None,
             key: Some("customer-42".into()),
             headers,
             priority: 3,
@@ -1308,6 +1306,7 @@ mod tests {
     fn hand_written_encoding_matches_the_protocol_at_every_length_boundary() {
         let message =
             |key_len: Option<usize>, headers: usize, priority: u8, payload: usize| NewMessage {
+                id: None,
                 key: key_len.map(|n| "k".repeat(n)),
                 headers: (0..headers)
                     .map(|i| (format!("h{i}"), "v".repeat(i * 7)))

@@ -10,10 +10,13 @@
 //! at once) and the writer drains and drops the socket (or, for a client that does not read,
 //! drops what is queued at once).
 
+mod manage;
+
 use super::messages::{
     AckBatch, AppendMessages, ConnectionClosed, ConnectionLinks, DeliverBatch, GetConnectionStats,
-    GetStats, GrantCredits, InjectFaultByName, JoinGroup, LeaveGroup, NackBatch, OrchestratorLinks,
-    RegisterConnection, RegistryLinks, Rejoin, SubscriptionOpened,
+    GetStats, GrantCredits, InjectFaultByName, JoinGroup, KickConsumer, LeaveGroup, NackBatch,
+    OrchestratorLinks, RegisterConnection, RegistryLinks, Rejoin, StreamNotice, SubscriptionOpened,
+    TopicAdminLinks,
 };
 use super::{shard_for, ActorCounters, ConsumerId, InjectFault};
 use crate::config::Config;
@@ -117,6 +120,10 @@ pub struct BrokerLinks {
     pub orchestrators: Arc<Vec<OrchestratorLinks>>,
     /// The registry.
     pub registry: RegistryLinks,
+    /// `topic.*` routes go to the store.
+    pub topics: TopicAdminLinks,
+    /// Lifecycle events (`admin.events`).
+    pub events: crate::events::EventBus,
 }
 
 impl BrokerLinks {
@@ -146,6 +153,8 @@ struct Flush;
 struct WriterEnded(WriterEnd);
 
 struct Subscription {
+    /// Redelivery schedule asked for (ms per step), already checked.
+    backoff_ms: Option<Vec<u64>>,
     topic: String,
     group: String,
     shard: usize,
@@ -713,6 +722,7 @@ impl ConnectionActor {
                     act.reply(sid, r, ctx)
                 }));
             }
+            (r, _) if self.manage_route(r, sid, kind, &data, ctx) => {}
             (r, _) if route::ALL.contains(&r) => {
                 let e = WireError::new(
                     ErrorCode::WrongInteraction,
@@ -754,11 +764,9 @@ impl ConnectionActor {
         self.streams.insert(sid, StreamState::Request);
         ctx.spawn(f.into_actor(self).map(move |r, act, ctx| {
             let r = match r {
-                Ok(Ok((first_seq, last_seq))) => Ok(PublishReply {
-                    topic,
-                    first_seq,
-                    last_seq,
-                }),
+                Ok(Ok((first_seq, last_seq))) => {
+                    Ok(PublishReply::stored(topic, first_seq, last_seq))
+                }
                 Ok(Err(e)) => Err(WireError::from(e)),
                 Err(e) => Err(WireError::new(ErrorCode::Unavailable, e.to_string())),
             };
@@ -775,14 +783,22 @@ impl ConnectionActor {
         ctx: &mut Context<Self>,
     ) {
         let parsed = if ack {
-            decode::<AckRequest>(&data).map(|r| (r.topic, r.group, r.batch_id, r.seqs, false))
+            decode::<AckRequest>(&data).map(|r| (r.topic, r.group, r.batch_id, r.seqs, false, None))
         } else {
-            decode::<NackRequest>(&data).map(|r| (r.topic, r.group, r.batch_id, r.seqs, r.release))
+            decode::<NackRequest>(&data)
+                .map(|r| (r.topic, r.group, r.batch_id, r.seqs, r.release, r.delay_ms))
         };
-        let (topic, group, batch_id, seqs, release) = match parsed {
+        let (topic, group, batch_id, seqs, release, delay_ms) = match parsed {
             Ok(p) => p,
             Err(e) => return self.request_error(sid, kind, e, ctx),
         };
+        if delay_ms.is_some_and(|d| d > sluice_protocol::MAX_NACK_DELAY_MS) {
+            let e = WireError::new(
+                ErrorCode::InvalidRequest,
+                "nack delay_ms must be at most 86400000 (one day)",
+            );
+            return self.request_error(sid, kind, e, ctx);
+        }
         if let Some(s) = &seqs {
             if s.len() > 1_000_000 {
                 return self.request_error(
@@ -812,6 +828,7 @@ impl ConnectionActor {
                 group,
                 batch_id,
                 seqs,
+                delay: delay_ms.map(std::time::Duration::from_millis),
             }))
         };
         if kind == RequestKind::FireAndForget {
@@ -845,8 +862,14 @@ impl ConnectionActor {
             .batch_size
             .unwrap_or(cfg.batch_size)
             .clamp(1, MAX_BATCH_SIZE);
+        let backoff_ms = match req.backoff.as_deref().map(sluice_protocol::parse_backoff) {
+            None => None,
+            Some(Ok(b)) => Some(b),
+            Some(Err(e)) => return self.request_error(sid, kind, e, ctx),
+        };
         let (shard, _) = self.links.orchestrator(&req.topic);
         let sub = Subscription {
+            backoff_ms,
             topic: req.topic.clone(),
             group: req.group.clone(),
             shard,
@@ -881,6 +904,9 @@ impl ConnectionActor {
             batch_size: sub.batch_size,
             credits: sub.credits,
             recipient: ctx.address().recipient(),
+            backoff_ms: sub.backoff_ms.clone(),
+            kick: ctx.address().recipient(),
+            notice: ctx.address().recipient(),
         };
         let shard = sub.shard;
         let orch = self.links.orchestrators[shard].join.clone();
@@ -1170,6 +1196,43 @@ impl Handler<DeliverBatch> for ConnectionActor {
             self.flush_scheduled = true;
             ctx.notify(Flush);
         }
+    }
+}
+
+impl Handler<StreamNotice> for ConnectionActor {
+    type Result = ();
+    fn handle(&mut self, msg: StreamNotice, ctx: &mut Context<Self>) {
+        let sid = msg.consumer.stream;
+        let Some(StreamState::Subscription(sub)) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        let f = rf::Payload::builder(sid, Frame::FLAG_NEXT)
+            .set_data(msg.data)
+            .build();
+        if let Err(e) = try_encode_frame(&f, &mut self.out) {
+            tracing::error!(conn_id = self.id, sid, error = %e, "stream notice not sent");
+            return;
+        }
+        // The orchestrator took a credit for it.
+        sub.credits = sub.credits.saturating_sub(1);
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.notify(Flush);
+        }
+    }
+}
+
+impl Handler<KickConsumer> for ConnectionActor {
+    type Result = ();
+    fn handle(&mut self, msg: KickConsumer, ctx: &mut Context<Self>) {
+        let sid = msg.consumer.stream;
+        if !matches!(self.streams.get(&sid), Some(StreamState::Subscription(_))) {
+            return;
+        }
+        tracing::info!(conn_id = self.id, sid, error = %msg.error, "subscription ended by the broker");
+        // Its batches go back to the group at once, as on a disconnect.
+        self.end_stream(sid, "ended by the broker");
+        self.send_error(sid, ERR_APPLICATION_ERROR, msg.error.to_text(), ctx);
     }
 }
 

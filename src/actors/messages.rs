@@ -10,8 +10,9 @@ use crate::store::{GroupRecord, ReadResult, StoreError};
 use actix::prelude::*;
 use bytes::Bytes;
 use sluice_protocol::{
-    AckReply, ActorStats, BrokerStats, ConnectionStats, GroupMode, GroupStats, NewMessage,
-    SyncStats, WireError,
+    AckReply, ActorStats, BrokerStats, ConnectionStats, GroupDeleted, GroupMode, GroupStats,
+    NewMessage, SeekReply, SeekTo, StaleConsumer, SyncStats, TopicDeleted, TopicInfo,
+    TopicSettings, WireError,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -156,6 +157,76 @@ pub struct StoreLinks {
     pub actor_stats: Recipient<GetActorStats>,
     /// `InjectFault`.
     pub fault: Recipient<InjectFault>,
+    /// `SeqAtTime`.
+    pub seq_at_time: Recipient<SeqAtTime>,
+    /// `DeleteGroupRecord`.
+    pub delete_group: Recipient<DeleteGroupRecord>,
+}
+
+// ---- to the store: topics as an operator manages them (issue 11) ----
+
+/// `topic.create` (`alter: false`: `TOPIC_EXISTS` if it exists) or `topic.alter` (`alter: true`:
+/// `UNKNOWN_TOPIC` if it does not). Settings are validated by the store.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<TopicInfo, WireError>")]
+pub struct CreateTopic {
+    /// Topic (a valid name).
+    pub topic: String,
+    /// Settings to set; absent fields keep their value (alter) or the default (create).
+    pub settings: TopicSettings,
+    /// Alter an existing topic instead of creating one.
+    pub alter: bool,
+}
+
+/// `topic.info` (one topic: `UNKNOWN_TOPIC` if missing) or `topic.list` (`None`: every topic).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<Vec<TopicInfo>, WireError>")]
+pub struct GetTopicInfo {
+    /// One topic, or all.
+    pub topic: Option<String>,
+}
+
+/// `topic.delete`: the topic's files, settings and groups go; the orchestrators are told
+/// (`TopicRemoved`) and end the topic's subscriptions with `DELETED`.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<TopicDeleted, WireError>")]
+pub struct DeleteTopic {
+    /// Topic.
+    pub topic: String,
+}
+
+/// The first seq of `topic` stored at or after `at_ms` (head + 1 if none); for `group.seek`.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<u64, StoreError>")]
+pub struct SeqAtTime {
+    /// Topic.
+    pub topic: String,
+    /// Ms since the epoch.
+    pub at_ms: u64,
+}
+
+/// Removes a group's durable record (durable before the reply). `false`: there was none.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct DeleteGroupRecord {
+    /// Topic.
+    pub topic: String,
+    /// Group.
+    pub group: String,
+}
+
+/// What the store tells the orchestrators besides appends: set once at start.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetTopicListeners(pub Vec<TopicListener>);
+
+/// One orchestrator shard's recipients of the store's topic notices.
+#[derive(Clone)]
+pub struct TopicListener {
+    /// `FloorMoved`.
+    pub floor_moved: Recipient<FloorMoved>,
+    /// `TopicRemoved`.
+    pub removed: Recipient<TopicRemoved>,
 }
 
 // ---- to an orchestrator ----
@@ -196,6 +267,12 @@ pub struct JoinGroup {
     pub credits: u64,
     /// Where batches go.
     pub recipient: Recipient<DeliverBatch>,
+    /// Redelivery schedule asked for by the subscribe (ms per step; for a new group).
+    pub backoff_ms: Option<Vec<u64>>,
+    /// Where `KickConsumer` for this subscription goes.
+    pub kick: Recipient<KickConsumer>,
+    /// Where `StreamNotice` for this subscription goes.
+    pub notice: Recipient<StreamNotice>,
 }
 
 /// A subscription ended (cancel, connection closed): its batches go back to pending at once.
@@ -259,6 +336,8 @@ pub struct NackBatch {
     pub batch_id: u64,
     /// Seqs (None: the whole batch).
     pub seqs: Option<Vec<u64>>,
+    /// Redeliver no sooner than this (None: at once, or by the group's schedule).
+    pub delay: Option<std::time::Duration>,
 }
 
 /// Stats of every group this orchestrator has loaded.
@@ -285,6 +364,88 @@ pub struct OrchestratorLinks {
     pub actor_stats: Recipient<GetActorStats>,
     /// `InjectFault`.
     pub fault: Recipient<InjectFault>,
+    /// `SeekGroup`.
+    pub seek: Recipient<SeekGroup>,
+    /// `DeleteGroup`.
+    pub delete_group: Recipient<DeleteGroup>,
+    /// `DisconnectStale`.
+    pub disconnect_stale: Recipient<DisconnectStale>,
+}
+
+// ---- to an orchestrator: group operations (issue 11) ----
+
+/// Retention removed messages of `topic` below `floor_seq` (durably): every group below it is
+/// moved up to it, counts what it skipped and tells its consumers (`StreamEvent::Reset`).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct FloorMoved {
+    /// Topic.
+    pub topic: String,
+    /// Lowest retained seq now.
+    pub floor_seq: u64,
+}
+
+/// The topic was deleted: its groups are dropped and their subscriptions end with `DELETED`.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct TopicRemoved {
+    /// Topic.
+    pub topic: String,
+}
+
+/// `group.seek`.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<SeekReply, WireError>")]
+pub struct SeekGroup {
+    /// Topic.
+    pub topic: String,
+    /// Group (must exist).
+    pub group: String,
+    /// Where to.
+    pub to: SeekTo,
+}
+
+/// `group.delete` (`GROUP_BUSY` while it has consumers).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<GroupDeleted, WireError>")]
+pub struct DeleteGroup {
+    /// Topic.
+    pub topic: String,
+    /// Group.
+    pub group: String,
+}
+
+/// Disconnects every consumer of this shard with lag and no ack for `older_than`; their
+/// batches go back to their groups. Returns them.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Vec<StaleConsumer>")]
+pub struct DisconnectStale {
+    /// Idle at least this long.
+    pub older_than: std::time::Duration,
+}
+
+// ---- to a connection: from the orchestrators (issue 11) ----
+
+/// Ends one subscription with `error` (its stream gets an ERROR frame; its batches go back to
+/// the group, as on a disconnect).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct KickConsumer {
+    /// Which subscription.
+    pub consumer: ConsumerId,
+    /// Sent on its stream.
+    pub error: WireError,
+}
+
+/// An encoded `StreamEvent` other than a batch (e.g. `reset`) for one subscription's stream.
+/// The orchestrator sends it only with a credit of the consumer's (it took one for it).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct StreamNotice {
+    /// Which subscription.
+    pub consumer: ConsumerId,
+    /// Encoded `StreamEvent`.
+    pub data: Bytes,
 }
 
 // ---- to the registry ----
@@ -363,6 +524,40 @@ pub struct RegistryLinks {
     pub stats: Recipient<GetStats>,
     /// `InjectFaultByName`.
     pub fault_by_name: Recipient<InjectFaultByName>,
+    /// `ListGroupStats`.
+    pub list_groups: Recipient<ListGroupStats>,
+    /// `DisconnectStaleAll`.
+    pub disconnect_stale: Recipient<DisconnectStaleAll>,
+}
+
+/// `group.list` / `group.info`: groups loaded in an orchestrator (with their consumers) and
+/// groups only stored (from their records), optionally of one topic / one group.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<Vec<GroupStats>, WireError>")]
+pub struct ListGroupStats {
+    /// Only this topic.
+    pub topic: Option<String>,
+    /// Only this group (with `topic`).
+    pub group: Option<String>,
+}
+
+/// `admin.disconnect_stale`: `DisconnectStale` on every orchestrator, answers merged.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Vec<StaleConsumer>")]
+pub struct DisconnectStaleAll {
+    /// Idle at least this long.
+    pub older_than: std::time::Duration,
+}
+
+/// What connections reach of the store for `topic.*` routes.
+#[derive(Clone)]
+pub struct TopicAdminLinks {
+    /// `CreateTopic`.
+    pub create: Recipient<CreateTopic>,
+    /// `GetTopicInfo`.
+    pub info: Recipient<GetTopicInfo>,
+    /// `DeleteTopic`.
+    pub delete: Recipient<DeleteTopic>,
 }
 
 // ---- to a connection ----

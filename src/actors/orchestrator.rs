@@ -2,10 +2,12 @@
 //! and turns acks into durable group cursors. One actor per shard of topics (see
 //! `orchestrator.md` beside this file for the batch state machine).
 
+mod group_ops;
+
 use super::messages::{
     AckBatch, AppendMessages, CommitGroup, DeliverBatch, GetGroupStats, GrantCredits, JoinGroup,
     LeaveGroup, LoadGroup, MessagesAppended, NackBatch, OrchestratorLinks, OrchestratorStarted,
-    ReadRange, StoreLinks,
+    ReadRange, StoreLinks, TopicListener,
 };
 use super::{ActorCounters, ConsumerId, GetActorStats, InjectFault};
 use crate::delivery::group::{Limits, Pending, READ_AHEAD, READ_AHEAD_BYTES};
@@ -36,6 +38,39 @@ pub struct DeliveryConfig {
     /// Wire bytes of batches in flight to one consumer, at most (half of what its connection
     /// may queue unwritten, `max_queued_bytes`).
     pub max_in_flight_bytes: usize,
+    /// Redelivery schedule of groups with none of their own nor their topic's (ms per step;
+    /// empty: `batch_timeout`).
+    pub backoff_ms: Vec<u64>,
+    /// A consumer with lag and no ack for this long is flagged stale.
+    pub stale_after: Duration,
+    /// A consumer stale for this long is disconnected (None: never automatically).
+    pub stale_disconnect_after: Option<Duration>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig::from(&crate::config::Config::default())
+    }
+}
+
+impl From<&crate::config::Config> for DeliveryConfig {
+    fn from(c: &crate::config::Config) -> Self {
+        DeliveryConfig {
+            batch_size: c.batch_size,
+            batch_max_bytes: c.batch_max_bytes,
+            batch_timeout: c.batch_timeout,
+            max_retries: c.max_retries,
+            window: c.window,
+            max_in_flight_bytes: c.max_queued_bytes / 2,
+            backoff_ms: c
+                .backoff
+                .iter()
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .collect(),
+            stale_after: c.stale_after,
+            stale_disconnect_after: c.stale_disconnect_after,
+        }
+    }
 }
 
 /// A batch's timer fired (tests may send it directly).
@@ -80,6 +115,8 @@ pub struct OrchestratorActor {
     timers: HashMap<u64, SpawnHandle>,
     batch_ids: Arc<AtomicU64>,
     counters: ActorCounters,
+    /// Lifecycle events.
+    events: crate::events::EventBus,
 }
 
 impl OrchestratorActor {
@@ -105,7 +142,14 @@ impl OrchestratorActor {
             timers: HashMap::new(),
             batch_ids,
             counters: ActorCounters::default(),
+            events: crate::events::EventBus::default(),
         }
+    }
+
+    /// With the broker's event bus.
+    pub fn with_events(mut self, events: crate::events::EventBus) -> Self {
+        self.events = events;
+        self
     }
 
     fn limits(&self) -> Limits {
@@ -293,6 +337,7 @@ impl OrchestratorActor {
                 headers.insert("x-dlq-attempts".into(), p.deliveries.to_string());
                 headers.insert("x-dlq-reason".into(), why.to_string());
                 NewMessage {
+                    id: None,
                     key: p.msg.key.clone(),
                     headers,
                     priority: p.msg.priority,
@@ -388,6 +433,19 @@ impl OrchestratorLinks {
             group_stats: addr.clone().recipient(),
             actor_stats: addr.clone().recipient(),
             fault: addr.clone().recipient(),
+            seek: addr.clone().recipient(),
+            delete_group: addr.clone().recipient(),
+            disconnect_stale: addr.clone().recipient(),
+        }
+    }
+}
+
+impl TopicListener {
+    /// An orchestrator's recipients of the store's topic notices.
+    pub fn of(addr: &Addr<OrchestratorActor>) -> TopicListener {
+        TopicListener {
+            floor_moved: addr.clone().recipient(),
+            removed: addr.clone().recipient(),
         }
     }
 }
@@ -882,6 +940,8 @@ mod tests {
         super::super::messages::GetSyncStats => SyncStats::default(),
         GetActorStats => ActorStats::default(),
         InjectFault => (),
+        super::super::messages::SeqAtTime => Ok(1),
+        super::super::messages::DeleteGroupRecord => Ok(true),
     }
 
     struct Sink;
@@ -891,6 +951,14 @@ mod tests {
     impl Handler<DeliverBatch> for Sink {
         type Result = ();
         fn handle(&mut self, _: DeliverBatch, _: &mut Context<Self>) {}
+    }
+    impl Handler<super::super::messages::KickConsumer> for Sink {
+        type Result = ();
+        fn handle(&mut self, _: super::super::messages::KickConsumer, _: &mut Context<Self>) {}
+    }
+    impl Handler<super::super::messages::StreamNotice> for Sink {
+        type Result = ();
+        fn handle(&mut self, _: super::super::messages::StreamNotice, _: &mut Context<Self>) {}
     }
 
     fn join(consumer: ConsumerId, sink: &Addr<Sink>) -> JoinGroup {
@@ -904,6 +972,9 @@ mod tests {
             batch_size: 1,
             credits: 1,
             recipient: sink.clone().recipient(),
+            backoff_ms: None,
+            kick: sink.clone().recipient(),
+            notice: sink.clone().recipient(),
         }
     }
 
@@ -923,6 +994,8 @@ mod tests {
             sync_stats: store.clone().recipient(),
             actor_stats: store.clone().recipient(),
             fault: store.clone().recipient(),
+            seq_at_time: store.clone().recipient(),
+            delete_group: store.clone().recipient(),
         };
         let cfg = DeliveryConfig {
             batch_size: 1,
@@ -931,6 +1004,7 @@ mod tests {
             max_retries: 3,
             window: 1,
             max_in_flight_bytes: 1 << 20,
+            ..DeliveryConfig::default()
         };
         let orch = OrchestratorActor::new(0, cfg, links, None, Arc::new(AtomicU64::new(1))).start();
         let sink = Sink.start();

@@ -2,9 +2,10 @@
 //! restart, stats gathering and fault injection by actor name.
 
 use super::messages::{
-    ConnectionClosed, ConnectionLinks, GetConnectionStats, GetGroupStats, GetStats, GetSyncStats,
-    InjectFaultByName, ListGroups, OrchestratorLinks, OrchestratorStarted, RegisterConnection,
-    RegistryLinks, Rejoin, SetPeers, StoreLinks, SubscriptionOpened,
+    ConnectionClosed, ConnectionLinks, DisconnectStaleAll, GetConnectionStats, GetGroupStats,
+    GetStats, GetSyncStats, InjectFaultByName, ListGroupStats, ListGroups, OrchestratorLinks,
+    OrchestratorStarted, RegisterConnection, RegistryLinks, Rejoin, SetPeers, StoreLinks,
+    SubscriptionOpened,
 };
 use super::{ActorCounters, FaultKind, GetActorStats, InjectFault};
 use actix::prelude::*;
@@ -25,6 +26,8 @@ pub struct RegistryActor {
     counters: ActorCounters,
     broker_started: Instant,
     fsync: String,
+    /// Lifecycle events.
+    events: crate::events::EventBus,
 }
 
 impl RegistryActor {
@@ -37,7 +40,14 @@ impl RegistryActor {
             counters: ActorCounters::default(),
             broker_started: Instant::now(),
             fsync,
+            events: crate::events::EventBus::default(),
         }
+    }
+
+    /// With the broker's event bus.
+    pub fn with_events(mut self, events: crate::events::EventBus) -> Self {
+        self.events = events;
+        self
     }
 }
 
@@ -65,7 +75,30 @@ impl RegistryLinks {
             subscription_opened: addr.clone().recipient(),
             stats: addr.clone().recipient(),
             fault_by_name: addr.clone().recipient(),
+            list_groups: addr.clone().recipient(),
+            disconnect_stale: addr.clone().recipient(),
         }
+    }
+}
+
+// ---- issue 11 (not implemented yet) ----
+
+impl Handler<ListGroupStats> for RegistryActor {
+    type Result = ResponseFuture<Result<Vec<GroupStats>, WireError>>;
+    fn handle(&mut self, _: ListGroupStats, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(async {
+            Err(WireError::new(
+                ErrorCode::Unavailable,
+                "group.list is not implemented yet",
+            ))
+        })
+    }
+}
+
+impl Handler<DisconnectStaleAll> for RegistryActor {
+    type Result = ResponseFuture<Vec<sluice_protocol::StaleConsumer>>;
+    fn handle(&mut self, _: DisconnectStaleAll, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(async { Vec::new() })
     }
 }
 

@@ -5,9 +5,11 @@
 //! threads) is in [`crate::store::commit`]; this actor moves messages: it queues requests,
 //! writes them at each `Commit`, starts sync threads and answers reads.
 
+mod topics;
+
 use super::messages::{
     AppendMessages, CommitGroup, GetSyncStats, ListGroups, LoadGroup, MessagesAppended, ReadRange,
-    SetAppendListeners, StoreLinks,
+    SetAppendListeners, StoreLinks, TopicAdminLinks,
 };
 use super::{now_ms, ActorCounters, GetActorStats, InjectFault};
 use crate::config::FsyncPolicy;
@@ -78,12 +80,29 @@ impl StoreLinks {
             sync_stats: addr.clone().recipient(),
             actor_stats: addr.clone().recipient(),
             fault: addr.clone().recipient(),
+            seq_at_time: addr.clone().recipient(),
+            delete_group: addr.clone().recipient(),
+        }
+    }
+}
+
+impl TopicAdminLinks {
+    /// The store actor's recipients for `topic.*` routes.
+    pub fn of(addr: &Addr<StoreActor>) -> TopicAdminLinks {
+        TopicAdminLinks {
+            create: addr.clone().recipient(),
+            info: addr.clone().recipient(),
+            delete: addr.clone().recipient(),
         }
     }
 }
 
 /// The store actor.
 pub struct StoreActor {
+    /// The broker's configuration (topic defaults, retention, dedup).
+    config: Arc<crate::config::Config>,
+    /// Lifecycle events.
+    events: crate::events::EventBus,
     storage: Storage,
     fsync: FsyncPolicy,
     pending_appends: Vec<(String, Vec<StoredMessage>, AppendReply)>,
@@ -108,6 +127,19 @@ pub struct StoreActor {
 
 impl StoreActor {
     /// A store actor over an opened storage.
+    /// With the broker's configuration (topic defaults, retention, dedup) and event bus.
+    pub fn with_config(
+        mut self,
+        config: Arc<crate::config::Config>,
+        events: crate::events::EventBus,
+    ) -> Self {
+        self.config = config;
+        self.events = events;
+        self
+    }
+
+    /// A store actor over `storage` (default configuration and a bus of its own: see
+    /// [`StoreActor::with_config`]).
     pub fn new(mut storage: Storage, fsync: FsyncPolicy) -> Self {
         // Direct writes (and spares) need a sync after every commit.
         storage.set_direct_writes(Storage::sync_per_commit(fsync));
@@ -117,6 +149,8 @@ impl StoreActor {
             .map(|(t, last)| (t.to_string(), last))
             .collect();
         StoreActor {
+            config: Arc::new(crate::config::Config::default()),
+            events: crate::events::EventBus::default(),
             storage,
             fsync,
             pending_appends: Vec::new(),

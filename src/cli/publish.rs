@@ -123,6 +123,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
 
 fn template(args: &PublishArgs) -> NewMessage {
     NewMessage {
+        id: None,
         key: args.key.clone(),
         headers: args.headers.iter().cloned().collect::<BTreeMap<_, _>>(),
         priority: args.priority,

@@ -271,6 +271,7 @@ mod tests {
                 consumers: 3,
                 ack_ranges: 1,
                 rejected_acks: 5,
+                ..Default::default()
             }],
             connections: vec![ConnectionStats {
                 conn_id: 7,

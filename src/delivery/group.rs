@@ -913,6 +913,9 @@ impl GroupState {
             consumers: self.consumers.len() as u32,
             ack_ranges: self.above.range_count() as u32,
             rejected_acks: self.rejected_acks,
+            filters: self.filters.clone(),
+            loaded: true,
+            ..Default::default()
         }
     }
 }

@@ -36,7 +36,15 @@ pub struct NackRequest {
     /// Absent: false (an ordinary nack, which counts toward `max_retries`).
     #[serde(default)]
     pub release: bool,
+    /// Redeliver no sooner than this many milliseconds from now (absent: at once, or after
+    /// the group's `backoff` entry for the message's failure count when it has a schedule).
+    /// At most [`MAX_NACK_DELAY_MS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
 }
+
+/// Longest `delay_ms` of a nack: one day.
+pub const MAX_NACK_DELAY_MS: u64 = 24 * 3600 * 1000;
 
 /// What an ack or nack did. Expected outcomes are values, not errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +91,7 @@ mod tests {
             batch_id: 1,
             seqs: None,
             release: true,
+            delay_ms: Some(1500),
         });
         crate::codec::round_trip(&AckReply {
             outcome: AckOutcome::UnknownBatch,

@@ -2,6 +2,7 @@
 
 use crate::subscribe::GroupMode;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Data of an `admin.stats` request (empty map in v1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -194,7 +195,7 @@ pub struct ActorStats {
 }
 
 /// State of one group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct GroupStats {
     /// Topic.
     pub topic: String,
@@ -224,6 +225,66 @@ pub struct GroupStats {
     /// Named seqs of acks and nacks not applied: not delivered to that connection in that batch.
     #[serde(default)]
     pub rejected_acks: u64,
+    /// Header filters fixed at creation.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub filters: BTreeMap<String, String>,
+    /// Redelivery schedule (ms per step; empty: the single `batch_timeout`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backoff_ms: Vec<u64>,
+    /// Unsettled messages skipped because retention removed them (the group was moved up to
+    /// the topic's floor).
+    #[serde(default)]
+    pub skipped_by_retention: u64,
+    /// Age of the oldest unsettled message the group holds in memory (in flight or waiting
+    /// for redelivery), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_unacked_age_ms: Option<u64>,
+    /// Milliseconds since any consumer of the group last acked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ack_ms_ago: Option<u64>,
+    /// Consumers flagged stale (lag and no ack for `stale_after`).
+    #[serde(default)]
+    pub stale_consumers: u32,
+    /// Whether the group's state is in memory (a group with no consumer since the broker
+    /// started is listed from its stored record, with what that holds).
+    #[serde(default)]
+    pub loaded: bool,
+    /// One entry per connected consumer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumer_details: Vec<ConsumerStats>,
+}
+
+/// State of one consumer of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ConsumerStats {
+    /// `<conn_id>:<stream_id>`.
+    pub consumer: String,
+    /// Connection id.
+    pub conn_id: u64,
+    /// Batches delivered to it and not settled.
+    pub in_flight_batches: u32,
+    /// Messages in those batches.
+    pub in_flight_messages: u32,
+    /// Messages delivered to it (redeliveries included).
+    pub delivered: u64,
+    /// Messages it acked.
+    pub acked: u64,
+    /// What it still has to process: for `broadcast` its own lag, otherwise the group's.
+    pub lag: u64,
+    /// Age of the oldest message in flight to it, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_unacked_age_ms: Option<u64>,
+    /// Milliseconds since its last ack (since it joined, if none yet).
+    pub last_ack_ms_ago: u64,
+    /// Lag and no ack for `stale_after`.
+    #[serde(default)]
+    pub stale: bool,
+    /// Receives messages now (`failover`: only the active one; others: every consumer).
+    #[serde(default)]
+    pub active: bool,
+    /// `key_shared`: the ranges of the 16-bit key hash it owns, inclusive `[start, end]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hash_ranges: Vec<(u32, u32)>,
 }
 
 /// State of one client connection.
@@ -304,6 +365,12 @@ mod tests {
                 consumers: 1,
                 ack_ranges: 2,
                 rejected_acks: 3,
+                consumer_details: vec![ConsumerStats {
+                    consumer: "1:1".into(),
+                    hash_ranges: vec![(0, 32767)],
+                    ..Default::default()
+                }],
+                ..Default::default()
             }],
             limits: Some(LimitStats {
                 keepalive_pings: 4,

@@ -40,12 +40,21 @@ pub enum ErrorCode {
     FilterConflict,
     /// An exclusive group already has a consumer.
     ExclusiveTaken,
-    /// The topic does not exist.
+    /// The topic does not exist (also: a publish to an unknown topic when the broker runs with
+    /// `auto_create_topics = false`).
     UnknownTopic,
     /// `admin.fault` on a broker started without `--enable-fault-injection`.
     FaultInjectionDisabled,
     /// `admin.fault` named no running actor.
     UnknownActor,
+    /// `topic.create` of a topic that exists (use `topic.alter`).
+    TopicExists,
+    /// `group.delete` of a group that has consumers connected.
+    GroupBusy,
+    /// The subscription was ended because its consumer was stale (lag and no ack for too long).
+    StaleConsumer,
+    /// The topic or group the subscription was on was deleted.
+    Deleted,
     /// The store failed to read or write.
     StorageError,
     /// The broker cannot serve the request now (an actor restarting, shutting down); retry.
@@ -77,6 +86,10 @@ impl ErrorCode {
         ErrorCode::UnknownTopic,
         ErrorCode::FaultInjectionDisabled,
         ErrorCode::UnknownActor,
+        ErrorCode::TopicExists,
+        ErrorCode::GroupBusy,
+        ErrorCode::StaleConsumer,
+        ErrorCode::Deleted,
         ErrorCode::StorageError,
         ErrorCode::Unavailable,
         ErrorCode::Timeout,
@@ -104,6 +117,10 @@ impl ErrorCode {
             ErrorCode::UnknownTopic => 2005,
             ErrorCode::FaultInjectionDisabled => 2006,
             ErrorCode::UnknownActor => 2007,
+            ErrorCode::TopicExists => 2008,
+            ErrorCode::GroupBusy => 2009,
+            ErrorCode::StaleConsumer => 2010,
+            ErrorCode::Deleted => 2011,
             ErrorCode::StorageError => 3001,
             ErrorCode::Unavailable => 3002,
             ErrorCode::Timeout => 3003,
@@ -132,6 +149,10 @@ impl ErrorCode {
             ErrorCode::UnknownTopic => "UNKNOWN_TOPIC",
             ErrorCode::FaultInjectionDisabled => "FAULT_INJECTION_DISABLED",
             ErrorCode::UnknownActor => "UNKNOWN_ACTOR",
+            ErrorCode::TopicExists => "TOPIC_EXISTS",
+            ErrorCode::GroupBusy => "GROUP_BUSY",
+            ErrorCode::StaleConsumer => "STALE_CONSUMER",
+            ErrorCode::Deleted => "DELETED",
             ErrorCode::StorageError => "STORAGE_ERROR",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Timeout => "TIMEOUT",

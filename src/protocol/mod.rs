@@ -16,6 +16,8 @@ pub mod ack;
 pub mod admin;
 pub mod codec;
 pub mod error;
+pub mod events;
+pub mod manage;
 pub mod mpread;
 pub mod publish;
 pub mod route;
@@ -23,18 +25,27 @@ pub mod setup;
 pub mod subscribe;
 pub mod version;
 
-pub use ack::{AckOutcome, AckReply, AckRequest, NackRequest};
+pub use ack::{AckOutcome, AckReply, AckRequest, NackRequest, MAX_NACK_DELAY_MS};
 pub use admin::{
-    ActorStats, BrokerStats, ConnectionStats, FaultReply, FaultRequest, GroupStats, LimitStats,
-    StatsRequest, SyncBucket, SyncStats, SYNC_BUCKETS_US,
+    ActorStats, BrokerStats, ConnectionStats, ConsumerStats, FaultReply, FaultRequest, GroupStats,
+    LimitStats, StatsRequest, SyncBucket, SyncStats, SYNC_BUCKETS_US,
 };
 pub use codec::{decode, encode, CodecError};
 pub use error::{ErrorCode, WireError};
-pub use publish::{NewMessage, NewMessageRef, PublishReply, PublishRequest, PublishRequestRef};
+pub use events::{kind as event_kind, BrokerEvent, EventsRequest};
+pub use manage::{
+    Discard, DisconnectStaleReply, DisconnectStaleRequest, GroupDeleted, GroupList, GroupName,
+    ListRequest, SeekReply, SeekRequest, SeekTo, StaleConsumer, TopicDeleted, TopicInfo, TopicList,
+    TopicName, TopicRequest, TopicSettings,
+};
+pub use publish::{
+    NewMessage, NewMessageRef, PublishReply, PublishRequest, PublishRequestRef, MAX_ID_LEN,
+};
 pub use setup::SetupRequest;
 pub use subscribe::{
-    dlq_topic, validate_name, Batch, DeliveredMessage, GroupMode, StatusUpdate, StreamEvent,
-    SubscribeRequest, MAX_BATCH_SIZE, MAX_NAME_LEN, MAX_WINDOW,
+    dlq_topic, parse_backoff, validate_name, Batch, DeliveredMessage, GroupMode, ResetNotice,
+    StatusUpdate, StreamEvent, SubscribeRequest, MAX_BACKOFF_STEPS, MAX_BATCH_SIZE, MAX_NAME_LEN,
+    MAX_WINDOW,
 };
 pub use version::{check_version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 

@@ -7,6 +7,11 @@ use std::collections::BTreeMap;
 /// A message as a producer sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct NewMessage {
+    /// Optional idempotency id, at most [`MAX_ID_LEN`] bytes: within the topic's
+    /// `dedup_window` a message whose id was stored already is not stored again; the reply
+    /// gives the original sequence number and `duplicate: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Optional key: keyed state keeps the latest message per key.
     #[serde(default)]
     pub key: Option<String>,
@@ -44,6 +49,9 @@ pub struct PublishRequestRef<'a> {
 /// A [`NewMessage`] whose payload borrows from the input.
 #[derive(Debug, Deserialize)]
 pub struct NewMessageRef<'a> {
+    /// Idempotency id.
+    #[serde(default)]
+    pub id: Option<String>,
     /// Key.
     #[serde(default)]
     pub key: Option<String>,
@@ -81,6 +89,7 @@ impl PublishRequestRef<'_> {
                 .messages
                 .into_iter()
                 .map(|m| NewMessage {
+                    id: m.id,
                     key: m.key,
                     headers: m.headers,
                     priority: m.priority,
@@ -119,9 +128,11 @@ mod fast {
     }
 
     fn message(r: &mut Reader<'_>) -> Option<NewMessage> {
-        let (mut key, mut headers, mut priority, mut payload) = (None, None, None, None);
+        let (mut id, mut key, mut headers, mut priority, mut payload) =
+            (None, None, None, None, None);
         for _ in 0..r.map_len()? {
             match r.str_bytes()? {
+                b"id" => once(&mut id, r.opt_string())?,
                 b"key" => once(&mut key, r.opt_string())?,
                 b"headers" => once(&mut headers, r.headers())?,
                 b"priority" => {
@@ -133,6 +144,7 @@ mod fast {
             }
         }
         Some(NewMessage {
+            id: id.flatten(),
             key: key.flatten(),
             headers: headers.unwrap_or_default(),
             priority: priority.unwrap_or(0),
@@ -148,9 +160,49 @@ pub struct PublishReply {
     pub topic: String,
     /// Sequence number of the first message of the request.
     pub first_seq: u64,
-    /// Sequence number of the last one; the messages got `first_seq..=last_seq` in order.
+    /// Sequence number of the last one; the messages got `first_seq..=last_seq` in order
+    /// (unless `duplicate`: then `seqs` says which each got, and these are their lowest and
+    /// highest).
     pub last_seq: u64,
+    /// Some message of the request carried an `id` stored already within the topic's
+    /// `dedup_window` (or earlier in the same request): it was not stored again.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub duplicate: bool,
+    /// Only when `duplicate`: the sequence number of each message of the request, in order; a
+    /// duplicate gets its original's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seqs: Vec<u64>,
 }
+
+impl PublishReply {
+    /// The reply for messages stored as `first_seq..=last_seq`, none a duplicate.
+    pub fn stored(topic: impl Into<String>, first_seq: u64, last_seq: u64) -> Self {
+        PublishReply {
+            topic: topic.into(),
+            first_seq,
+            last_seq,
+            duplicate: false,
+            seqs: Vec::new(),
+        }
+    }
+
+    /// The sequence number of the `i`-th message of the request.
+    pub fn seq_of(&self, i: usize) -> Option<u64> {
+        if self.duplicate {
+            self.seqs.get(i).copied()
+        } else {
+            let s = self.first_seq.checked_add(i as u64)?;
+            (s <= self.last_seq).then_some(s)
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Longest idempotency id ([`NewMessage::id`]), in bytes.
+pub const MAX_ID_LEN: usize = 128;
 
 /// `Bytes` as MessagePack `bin` (serde_bytes for `Bytes`).
 pub(crate) mod serde_bytes_compat {
@@ -179,6 +231,7 @@ mod tests {
             topic: "orders".into(),
             messages: vec![
                 NewMessage {
+                    id: Some("order-1".into()),
                     key: Some("k".into()),
                     headers,
                     priority: 2,
@@ -190,11 +243,19 @@ mod tests {
                 },
             ],
         });
-        crate::codec::round_trip(&PublishReply {
-            topic: "orders".into(),
-            first_seq: 1,
-            last_seq: 2,
-        });
+        crate::codec::round_trip(&PublishReply::stored("orders", 1, 2));
+        let dup = PublishReply {
+            duplicate: true,
+            seqs: vec![7, 3],
+            ..PublishReply::stored("orders", 3, 7)
+        };
+        crate::codec::round_trip(&dup);
+        assert_eq!(
+            (dup.seq_of(0), dup.seq_of(1), dup.seq_of(2)),
+            (Some(7), Some(3), None)
+        );
+        let plain = PublishReply::stored("orders", 5, 6);
+        assert_eq!((plain.seq_of(1), plain.seq_of(2)), (Some(6), None));
     }
 
     #[test]
@@ -225,6 +286,7 @@ mod tests {
         let mut many = Vec::new();
         for i in 0..70u32 {
             many.push(NewMessage {
+                id: (i % 4 == 0).then(|| format!("id-{i}")),
                 key: (i % 3 == 0).then(|| format!("key-{i}")),
                 headers: if i % 5 == 0 {
                     headers.clone()

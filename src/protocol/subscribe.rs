@@ -141,6 +141,45 @@ pub struct SubscribeRequest {
     /// broker's `batch_size`, 16). The broker's `batch_max_bytes` still bounds each batch.
     #[serde(default)]
     pub batch_size: Option<u32>,
+    /// Redelivery schedule of a group created by this subscribe: humantime entries (`"1s"`,
+    /// `"5s"`, `"30s"`, `"2m"`), at most [`MAX_BACKOFF_STEPS`], each 1 ms..=1 day. The n-th
+    /// delivery of a message that is not acked is redelivered after the n-th entry (the last
+    /// repeats) instead of the broker's `batch_timeout`; a nack without a delay waits the entry
+    /// of the message's failure count. Absent: the topic's default schedule, else the broker's.
+    /// Fixed when the group is created: an existing group with another schedule refuses the
+    /// subscribe (`MODE_CONFLICT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Vec<String>>,
+}
+
+/// Most entries of a redelivery schedule ([`SubscribeRequest::backoff`]).
+pub const MAX_BACKOFF_STEPS: usize = 32;
+
+/// Parses a redelivery schedule: humantime entries, 1..=[`MAX_BACKOFF_STEPS`] of them, each
+/// 1 ms..=1 day. Returns the entries in milliseconds.
+pub fn parse_backoff(entries: &[String]) -> Result<Vec<u64>, WireError> {
+    let bad = |m: String| WireError::new(ErrorCode::InvalidRequest, m);
+    if entries.is_empty() || entries.len() > MAX_BACKOFF_STEPS {
+        return Err(bad(format!(
+            "backoff must have 1..={MAX_BACKOFF_STEPS} entries, not {}",
+            entries.len()
+        )));
+    }
+    entries
+        .iter()
+        .map(|e| {
+            let short: String = e.chars().take(40).collect();
+            let d = humantime::parse_duration(e.trim())
+                .map_err(|err| bad(format!("backoff entry '{short}' is not a duration ({err})")))?;
+            let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            if !(1..=24 * 3600 * 1000).contains(&ms) {
+                return Err(bad(format!(
+                    "backoff entry '{short}' must be between 1ms and 1day"
+                )));
+            }
+            Ok(ms)
+        })
+        .collect()
 }
 
 /// A message as delivered to a consumer.
@@ -188,6 +227,20 @@ pub struct StatusUpdate {
     pub lag: u64,
 }
 
+/// Broker → consumer: the group's cursor was moved by the broker, not by acks. Messages
+/// between the old cursor and `floor_seq` will not be delivered (a replica must resynchronise).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetNotice {
+    /// Why: `retention` (the messages were removed by the topic's retention), `seek` (an
+    /// operator moved the group), `deleted` (the topic or group was deleted; the stream ends).
+    pub reason: String,
+    /// The group now continues from this sequence number (every seq below it is settled).
+    pub floor_seq: u64,
+    /// Unsettled messages skipped by the move (0 for a seek backwards).
+    #[serde(default)]
+    pub skipped: u64,
+}
+
 /// One item of a `subscribe` stream: a MessagePack map with exactly one key naming the event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -196,6 +249,8 @@ pub enum StreamEvent {
     Batch(Batch),
     /// `{"status": StatusUpdate}`
     Status(StatusUpdate),
+    /// `{"reset": ResetNotice}`
+    Reset(ResetNotice),
 }
 
 #[cfg(test)]
@@ -211,7 +266,13 @@ mod tests {
             filters: BTreeMap::new(),
             window: Some(2),
             batch_size: None,
+            backoff: Some(vec!["1s".into(), "5s".into()]),
         });
+        crate::codec::round_trip(&StreamEvent::Reset(ResetNotice {
+            reason: "retention".into(),
+            floor_seq: 10,
+            skipped: 3,
+        }));
         crate::codec::round_trip(&StreamEvent::Batch(Batch {
             batch_id: 7,
             topic: "t".into(),
@@ -241,6 +302,25 @@ mod tests {
         .unwrap();
         assert_eq!(bytes[0], 0x81, "fixmap of one entry");
         assert_eq!(&bytes[1..8], b"\xa6status");
+    }
+
+    #[test]
+    fn backoff_schedules_parse() {
+        let ok = ["1s", "5s", "30s", "2m"].map(String::from);
+        assert_eq!(
+            parse_backoff(&ok).unwrap(),
+            vec![1000, 5000, 30_000, 120_000]
+        );
+        for bad in [
+            vec![],
+            vec!["soon".to_string()],
+            vec!["0s".into()],
+            vec!["2days".into()],
+        ] {
+            let e = parse_backoff(&bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{bad:?}");
+        }
+        assert!(parse_backoff(&vec!["1s".to_string(); MAX_BACKOFF_STEPS + 1]).is_err());
     }
 
     #[test]

@@ -637,6 +637,7 @@ pub fn subscribe_frame(
         filters: Default::default(),
         window: Some(window),
         batch_size: Some(batch),
+        backoff: None,
     };
     rf::RequestStream::builder(sid, 0)
         .set_initial_request_n(n)

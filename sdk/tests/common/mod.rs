@@ -368,11 +368,9 @@ fn request_response(ctx: &Ctx, route: &str, data: &[u8]) -> Result<Bytes, WireEr
                 });
             }
             let last_seq = log.len() as u64;
-            enc(encode(&PublishReply {
-                topic: req.topic,
-                first_seq,
-                last_seq,
-            }))
+            enc(encode(&PublishReply::stored(
+                req.topic, first_seq, last_seq,
+            )))
         }
         sluice_protocol::route::ACK => {
             let req: AckRequest = sluice_protocol::decode(data).map_err(bad)?;
