@@ -161,6 +161,18 @@ pub struct StoreLinks {
     pub seq_at_time: Recipient<SeqAtTime>,
     /// `DeleteGroupRecord`.
     pub delete_group: Recipient<DeleteGroupRecord>,
+    /// `GetTopicSettings`.
+    pub topic_settings: Recipient<GetTopicSettings>,
+}
+
+/// The settings in force for `topic` (its overrides over the broker's defaults; the defaults
+/// for a topic that does not exist yet): the orchestrator takes a new group's default
+/// redelivery schedule from it.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<TopicSettings, StoreError>")]
+pub struct GetTopicSettings {
+    /// Topic.
+    pub topic: String,
 }
 
 // ---- to the store: topics as an operator manages them (issue 11) ----

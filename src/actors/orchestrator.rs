@@ -778,6 +778,10 @@ impl From<StoreError> for WireError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable => WireError::new(ErrorCode::Unavailable, "store unavailable"),
+            StoreError::UnknownTopic(t) => WireError::new(
+                ErrorCode::UnknownTopic,
+                format!("topic '{t}' does not exist"),
+            ),
             other => WireError::new(ErrorCode::StorageError, other.to_string()),
         }
     }
@@ -942,6 +946,7 @@ mod tests {
         InjectFault => (),
         super::super::messages::SeqAtTime => Ok(1),
         super::super::messages::DeleteGroupRecord => Ok(true),
+        super::super::messages::GetTopicSettings => Ok(Default::default()),
     }
 
     struct Sink;
@@ -996,6 +1001,7 @@ mod tests {
             fault: store.clone().recipient(),
             seq_at_time: store.clone().recipient(),
             delete_group: store.clone().recipient(),
+            topic_settings: store.clone().recipient(),
         };
         let cfg = DeliveryConfig {
             batch_size: 1,

@@ -82,6 +82,7 @@ impl StoreLinks {
             fault: addr.clone().recipient(),
             seq_at_time: addr.clone().recipient(),
             delete_group: addr.clone().recipient(),
+            topic_settings: addr.clone().recipient(),
         }
     }
 }
@@ -691,6 +692,8 @@ mod tests {
                 acked_above: Vec::new(),
                 acked_ranges: Vec::new(),
                 created_ms: 0,
+                backoff_ms: vec![],
+                attempts: vec![],
             };
             let ack = CommitGroup {
                 topic: "t".into(),
@@ -754,6 +757,8 @@ mod tests {
                 acked_above: Vec::new(),
                 acked_ranges: Vec::new(),
                 created_ms: 0,
+                backoff_ms: vec![],
+                attempts: vec![],
             };
             let ack = CommitGroup {
                 topic: "t".into(),

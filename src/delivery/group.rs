@@ -246,6 +246,8 @@ impl GroupState {
             acked_above: vec![],
             acked_ranges: vec![],
             created_ms: crate::actors::now_ms(),
+            backoff_ms: vec![],
+            attempts: vec![],
         }
     }
 
@@ -270,6 +272,8 @@ impl GroupState {
             acked_above: vec![],
             acked_ranges: self.above.ranges().collect(),
             created_ms: self.created_ms,
+            backoff_ms: vec![],
+            attempts: vec![],
         }
     }
 

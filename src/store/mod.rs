@@ -55,6 +55,10 @@ pub enum StoreError {
     /// The store actor is gone or restarting.
     #[error("store unavailable")]
     Unavailable,
+    /// The topic does not exist (and is not created by this request: `auto_create_topics`
+    /// is off, or the request never creates one).
+    #[error("topic '{0}' does not exist")]
+    UnknownTopic(String),
     /// A failed request could not be undone on disk: the store must refuse writes from then
     /// on (like after a failed sync).
     #[error("storage inconsistent: {0}")]
@@ -96,6 +100,15 @@ pub struct GroupRecord {
     pub acked_ranges: Vec<(u64, u64)>,
     /// Creation time, ms since the epoch.
     pub created_ms: u64,
+    /// Redelivery schedule fixed at creation (ms per step; empty: `batch_timeout`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backoff_ms: Vec<u64>,
+    /// Delivery counts of unsettled messages that have failed at least once:
+    /// `(seq, deliveries, failures)`, so that a restart (of the orchestrator or the broker)
+    /// does not start them again at attempt 1 and a poison message still reaches its
+    /// dead-letter topic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<(u64, u32, u32)>,
 }
 
 #[cfg(test)]
@@ -708,6 +721,8 @@ mod tests {
                 acked_above: vec![4],
                 acked_ranges: vec![],
                 created_ms: 0,
+                backoff_ms: vec![],
+                attempts: vec![],
             };
             s.put_group("t", "g", &rec).unwrap();
             s.sync().unwrap();
@@ -728,6 +743,8 @@ mod tests {
             acked_above: vec![9],
             acked_ranges: vec![(11, 12)],
             created_ms: 1,
+            backoff_ms: vec![],
+            attempts: vec![],
         };
         {
             // What an older broker left: the record in sled's `groups` tree only.

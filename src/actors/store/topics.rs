@@ -3,7 +3,8 @@
 
 use super::StoreActor;
 use crate::actors::messages::{
-    CreateTopic, DeleteGroupRecord, DeleteTopic, GetTopicInfo, SeqAtTime, SetTopicListeners,
+    CreateTopic, DeleteGroupRecord, DeleteTopic, GetTopicInfo, GetTopicSettings, SeqAtTime,
+    SetTopicListeners,
 };
 use crate::store::StoreError;
 use actix::prelude::*;
@@ -54,4 +55,12 @@ impl Handler<DeleteGroupRecord> for StoreActor {
 impl Handler<SetTopicListeners> for StoreActor {
     type Result = ();
     fn handle(&mut self, _: SetTopicListeners, _: &mut Context<Self>) {}
+}
+
+impl Handler<GetTopicSettings> for StoreActor {
+    type Result = Result<sluice_protocol::TopicSettings, StoreError>;
+    fn handle(&mut self, _: GetTopicSettings, _: &mut Context<Self>) -> Self::Result {
+        // No per-topic overrides yet: the broker's defaults.
+        Ok(self.config.default_topic_settings())
+    }
 }
