@@ -127,6 +127,9 @@ pub struct ReadResult {
     pub messages: Vec<StoredMessage>,
     /// Seqs in the range whose record failed its CRC; they are not served.
     pub corrupt: Vec<u64>,
+    /// The topic's lowest retained seq when it was read (0: not known). A read from below it
+    /// starts at it: what lies between was removed by retention.
+    pub floor: u64,
 }
 
 /// The sled database and its files.
