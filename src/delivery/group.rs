@@ -195,6 +195,8 @@ pub struct GroupState {
     dirty: bool,
     /// The cursor passed [`MAX_ACK_RANGES`] (logged once).
     warned_ranges: bool,
+    /// Backoff, attempts, activity, notices (`ops.rs`).
+    ops: ops::GroupOps,
 }
 
 impl GroupState {
@@ -221,6 +223,7 @@ impl GroupState {
             rejected_acks: 0,
             dirty: false,
             warned_ranges: false,
+            ops: ops::GroupOps::load(rec.backoff_ms, rec.attempts),
         };
         // Older records list seqs one by one; newer ones ranges.
         for s in rec.acked_above {
@@ -234,6 +237,7 @@ impl GroupState {
         }
         g.advance_floor();
         g.next_read = g.floor + 1;
+        g.prune_restored();
         g
     }
 
@@ -272,8 +276,8 @@ impl GroupState {
             acked_above: vec![],
             acked_ranges: self.above.ranges().collect(),
             created_ms: self.created_ms,
-            backoff_ms: vec![],
-            attempts: vec![],
+            backoff_ms: self.backoff().to_vec(),
+            attempts: self.attempts_record(),
         }
     }
 
@@ -366,6 +370,7 @@ impl GroupState {
             in_flight_bytes: 0,
             max_in_flight_bytes: j.max_in_flight_bytes.max(1),
         });
+        self.note_join(j.consumer);
         Ok(())
     }
 
@@ -374,6 +379,7 @@ impl GroupState {
     pub fn leave(&mut self, consumer: ConsumerId) -> (Vec<u64>, Option<ConsumerId>) {
         let was_active = self.consumers.first().is_some_and(|c| c.id == consumer);
         self.consumers.retain(|c| c.id != consumer);
+        self.note_leave(consumer);
         let mut batches: Vec<u64> = self
             .in_flight
             .iter()
@@ -445,6 +451,7 @@ impl GroupState {
                 && !self.seq_batch.contains_key(&m.seq)
                 && !self.retry.contains_key(&m.seq)
                 && !self.dead_lettering.contains(&m.seq)
+                && !self.is_waiting(m.seq)
             {
                 self.push_ready(Pending::fresh(Arc::new(m)));
             }
@@ -453,7 +460,8 @@ impl GroupState {
         true
     }
 
-    fn push_ready(&mut self, p: Pending) {
+    fn push_ready(&mut self, mut p: Pending) {
+        self.revive(&mut p);
         self.ready_bytes += p.size;
         self.ready.push_back(p);
     }
@@ -506,7 +514,7 @@ impl GroupState {
 
     /// Whether fresh messages may be handed out (the cursor has room for more ack ranges).
     fn fresh_allowed(&self) -> bool {
-        self.above.range_count() < MAX_ACK_RANGES
+        self.above.range_count() < MAX_ACK_RANGES && self.waiting_allows_fresh()
     }
 
     /// Takes up to `max` messages and `max_bytes` (wire bytes; at least one message when it
@@ -671,6 +679,7 @@ impl GroupState {
                 self.seq_batch.insert(p.msg.seq, batch_id);
                 map.insert(p.msg.seq, p);
             }
+            self.note_delivered(consumer, &map);
             self.in_flight.insert(
                 batch_id,
                 InFlight {
@@ -692,6 +701,7 @@ impl GroupState {
         for p in &formed.undeliverable {
             self.dead_lettering.insert(p.msg.seq);
         }
+        self.note_pressure();
         formed
     }
 
@@ -723,8 +733,12 @@ impl GroupState {
     /// of other consumers, or never delivered are not applied: already settled ones count as
     /// already acked, the rest are `rejected`.
     pub fn ack(&mut self, conn: u64, batch_id: u64, seqs: Option<Vec<u64>>) -> Settlement {
+        let owner = self.batch_owner(conn, batch_id);
         let s = self.ack_inner(conn, batch_id, seqs);
         self.rejected_acks += s.rejected.len() as u64;
+        if let Some(c) = owner {
+            self.note_ack(c, s.count);
+        }
         s
     }
 
@@ -857,6 +871,9 @@ impl GroupState {
             }
             self.return_or_dead_letter(p, max_retries, &mut dead);
         }
+        if counts_as_failure {
+            self.note_failure();
+        }
         Some(dead)
     }
 
@@ -864,6 +881,10 @@ impl GroupState {
     /// (with 3: on its 4th failed delivery) goes to `dead`; any other waits for redelivery.
     fn return_or_dead_letter(&mut self, p: Pending, max_retries: u32, dead: &mut Vec<Pending>) {
         let seq = p.msg.seq;
+        if self.is_settled(seq) {
+            // Below a floor the group was moved up to meanwhile: nothing to redeliver.
+            return;
+        }
         if p.failures > max_retries {
             self.dead_lettering.insert(seq);
             dead.push(p);
@@ -881,7 +902,10 @@ impl GroupState {
     /// wait for redelivery again.
     pub fn dead_lettered(&mut self, dead: Vec<Pending>, ok: bool) {
         for p in dead {
-            self.dead_lettering.remove(&p.msg.seq);
+            if !self.dead_lettering.remove(&p.msg.seq) {
+                // The group was moved (seek) meanwhile: its cursor says what happens next.
+                continue;
+            }
             if ok {
                 if self.settle(p.msg.seq) {
                     self.dead_letters += 1;
@@ -903,7 +927,7 @@ impl GroupState {
 
     /// Stats for `admin.stats`.
     pub fn stats(&self, topic: &str, group: &str, head: u64) -> GroupStats {
-        GroupStats {
+        let mut s = GroupStats {
             topic: topic.to_string(),
             group: group.to_string(),
             mode: self.mode,
@@ -920,7 +944,9 @@ impl GroupState {
             filters: self.filters.clone(),
             loaded: true,
             ..Default::default()
-        }
+        };
+        self.fill_stats(&mut s);
+        s
     }
 }
 
@@ -954,6 +980,9 @@ fn settlement(outcome: AckOutcome, count: u32, rejected: Vec<u64>) -> Settlement
         dead: vec![],
     }
 }
+
+mod ops;
+pub use ops::{Moved, MAX_ATTEMPTS, MAX_WAITING};
 
 #[cfg(test)]
 mod tests;

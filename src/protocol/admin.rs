@@ -252,6 +252,11 @@ pub struct GroupStats {
     /// One entry per connected consumer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumer_details: Vec<ConsumerStats>,
+    /// Times a memory bound held the group's fresh messages back (4,096 ack ranges, 65,536
+    /// delayed retries) or cut its record's attempt counts (65,536): each is also a
+    /// `memory_pressure` event.
+    #[serde(default)]
+    pub memory_pressure: u64,
 }
 
 /// State of one consumer of a group.
