@@ -796,6 +796,9 @@ impl GroupState {
     ) -> Settlement {
         let s = self.nack_inner(conn, batch_id, seqs, release, max_retries);
         self.rejected_acks += s.rejected.len() as u64;
+        if !release && s.count > 0 {
+            self.note_failure();
+        }
         s
     }
 

@@ -282,9 +282,6 @@ impl GroupState {
             _ => Vec::new(),
         };
         let s = self.nack(conn, batch_id, seqs, release, max_retries);
-        if !release && s.count > 0 {
-            self.note_failure();
-        }
         for seq in applied {
             let Some(p) = self.retry.get(&seq) else {
                 continue;
@@ -621,3 +618,6 @@ impl GroupState {
         s.stale_consumers = s.consumer_details.iter().filter(|c| c.stale).count() as u32;
     }
 }
+
+#[cfg(test)]
+mod tests;
