@@ -589,7 +589,7 @@ impl Handler<JoinGroup> for OrchestratorActor {
                 group: msg.group.clone(),
             }))
         };
-        let defaults = self.new_group_defaults(&msg);
+        let query = self.new_group_query(&msg);
         Box::pin(
             async move {
                 let loaded: Loaded = match load {
@@ -602,7 +602,7 @@ impl Handler<JoinGroup> for OrchestratorActor {
                 };
                 // A new group: its schedule and floor.
                 let fresh = match &loaded {
-                    Ok(Some((None, _))) => Some(defaults.await),
+                    Ok(Some((None, _))) => Some(query.fetch().await),
                     _ => None,
                 };
                 (loaded, fresh)

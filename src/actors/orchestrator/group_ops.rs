@@ -39,6 +39,44 @@ pub(super) struct NewGroup {
     pub acked_floor: u64,
 }
 
+/// Asks the store what a group created now takes (only for a group that is new).
+pub(super) struct NewGroupQuery {
+    settings: Recipient<GetTopicSettings>,
+    seq_at: Recipient<SeqAtTime>,
+    topic: String,
+    wanted: Option<Vec<u64>>,
+    broker: Vec<u64>,
+}
+
+impl NewGroupQuery {
+    /// The schedule the subscribe asked for, else the topic's default, else the broker's; and
+    /// the topic's floor (a new group starts there, not below what retention removed).
+    pub(super) async fn fetch(self) -> NewGroup {
+        let settings = self.settings.send(GetTopicSettings {
+            topic: self.topic.clone(),
+        });
+        let floor = self.seq_at.send(SeqAtTime {
+            topic: self.topic,
+            at_ms: 0,
+        });
+        let topic_backoff = match settings.await {
+            Ok(Ok(s)) => s.backoff_ms.filter(|b| !b.is_empty()),
+            other => {
+                tracing::warn!(?other, "topic settings unavailable: the broker's backoff");
+                None
+            }
+        };
+        let acked_floor = match floor.await {
+            Ok(Ok(f)) => f.saturating_sub(1),
+            _ => 0,
+        };
+        NewGroup {
+            backoff_ms: self.wanted.or(topic_backoff).unwrap_or(self.broker),
+            acked_floor,
+        }
+    }
+}
+
 fn unavailable(e: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorCode::Unavailable, e.to_string())
 }
@@ -51,37 +89,14 @@ fn unknown_group(topic: &str, group: &str) -> WireError {
 }
 
 impl OrchestratorActor {
-    /// Asks the store what a group created now on `msg.topic` takes: the schedule the
-    /// subscribe asked for, else the topic's default, else the broker's; and the topic's floor.
-    pub(super) fn new_group_defaults(
-        &self,
-        msg: &JoinGroup,
-    ) -> impl std::future::Future<Output = NewGroup> + 'static {
-        let settings = self.store.topic_settings.send(GetTopicSettings {
+    /// What to ask the store, should `msg`'s group turn out to be new.
+    pub(super) fn new_group_query(&self, msg: &JoinGroup) -> NewGroupQuery {
+        NewGroupQuery {
+            settings: self.store.topic_settings.clone(),
+            seq_at: self.store.seq_at_time.clone(),
             topic: msg.topic.clone(),
-        });
-        let floor = self.store.seq_at_time.send(SeqAtTime {
-            topic: msg.topic.clone(),
-            at_ms: 0,
-        });
-        let wanted = msg.backoff_ms.clone();
-        let broker = self.cfg.backoff_ms.clone();
-        async move {
-            let topic_backoff = match settings.await {
-                Ok(Ok(s)) => s.backoff_ms.filter(|b| !b.is_empty()),
-                other => {
-                    tracing::warn!(?other, "topic settings unavailable: the broker's backoff");
-                    None
-                }
-            };
-            let acked_floor = match floor.await {
-                Ok(Ok(f)) => f.saturating_sub(1),
-                _ => 0,
-            };
-            NewGroup {
-                backoff_ms: wanted.or(topic_backoff).unwrap_or(broker),
-                acked_floor,
-            }
+            wanted: msg.backoff_ms.clone(),
+            broker: self.cfg.backoff_ms.clone(),
         }
     }
 

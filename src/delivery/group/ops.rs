@@ -76,6 +76,8 @@ pub(super) struct GroupOps {
     pressure_event: Option<&'static str>,
     /// Times a bound was reached.
     bound_hits: u64,
+    /// The last record left attempt counts out.
+    attempts_cut: bool,
 }
 
 impl GroupOps {
@@ -249,10 +251,14 @@ impl GroupState {
             self.ops.failed_possible = false;
         }
         let mut v: Vec<(u64, u32, u32)> = m.into_iter().map(|(s, (d, f))| (s, d, f)).collect();
-        if v.len() > MAX_ATTEMPTS {
+        let cut = v.len() > MAX_ATTEMPTS;
+        if cut {
             v.truncate(MAX_ATTEMPTS);
-            self.hit_bound("attempt counts");
+            if !self.ops.attempts_cut {
+                self.hit_bound("attempt counts");
+            }
         }
+        self.ops.attempts_cut = cut;
         v
     }
 
