@@ -141,6 +141,9 @@ impl GroupState {
     /// How long `batch` may stay unacked before it is redelivered, by the schedule: the entry
     /// of the smallest delivery count in it. `None`: the broker's `batch_timeout`.
     pub fn redelivery_timeout(&self, batch: &Batch) -> Option<Duration> {
+        if self.ops.backoff.is_empty() {
+            return None;
+        }
         let k = batch.messages.iter().map(|m| m.attempt).min().unwrap_or(1);
         self.step(k).map(ms)
     }
