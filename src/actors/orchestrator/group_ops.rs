@@ -637,3 +637,6 @@ impl Handler<TopicRemoved> for OrchestratorActor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
