@@ -228,6 +228,8 @@ impl OrchestratorActor {
         for b in batches {
             self.fail_batch(topic, group, b, "consumer disconnected", false, ctx);
         }
+        // A broadcast member's leaving may settle messages for the group.
+        self.persist(topic, group);
         self.pump(topic, group, ctx);
         present
     }
@@ -268,12 +270,11 @@ impl OrchestratorActor {
                 if g.consumer_count() == 0 {
                     continue;
                 }
-                let lag = g.lag(t.head);
-                for (c, idle) in g.check_stale(now, after, t.head) {
+                for (c, idle, lag) in g.check_stale(now, after, t.head) {
                     flagged.push((topic.clone(), name.clone(), c, idle, lag));
                 }
                 if let Some(d) = disconnect {
-                    for (c, idle) in g.stale_consumers(now, d, t.head) {
+                    for (c, idle, lag) in g.stale_consumers(now, d, t.head) {
                         kicks.push((topic.clone(), name.clone(), c, idle, lag));
                     }
                 }
@@ -547,8 +548,7 @@ impl Handler<DisconnectStale> for OrchestratorActor {
         let mut found = Vec::new();
         for (topic, t) in &self.topics {
             for (name, g) in &t.groups {
-                let lag = g.lag(t.head);
-                for (c, idle) in g.stale_consumers(now, msg.older_than, t.head) {
+                for (c, idle, lag) in g.stale_consumers(now, msg.older_than, t.head) {
                     found.push((topic.clone(), name.clone(), c, idle, lag));
                 }
             }

@@ -6,6 +6,12 @@
 //!
 //! Time comes in as an `Instant` argument wherever a rule depends on it, so the tests can move
 //! the clock.
+//!
+//! `broadcast`: each member's state (`broadcast.rs`) has its own delayed retries, activity,
+//! stale flag and notices; the group's state keeps the schedule, the record's attempt counts
+//! (per seq the most failed member's, so a message that crashes every member still reaches
+//! the dead-letter topic after a restart) and the retention counter, and asks its members for
+//! the rest.
 
 use super::*;
 use sluice_protocol::{ConsumerStats, ResetNotice};
@@ -227,7 +233,27 @@ impl GroupState {
     /// Whether a delivered message failed before, since the last call (its new delivery count
     /// is worth persisting).
     pub fn take_attempts_dirty(&mut self) -> bool {
-        std::mem::take(&mut self.ops.attempts_dirty)
+        let mut d = std::mem::take(&mut self.ops.attempts_dirty);
+        for m in self.members_mut() {
+            d |= std::mem::take(&mut m.ops.attempts_dirty);
+        }
+        if d {
+            self.dirty = true;
+        }
+        d
+    }
+
+    /// `broadcast`: the members' states (none in other modes).
+    fn members(&self) -> impl Iterator<Item = &GroupState> {
+        self.bc
+            .iter()
+            .flat_map(|bc| bc.members.iter().map(|(_, m)| m))
+    }
+
+    fn members_mut(&mut self) -> impl Iterator<Item = &mut GroupState> {
+        self.bc
+            .iter_mut()
+            .flat_map(|bc| bc.members.iter_mut().map(|(_, m)| m))
     }
 
     /// The attempt counts for the durable record: every unsettled message in memory (or known
@@ -236,18 +262,11 @@ impl GroupState {
         if !self.ops.failed_possible {
             return Vec::new();
         }
-        self.prune_restored();
-        let mut m: BTreeMap<u64, (u32, u32)> =
-            self.ops.restored.iter().map(|(&s, &c)| (s, c)).collect();
-        let live = self
-            .retry
-            .values()
-            .chain(self.ops.waiting.values())
-            .chain(self.ready.iter())
-            .chain(self.in_flight.values().flat_map(|b| b.msgs.values()));
-        for p in live {
-            if p.failures > 0 {
-                m.insert(p.msg.seq, (p.deliveries, p.failures));
+        let mut m = BTreeMap::new();
+        self.collect_failed(&mut m);
+        if let Some(bc) = self.bc.as_mut() {
+            for (_, member) in bc.members.iter_mut() {
+                member.collect_failed(&mut m);
             }
         }
         if m.is_empty() {
@@ -265,6 +284,31 @@ impl GroupState {
         v
     }
 
+    /// Adds this state's counts of failed messages to `into` (per seq the most failures).
+    fn collect_failed(&mut self, into: &mut BTreeMap<u64, (u32, u32)>) {
+        self.prune_restored();
+        let mut add = |seq: u64, d: u32, f: u32| {
+            let e = into.entry(seq).or_insert((d, f));
+            if (f, d) > (e.1, e.0) {
+                *e = (d, f);
+            }
+        };
+        for (&s, &(d, f)) in &self.ops.restored {
+            add(s, d, f);
+        }
+        let live = self
+            .retry
+            .values()
+            .chain(self.ops.waiting.values())
+            .chain(self.ready.iter())
+            .chain(self.in_flight.values().flat_map(|b| b.msgs.values()));
+        for p in live {
+            if p.failures > 0 {
+                add(p.msg.seq, p.deliveries, p.failures);
+            }
+        }
+    }
+
     /// A nack with the group's schedule and an optional delay: like [`GroupState::nack`], then
     /// each message returned waits `delay`, else (a counted nack on a group with a schedule)
     /// the schedule's entry of its failure count, else nothing.
@@ -279,6 +323,16 @@ impl GroupState {
         delay: Option<Duration>,
         now: Instant,
     ) -> Settlement {
+        if self.bc.is_some() {
+            // The member holding the batch parks its own copies.
+            let s = self.broadcast_settle(batch_id, conn, |m| {
+                m.nack_delayed(conn, batch_id, seqs, release, max_retries, delay, now)
+            });
+            if !release && s.count > 0 {
+                self.note_failure();
+            }
+            return s;
+        }
         let applied: Vec<u64> = match self.in_flight.get(&batch_id) {
             Some(b) if b.consumer.conn == conn => match &seqs {
                 Some(s) => s
@@ -319,12 +373,13 @@ impl GroupState {
 
     /// When the earliest delayed retry is due.
     pub fn next_due(&self) -> Option<Instant> {
-        self.ops.waiting.first_key_value().map(|((t, _), _)| *t)
+        let own = self.ops.waiting.first_key_value().map(|((t, _), _)| *t);
+        self.members().filter_map(|m| m.next_due()).chain(own).min()
     }
 
     /// Delayed retries due by `now` become ordinary retries; returns how many.
     pub fn release_due(&mut self, now: Instant) -> usize {
-        let mut n = 0;
+        let mut n: usize = self.members_mut().map(|m| m.release_due(now)).sum();
         while let Some((&(due, seq), _)) = self.ops.waiting.first_key_value() {
             if due > now {
                 break;
@@ -343,7 +398,17 @@ impl GroupState {
 
     /// Messages waiting for a delayed redelivery.
     pub fn waiting_count(&self) -> usize {
-        self.ops.waiting.len()
+        self.ops.waiting.len() + self.members().map(|m| m.ops.waiting.len()).sum::<usize>()
+    }
+
+    /// `key_shared`: the key hashes of the messages waiting for a delayed redelivery (their
+    /// keys' later messages wait behind them: order per key).
+    pub(super) fn waiting_hashes(&self) -> HashSet<u16> {
+        self.ops
+            .waiting
+            .values()
+            .filter_map(|p| key_shared::message_hash(&p.msg))
+            .collect()
     }
 
     fn hit_bound(&mut self, what: &'static str) {
@@ -369,7 +434,11 @@ impl GroupState {
 
     /// A bound reached since the last call (for a `memory_pressure` event).
     pub fn take_pressure_event(&mut self) -> Option<&'static str> {
-        self.ops.pressure_event.take()
+        let mut e = self.ops.pressure_event.take();
+        for m in self.members_mut() {
+            e = e.or(m.ops.pressure_event.take());
+        }
+        e
     }
 
     /// Whether slot `idx` receives messages now (a failover standby does not).
@@ -402,40 +471,53 @@ impl GroupState {
         (idle >= older_than).then_some(idle)
     }
 
-    /// Consumers stale by `older_than` now, with their idle time in ms.
+    /// Consumers stale by `older_than` now: (consumer, ms idle, its lag).
     pub fn stale_consumers(
         &self,
         now: Instant,
         older_than: Duration,
         head: u64,
-    ) -> Vec<(ConsumerId, u64)> {
+    ) -> Vec<(ConsumerId, u64, u64)> {
         let lag = self.lag(head);
-        (0..self.consumers.len())
+        let mut out: Vec<(ConsumerId, u64, u64)> = (0..self.consumers.len())
             .filter_map(|i| {
                 let idle = self.idle_if_stale(i, now, older_than, lag)?;
-                Some((self.consumers[i].id, idle.as_millis() as u64))
+                Some((self.consumers[i].id, idle.as_millis() as u64, lag))
             })
-            .collect()
+            .collect();
+        for m in self.members() {
+            out.extend(m.stale_consumers(now, older_than, head));
+        }
+        out
     }
 
     /// Flags consumers stale by `stale_after` (and unflags those no longer stale); returns the
-    /// ones flagged now, with their idle time in ms (one `consumer_stale` per episode).
+    /// ones flagged now (consumer, ms idle, its lag): one `consumer_stale` per episode.
     pub fn check_stale(
         &mut self,
         now: Instant,
         stale_after: Duration,
         head: u64,
-    ) -> Vec<(ConsumerId, u64)> {
-        let stale = self.stale_consumers(now, stale_after, head);
+    ) -> Vec<(ConsumerId, u64, u64)> {
+        let lag = self.lag(head);
+        let stale: Vec<(ConsumerId, u64)> = (0..self.consumers.len())
+            .filter_map(|i| {
+                let idle = self.idle_if_stale(i, now, stale_after, lag)?;
+                Some((self.consumers[i].id, idle.as_millis() as u64))
+            })
+            .collect();
         let mut newly = Vec::new();
         for (id, a) in self.ops.activity.iter_mut() {
             let s = stale.iter().find(|(c, _)| c == id);
             if let Some(&(c, idle)) = s {
                 if !a.stale {
-                    newly.push((c, idle));
+                    newly.push((c, idle, lag));
                 }
             }
             a.stale = s.is_some();
+        }
+        for m in self.members_mut() {
+            newly.extend(m.check_stale(now, stale_after, head));
         }
         newly.sort_unstable();
         newly
@@ -443,23 +525,43 @@ impl GroupState {
 
     /// Consumers present.
     pub fn consumer_ids(&self) -> Vec<ConsumerId> {
-        self.consumers.iter().map(|c| c.id).collect()
+        let own = self.consumers.iter().map(|c| c.id);
+        own.chain(self.members().flat_map(|m| m.consumer_ids()))
+            .collect()
     }
 
     /// Whether `consumer` is in the group.
     pub fn has_consumer(&self, consumer: ConsumerId) -> bool {
         self.consumers.iter().any(|c| c.id == consumer)
+            || self.members().any(|m| m.has_consumer(consumer))
     }
 
     /// Batches in flight.
     pub fn batch_ids(&self) -> Vec<u64> {
-        self.in_flight.keys().copied().collect()
+        let own = self.in_flight.keys().copied();
+        own.chain(self.members().flat_map(|m| m.batch_ids()))
+            .collect()
     }
 
     /// Every consumer is owed a `reset` notice (merged into one it is still owed).
     pub fn queue_reset(&mut self, reason: &str, floor_seq: u64, skipped: u64) {
-        for c in &self.consumers {
-            let n = self.ops.notices.entry(c.id).or_insert(ResetNotice {
+        let own: Vec<ConsumerId> = self.consumers.iter().map(|c| c.id).collect();
+        self.queue_reset_to(&own, reason, floor_seq, skipped);
+        for m in self.members_mut() {
+            m.queue_reset(reason, floor_seq, skipped);
+        }
+    }
+
+    /// `consumers` (of this state) are owed a `reset` notice.
+    fn queue_reset_to(
+        &mut self,
+        consumers: &[ConsumerId],
+        reason: &str,
+        floor_seq: u64,
+        skipped: u64,
+    ) {
+        for &c in consumers {
+            let n = self.ops.notices.entry(c).or_insert(ResetNotice {
                 reason: String::new(),
                 floor_seq,
                 skipped: 0,
@@ -473,10 +575,11 @@ impl GroupState {
     /// The notices owed to consumers that have a credit, each taking one (the others wait for
     /// a credit). Sent before any batch formed after them.
     pub fn take_notices(&mut self) -> Vec<(ConsumerId, ResetNotice)> {
+        let mut out: Vec<(ConsumerId, ResetNotice)> =
+            self.members_mut().flat_map(|m| m.take_notices()).collect();
         if self.ops.notices.is_empty() {
-            return Vec::new();
+            return out;
         }
-        let mut out = Vec::new();
         for c in self.consumers.iter_mut() {
             if c.credits == 0 {
                 continue;
@@ -528,9 +631,14 @@ impl GroupState {
             }
             voided.push(id);
         }
+        for m in self.members_mut() {
+            // Each member's own notice; the group's count of what was skipped.
+            voided.extend(m.seek(next).voided);
+        }
         voided.sort_unstable();
         self.dirty = true;
-        self.queue_reset("seek", next, skipped);
+        let own: Vec<ConsumerId> = self.consumers.iter().map(|c| c.id).collect();
+        self.queue_reset_to(&own, "seek", next, skipped);
         Moved { voided, skipped }
     }
 
@@ -541,6 +649,9 @@ impl GroupState {
     /// `already_acked`. `None` when the group is at or above it already.
     pub fn move_to_floor(&mut self, floor_seq: u64) -> Option<u64> {
         let to = floor_seq.checked_sub(1)?;
+        for m in self.members_mut() {
+            m.move_to_floor(floor_seq);
+        }
         if to <= self.floor {
             return None;
         }
@@ -573,57 +684,65 @@ impl GroupState {
         self.ops.restored.retain(|&s, _| s > to);
         self.ops.skipped_by_retention += skipped;
         self.dirty = true;
-        self.queue_reset("retention", floor_seq, skipped);
+        let own: Vec<ConsumerId> = self.consumers.iter().map(|c| c.id).collect();
+        self.queue_reset_to(&own, "retention", floor_seq, skipped);
         Some(skipped)
     }
 
-    /// The issue-11 fields of the group's stats (backoff, retention, age, activity).
-    pub(super) fn fill_stats(&self, s: &mut GroupStats) {
+    /// The activity of this state's consumers into their stats (built by
+    /// `consumer_details`, in the order of the slots).
+    pub(super) fn fill_details(&self, details: &mut [ConsumerStats]) {
         let now = Instant::now();
         let now_ms = crate::actors::now_ms();
-        let age = |ts: u64| now_ms.saturating_sub(ts);
-        s.backoff_ms = self.ops.backoff.clone();
-        s.skipped_by_retention = self.ops.skipped_by_retention;
-        s.memory_pressure = self.ops.bound_hits;
-        s.oldest_unacked_age_ms = self
+        for (d, c) in details.iter_mut().zip(&self.consumers) {
+            let a = self.ops.activity.get(&c.id);
+            d.delivered = a.map_or(0, |a| a.delivered);
+            d.acked = a.map_or(0, |a| a.acked);
+            d.last_ack_ms_ago = a.map_or(0, |a| a.idle(now).as_millis() as u64);
+            d.stale = a.is_some_and(|a| a.stale);
+            d.oldest_unacked_age_ms = self
+                .in_flight
+                .values()
+                .filter(|b| b.consumer == c.id)
+                .flat_map(|b| b.msgs.values())
+                .map(|p| p.msg.timestamp_ms)
+                .min()
+                .map(|ts| now_ms.saturating_sub(ts));
+        }
+    }
+
+    /// Timestamp of the oldest unsettled message this state holds (in flight, waiting).
+    fn oldest_held(&self) -> Option<u64> {
+        let own = self
             .retry
             .values()
             .chain(self.ops.waiting.values())
             .chain(self.in_flight.values().flat_map(|b| b.msgs.values()))
             .map(|p| p.msg.timestamp_ms)
+            .min();
+        self.members()
+            .filter_map(|m| m.oldest_held())
+            .chain(own)
             .min()
-            .map(age);
+    }
+
+    /// The group-wide issue-11 fields of its stats (schedule, retention, age, last ack, stale
+    /// consumers, bounds hit), over its members in `broadcast`.
+    pub(super) fn fill_group_stats(&self, s: &mut GroupStats) {
+        let now = Instant::now();
+        s.backoff_ms = self.ops.backoff.clone();
+        s.skipped_by_retention = self.ops.skipped_by_retention;
+        s.memory_pressure =
+            self.ops.bound_hits + self.members().map(|m| m.ops.bound_hits).sum::<u64>();
+        s.oldest_unacked_age_ms = self
+            .oldest_held()
+            .map(|ts| crate::actors::now_ms().saturating_sub(ts));
         s.last_ack_ms_ago = self
-            .ops
-            .last_ack
+            .members()
+            .filter_map(|m| m.ops.last_ack)
+            .chain(self.ops.last_ack)
+            .max()
             .map(|t| now.saturating_duration_since(t).as_millis() as u64);
-        s.consumer_details = self
-            .consumers
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let mine = self.in_flight.values().filter(|b| b.consumer == c.id);
-                let a = self.ops.activity.get(&c.id);
-                ConsumerStats {
-                    consumer: c.id.to_string(),
-                    conn_id: c.id.conn,
-                    in_flight_batches: mine.clone().count() as u32,
-                    in_flight_messages: mine.clone().map(|b| b.msgs.len() as u32).sum(),
-                    delivered: a.map_or(0, |a| a.delivered),
-                    acked: a.map_or(0, |a| a.acked),
-                    lag: s.lag,
-                    oldest_unacked_age_ms: mine
-                        .flat_map(|b| b.msgs.values())
-                        .map(|p| p.msg.timestamp_ms)
-                        .min()
-                        .map(age),
-                    last_ack_ms_ago: a.map_or(0, |a| a.idle(now).as_millis() as u64),
-                    stale: a.is_some_and(|a| a.stale),
-                    active: self.receives(i),
-                    hash_ranges: Vec::new(),
-                }
-            })
-            .collect();
         s.stale_consumers = s.consumer_details.iter().filter(|c| c.stale).count() as u32;
     }
 }

@@ -421,3 +421,159 @@ fn a_group_below_the_floor_moves_up_counting_what_it_skipped() {
     );
     assert_eq!(g.move_to_floor(1), None);
 }
+
+/// A group of `mode` with schedule `backoff`, no consumer yet.
+fn group_of(mode: GroupMode, backoff: &[u64]) -> GroupState {
+    let mut rec = GroupState::new_record(mode, BTreeMap::new());
+    rec.backoff_ms = backoff.to_vec();
+    GroupState::from_record(rec)
+}
+
+/// Reads the log from where the group wants up to `head`.
+fn read_to(g: &mut GroupState, head: u64) {
+    let from = g.start_read();
+    assert!(g.finish_read(from, Some(((from..=head).map(msg).collect(), vec![]))));
+}
+
+fn batches_of(g: &mut GroupState) -> Vec<(ConsumerId, Batch)> {
+    g.form_batches("t", "g", LIMITS, next_id)
+        .batches
+        .into_iter()
+        .map(|o| (o.consumer, o.batch))
+        .collect()
+}
+
+#[test]
+fn broadcast_members_have_their_own_delayed_retries_attempts_and_stale_flags() {
+    let t0 = Instant::now();
+    let mut g = group_of(GroupMode::Broadcast, &[1000]);
+    g.join(joining(1, GroupMode::Broadcast, 1, 5, 100)).unwrap();
+    g.join(joining(2, GroupMode::Broadcast, 1, 5, 100)).unwrap();
+    assert!(g.has_consumer(consumer(2)));
+    assert_eq!(g.consumer_ids().len(), 2);
+    read_to(&mut g, 3);
+    let b = batches_of(&mut g);
+    assert_eq!(b.len(), 2, "each member gets every message");
+    let mine = b.iter().find(|(c, _)| *c == consumer(1)).unwrap();
+    let theirs = b.iter().find(|(c, _)| *c == consumer(2)).unwrap();
+    assert_eq!(g.redelivery_timeout(&mine.1), Some(secs(1)));
+    // Member 1 nacks: only its copies wait (the schedule's 1s); member 2 acks.
+    let s = g.nack_delayed(1, mine.1.batch_id, None, false, 3, None, t0);
+    assert_eq!(s.count, 3);
+    g.ack(2, theirs.1.batch_id, None);
+    assert_eq!(g.waiting_count(), 3);
+    assert_eq!(g.next_due(), Some(t0 + secs(1)));
+    assert_eq!(g.floor(), 0, "member 1 has not settled them");
+    // The group's record carries member 1's attempt counts.
+    let rec = g.take_dirty_record().expect("a failure is committed");
+    assert_eq!(rec.attempts, vec![(1, 1, 1), (2, 1, 1), (3, 1, 1)]);
+    assert!(batches_of(&mut g).is_empty());
+    assert_eq!(g.release_due(t0 + secs(1)), 3);
+    let b = batches_of(&mut g);
+    assert_eq!(b.len(), 1);
+    assert_eq!((b[0].0, attempts(&b[0].1)), (consumer(1), vec![2, 2, 2]));
+    assert!(g.take_attempts_dirty(), "a failed message delivered again");
+    // Member 1 holds them and does not ack: stale by its own lag; member 2 has none.
+    let later = Instant::now() + secs(10);
+    let stale = g.check_stale(later, secs(5), 3);
+    assert_eq!(stale.len(), 1);
+    assert_eq!((stale[0].0, stale[0].2), (consumer(1), 3));
+    let st = g.stats("t", "g", 3);
+    assert_eq!(st.stale_consumers, 1);
+    assert_eq!(st.backoff_ms, vec![1000]);
+    let one = st.consumer_details.iter().find(|c| c.conn_id == 1).unwrap();
+    assert_eq!((one.delivered, one.acked, one.stale), (6, 0, true));
+    let two = st.consumer_details.iter().find(|c| c.conn_id == 2).unwrap();
+    assert_eq!((two.delivered, two.acked, two.stale), (3, 3, false));
+    // A seek voids member 1's batch and tells both members.
+    let moved = g.seek(2);
+    assert_eq!(moved.voided, vec![b[0].1.batch_id]);
+    assert_eq!(g.floor(), 1);
+    let mut n: Vec<ConsumerId> = g.take_notices().into_iter().map(|n| n.0).collect();
+    n.sort_unstable();
+    assert_eq!(n, vec![consumer(1), consumer(2)]);
+    read_to(&mut g, 3);
+    let b = batches_of(&mut g);
+    assert_eq!(b.len(), 2);
+    assert!(b
+        .iter()
+        .all(|(_, b)| seqs(b) == vec![2, 3] && attempts(b) == vec![1, 1]));
+    // Retention: both members move up, the group counts what it skipped once.
+    assert_eq!(g.move_to_floor(4), Some(2));
+    assert_eq!(g.take_notices().len(), 2);
+    assert_eq!(g.stats("t", "g", 5).skipped_by_retention, 2);
+}
+
+#[test]
+fn broadcast_attempt_counts_continue_for_members_that_join_after_a_reload() {
+    let mut g = group_of(GroupMode::Broadcast, &[]);
+    g.join(joining(1, GroupMode::Broadcast, 1, 5, 100)).unwrap();
+    g.join(joining(2, GroupMode::Broadcast, 1, 5, 100)).unwrap();
+    read_to(&mut g, 1);
+    let b = batches_of(&mut g);
+    for (c, batch) in &b {
+        assert!(g.fail_batch(batch.batch_id, true, 5).unwrap().is_empty());
+        if *c == consumer(1) {
+            // Member 1 fails twice.
+            let again = batches_of(&mut g);
+            let mine = again.iter().find(|(c, _)| *c == consumer(1)).unwrap();
+            g.fail_batch(mine.1.batch_id, true, 5);
+        }
+    }
+    let rec = g.record();
+    assert_eq!(rec.attempts, vec![(1, 2, 2)], "the most failed member's");
+    let mut g = GroupState::from_record(rec);
+    g.join(joining(9, GroupMode::Broadcast, 1, 5, 100)).unwrap();
+    read_to(&mut g, 1);
+    let b = batches_of(&mut g);
+    assert_eq!(attempts(&b[0].1), vec![3]);
+}
+
+#[test]
+fn key_shared_a_waiting_message_holds_its_key_back_but_not_other_keys() {
+    let t0 = Instant::now();
+    let mut g = group_of(GroupMode::KeyShared, &[]);
+    g.join(joining(1, GroupMode::KeyShared, 4, 1, 100)).unwrap();
+    let keyed = |seq: u64, key: &str| StoredMessage {
+        key: Some(key.into()),
+        ..msg(seq)
+    };
+    let from = g.start_read();
+    let msgs = vec![keyed(1, "a"), keyed(2, "b"), keyed(3, "a"), keyed(4, "b")];
+    assert!(g.finish_read(from, Some((msgs, vec![]))));
+    let b = batches_of(&mut g);
+    assert_eq!(b.len(), 4);
+    let first = b
+        .iter()
+        .find(|(_, b)| seqs(b) == vec![1])
+        .unwrap()
+        .1
+        .batch_id;
+    let third = b
+        .iter()
+        .find(|(_, b)| seqs(b) == vec![3])
+        .unwrap()
+        .1
+        .batch_id;
+    g.ack(1, third, None);
+    for (_, batch) in &b {
+        if seqs(batch)[0].is_multiple_of(2) {
+            g.ack(1, batch.batch_id, None);
+        }
+    }
+    // Seq 1 (key a) waits 5s; a later message of key a waits behind it, one of key b goes.
+    g.nack_delayed(1, first, None, false, 3, Some(secs(5)), t0);
+    g.offer_tail(&[Arc::new(keyed(5, "a")), Arc::new(keyed(6, "b"))]);
+    let b = batches_of(&mut g);
+    assert_eq!(
+        b.iter().flat_map(|(_, b)| seqs(b)).collect::<Vec<_>>(),
+        vec![6]
+    );
+    g.release_due(t0 + secs(5));
+    let b = batches_of(&mut g);
+    assert_eq!(
+        b.iter().flat_map(|(_, b)| seqs(b)).collect::<Vec<_>>(),
+        vec![1, 5],
+        "key a in order"
+    );
+}
