@@ -14,16 +14,26 @@ use std::time::{Duration, Instant};
 
 /// A subscription (stream 1) of a new connection: window 1, batch size 1, 1,000 credits.
 async fn subscribe(addr: &str, topic: &str, group: &str, backoff: Option<&[&str]>) -> RawClient {
+    subscribe_as(addr, topic, group, GroupMode::Shared, backoff).await
+}
+
+async fn subscribe_as(
+    addr: &str,
+    topic: &str,
+    group: &str,
+    mode: GroupMode,
+    backoff: Option<&[&str]>,
+) -> RawClient {
     let mut c = RawClient::setup(addr, RAW_LIFETIME).await;
-    c.send(&sub_frame(topic, group, backoff)).await;
+    c.send(&sub_frame(topic, group, mode, backoff)).await;
     c
 }
 
-fn sub_frame(topic: &str, group: &str, backoff: Option<&[&str]>) -> Frame {
+fn sub_frame(topic: &str, group: &str, mode: GroupMode, backoff: Option<&[&str]>) -> Frame {
     let req = SubscribeRequest {
         topic: topic.into(),
         group: group.into(),
-        mode: GroupMode::Shared,
+        mode,
         filters: Default::default(),
         window: Some(1),
         batch_size: Some(1),
@@ -310,5 +320,43 @@ async fn bad_or_conflicting_schedules_are_refused_and_change_nothing() {
         at - t1,
         Duration::from_millis(700),
         "by the broker's schedule",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_broadcast_group_only_the_silent_members_copies_follow_the_schedule() {
+    let b = TestBroker::start_with(&["--max-retries", "1"]);
+    let admin = Admin::connect(client_config(&b.addr(), "admin"))
+        .await
+        .expect("admin");
+    let schedule: &[&str] = &["800ms"];
+    let mut silent =
+        subscribe_as(&b.addr(), "news", "g", GroupMode::Broadcast, Some(schedule)).await;
+    let mut acker = subscribe_as(&b.addr(), "news", "g", GroupMode::Broadcast, None).await;
+    // Both members are in before the message comes.
+    for _ in 0..500 {
+        let st = admin.stats().await.expect("stats");
+        if st.groups.first().map(|g| g.consumers) == Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    publish(&b.addr(), "news", 1).await;
+    let (mine, t1) = batch_at(&mut silent, RAW_T).await;
+    let (theirs, _) = batch_at(&mut acker, RAW_T).await;
+    assert_eq!((batch_seqs(&mine), batch_seqs(&theirs)), (vec![1], vec![1]));
+    ack(&mut acker, 3, &theirs).await;
+    // Only the silent member's copy comes back, 800 ms later, then goes to the dead letters.
+    let (again, t2) = batch_at(&mut silent, RAW_T).await;
+    assert_eq!(again.messages[0].attempt, 2);
+    assert_gap(t2 - t1, Duration::from_millis(800), "the member's schedule");
+    let m = dead_letter(&b.addr(), "news", "g").await;
+    assert_eq!(header(&m, "x-dlq-attempts"), "2");
+    assert!(m.message.headers.contains_key("x-dlq-consumer"));
+    assert!(
+        raw_next(&mut acker, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the member that acked gets nothing again"
     );
 }
