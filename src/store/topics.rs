@@ -509,3 +509,292 @@ impl Storage {
         Ok(total)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::collections::BTreeMap;
+
+    fn msg(ts: u64, p: &str) -> StoredMessage {
+        StoredMessage {
+            seq: 0,
+            timestamp_ms: ts,
+            key: None,
+            headers: BTreeMap::new(),
+            priority: 0,
+            payload: Bytes::from(p.to_string()),
+        }
+    }
+
+    fn record(acked_floor: u64) -> GroupRecord {
+        GroupRecord {
+            mode: sluice_protocol::GroupMode::Shared,
+            filters: BTreeMap::new(),
+            acked_floor,
+            acked_above: vec![],
+            acked_ranges: vec![],
+            created_ms: 0,
+            backoff_ms: vec![],
+            attempts: vec![],
+        }
+    }
+
+    /// A storage with 64 KiB segments and `segments` of them filled with 1 KiB messages stored
+    /// at `ts` (the last one taking appends), synced.
+    fn filled(dir: &Path, ts: u64) -> Storage {
+        let mut s = Storage::open(dir, 1 << 20).unwrap();
+        s.set_segment_bytes(64 * 1024);
+        let body = "x".repeat(1000);
+        for _ in 0..10 {
+            let batch: Vec<_> = (0..20).map(|_| msg(ts, &body)).collect();
+            s.append("t", &batch).unwrap();
+        }
+        s.put_group("t", "g", &record(7)).unwrap();
+        s.sync().unwrap();
+        s
+    }
+
+    fn unlink(t: &Trimmed) {
+        for d in &t.removed {
+            std::fs::remove_file(&d.path).unwrap();
+        }
+    }
+
+    fn age(ms: u64) -> TopicSettings {
+        TopicSettings {
+            max_age_ms: Some(ms),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn expired_segments_go_whole_and_the_floor_and_head_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = filled(dir.path(), 1_000);
+        // Newer messages in the segment taking appends.
+        s.append("t", &[msg(50_000, "new")]).unwrap();
+        s.sync().unwrap();
+        s.create_topic_settings_for_test("t", age(10_000));
+        let segs = s.topics["t"].segment_count();
+        assert!(segs >= 3, "{segs} segments");
+        let t = s
+            .retention_step("t", 55_000, 3_600_000, 201, 1000)
+            .unwrap()
+            .expect("removes");
+        assert_eq!(t.why, "max_age");
+        assert_eq!(t.removed.len(), segs - 1, "all but the one taking appends");
+        let floor = t.floor;
+        assert!(floor > 1 && floor <= 201, "floor {floor}");
+        assert_eq!(t.messages(), floor - 1);
+        // Reads below the floor start at it and say so.
+        let r = s.read("t", 1, 5, usize::MAX).unwrap();
+        assert_eq!(r.floor, floor);
+        assert_eq!(r.messages[0].seq, floor);
+        unlink(&t);
+        drop(s);
+        let s = Storage::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.topic_stats("t").unwrap().floor, floor);
+        assert_eq!(s.last_seq("t"), 201);
+        assert_eq!(s.group("t", "g").unwrap().unwrap().acked_floor, 7);
+    }
+
+    #[test]
+    fn when_every_message_expired_an_empty_segment_keeps_the_head_and_the_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = filled(dir.path(), 1_000);
+        s.create_topic_settings_for_test("t", age(10_000));
+        let t = s
+            .retention_step("t", 60_000, 3_600_000, 200, 1000)
+            .unwrap()
+            .expect("removes");
+        assert_eq!(t.floor, 201);
+        assert_eq!(t.messages(), 200);
+        // The roll is synced before the files go (the store does it through its pipeline).
+        s.sync().unwrap();
+        unlink(&t);
+        assert_eq!(s.topics["t"].segment_count(), 1);
+        drop(s);
+        let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
+        let st = s.topic_stats("t").unwrap();
+        assert_eq!((st.last_seq, st.floor, st.segments), (200, 201, 1));
+        assert_eq!(s.group("t", "g").unwrap().unwrap().acked_floor, 7);
+        assert_eq!(s.append("t", &[msg(70_000, "next")]).unwrap(), 201);
+    }
+
+    #[test]
+    fn by_size_the_oldest_go_and_acked_only_below_every_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = filled(dir.path(), 1_000);
+        s.create_topic_settings_for_test(
+            "t",
+            TopicSettings {
+                max_bytes: Some(100 * 1024),
+                ..Default::default()
+            },
+        );
+        let t = s
+            .retention_step("t", 2_000, 3_600_000, 200, 1000)
+            .unwrap()
+            .expect("removes");
+        assert_eq!(t.why, "max_bytes");
+        assert!(s.topic_stats("t").unwrap().bytes <= 100 * 1024 + 64 * 1024);
+        // Only what is durable goes.
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut s = filled(dir2.path(), 1_000);
+        s.create_topic_settings_for_test(
+            "t",
+            TopicSettings {
+                discard: Some(sluice_protocol::Discard::Acked),
+                ..Default::default()
+            },
+        );
+        // The group acked up to 7: nothing wholly below it.
+        assert!(s
+            .retention_step("t", 2_000, 3_600_000, 200, 1000)
+            .unwrap()
+            .is_none());
+        s.put_group("t", "g", &record(130)).unwrap();
+        s.put_group("t", "h", &record(200)).unwrap();
+        s.sync().unwrap();
+        let t = s
+            .retention_step("t", 2_000, 3_600_000, 200, 1000)
+            .unwrap()
+            .expect("removes");
+        assert_eq!(t.why, "acked");
+        assert!(
+            t.floor <= 131,
+            "nothing above the lowest group's floor: {}",
+            t.floor
+        );
+        assert!(t.floor > 1);
+        let none = s.retention_step("t", 2_000, 3_600_000, 0, 1000).unwrap();
+        assert!(none.is_none(), "nothing not durable goes");
+    }
+
+    #[test]
+    fn a_deleted_group_stays_deleted_and_is_not_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = filled(dir.path(), 1_000);
+        s.put_group("t", "h", &record(3)).unwrap();
+        assert!(s.delete_group("t", "g").unwrap());
+        assert!(!s.delete_group("t", "nope").unwrap());
+        // Roll: the new segment's copies hold h only.
+        s.topics.get_mut("t").unwrap().roll_now().unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let s = Storage::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.group("t", "g").unwrap(), None);
+        assert_eq!(s.group("t", "h").unwrap().unwrap().acked_floor, 3);
+    }
+
+    #[test]
+    fn groups_of_a_missing_topic_stay_in_memory_until_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
+        s.keep_waiting_group("later", "g", &record(0)).unwrap();
+        assert!(!dir.path().join("topics/later").exists(), "no file");
+        assert_eq!(s.group("later", "g").unwrap(), Some(record(0)));
+        assert_eq!(s.all_groups().unwrap().len(), 1);
+        s.append("later", &[msg(1, "a")]).unwrap();
+        s.sync().unwrap();
+        assert_eq!(s.waiting_groups(), 0);
+        drop(s);
+        let s = Storage::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.group("later", "g").unwrap(), Some(record(0)));
+    }
+
+    #[test]
+    fn seqs_by_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
+        s.set_segment_bytes(64 * 1024);
+        let body = "y".repeat(1000);
+        for k in 0..10u64 {
+            let batch: Vec<_> = (0..20).map(|_| msg(1000 * (k + 1), &body)).collect();
+            s.append("t", &batch).unwrap();
+        }
+        s.sync().unwrap();
+        assert_eq!(s.seq_at_time("t", 0).unwrap(), 1);
+        assert_eq!(s.seq_at_time("t", 1000).unwrap(), 1);
+        assert_eq!(s.seq_at_time("t", 1001).unwrap(), 21);
+        assert_eq!(s.seq_at_time("t", 5000).unwrap(), 81);
+        assert_eq!(
+            s.seq_at_time("t", 10_001).unwrap(),
+            201,
+            "after the last: head + 1"
+        );
+        drop(s);
+        let s = Storage::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            s.seq_at_time("t", 9500).unwrap(),
+            181,
+            "times read back at open"
+        );
+        assert!(matches!(
+            s.seq_at_time("nope", 1),
+            Err(StoreError::UnknownTopic(_))
+        ));
+    }
+
+    #[test]
+    fn ids_are_stored_once_within_their_window_and_remembered_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
+        s.set_defaults(TopicSettings {
+            dedup_window_ms: Some(10_000),
+            ..Default::default()
+        });
+        let ids = |v: &[Option<&str>]| v.iter().map(|i| i.map(str::to_string)).collect();
+        let (kept, a, _) = s
+            .append_dedup(
+                "t",
+                vec![
+                    msg(1000, "a"),
+                    msg(1000, "b"),
+                    msg(1000, "a again"),
+                    msg(1000, "c"),
+                ],
+                ids(&[Some("a"), Some("b"), Some("a"), None]),
+                1000,
+            )
+            .unwrap();
+        assert_eq!(kept.len(), 3);
+        assert!(a.duplicate);
+        assert_eq!(a.seqs, vec![1, 2, 1, 3]);
+        let (kept, a, _) = s
+            .append_dedup("t", vec![msg(2000, "b")], ids(&[Some("b")]), 2000)
+            .unwrap();
+        assert!(kept.is_empty());
+        assert_eq!((a.first_seq, a.last_seq, a.seqs), (2, 2, vec![2]));
+        s.sync().unwrap();
+        drop(s);
+        let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
+        s.set_defaults(TopicSettings {
+            dedup_window_ms: Some(10_000),
+            ..Default::default()
+        });
+        assert_eq!(s.rebuild_dedup(5000).unwrap(), 2);
+        let (kept, a, _) = s
+            .append_dedup("t", vec![msg(5000, "a")], ids(&[Some("a")]), 5000)
+            .unwrap();
+        assert!(kept.is_empty() && a.duplicate && a.seqs == vec![1]);
+        // Past the window: stored again.
+        let (kept, a, _) = s
+            .append_dedup("t", vec![msg(11_000, "a")], ids(&[Some("a")]), 11_000)
+            .unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(a, Appended::stored(4, 4));
+        // Old records (no id) read as before; the id is not served.
+        let r = s.read("t", 1, 10, usize::MAX).unwrap();
+        assert_eq!(r.messages.len(), 4);
+        assert_eq!(r.messages[0].payload, Bytes::from("a"));
+    }
+
+    impl Storage {
+        /// Sets `topic`'s overrides without writing them (tests).
+        fn create_topic_settings_for_test(&mut self, topic: &str, o: TopicSettings) {
+            self.overrides.insert(topic.to_string(), o);
+        }
+    }
+}
