@@ -603,7 +603,12 @@ impl Handler<CommitGroup> for StoreActor {
         }
         if !self.storage.exists(&msg.topic) && !self.appends_pending_for(&msg.topic) {
             // A group of a topic that does not exist yet: kept in memory (no file), written
-            // with the topic's first segment.
+            // with the topic's first segment. Such a group has acked nothing: a record that
+            // has is one of a topic deleted meanwhile (an ack racing the deletion), not kept.
+            if msg.record.acked_floor > 0 || !msg.record.acked_ranges.is_empty() {
+                let e = StoreError::UnknownTopic(msg.topic);
+                return Box::pin(async move { Err(e) });
+            }
             let kept = self.keep_waiting_group(&msg.topic, &msg.group, &msg.record);
             return Box::pin(async move { kept });
         }
@@ -925,6 +930,213 @@ mod tests {
             assert_eq!(
                 store.send(publish("t", &[b"c"])).await.unwrap().unwrap(),
                 Appended::stored(3, 3)
+            );
+        });
+    }
+
+    /// Records what the store tells an orchestrator shard about topics.
+    #[derive(Default)]
+    struct Listener {
+        floors: Arc<Mutex<Vec<(String, u64)>>>,
+        removed: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Actor for Listener {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<super::super::messages::FloorMoved> for Listener {
+        type Result = ();
+        fn handle(&mut self, m: super::super::messages::FloorMoved, _: &mut Context<Self>) {
+            self.floors.lock().unwrap().push((m.topic, m.floor_seq));
+        }
+    }
+
+    impl Handler<super::super::messages::TopicRemoved> for Listener {
+        type Result = ();
+        fn handle(&mut self, m: super::super::messages::TopicRemoved, _: &mut Context<Self>) {
+            self.removed.lock().unwrap().push(m.topic);
+        }
+    }
+
+    /// Waits up to 10 s for `f`.
+    async fn until(mut f: impl FnMut() -> bool) -> bool {
+        for _ in 0..500 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        f()
+    }
+
+    fn seg_files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn retention_removes_whole_segments_under_every_fsync_policy_and_says_so() {
+        use super::super::messages::{CreateTopic, SetTopicListeners, TopicListener};
+        for policy in [
+            FsyncPolicy::Always,
+            FsyncPolicy::Interval(std::time::Duration::from_millis(50)),
+            FsyncPolicy::Never,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut storage = Storage::open(dir.path(), 1 << 20).unwrap();
+            storage.set_segment_bytes(64 * 1024);
+            let config = crate::config::Config {
+                retention_interval: std::time::Duration::from_millis(100),
+                ..Default::default()
+            };
+            let bus = crate::events::EventBus::default();
+            let mut events = bus.subscribe();
+            let topic_dir = dir.path().join("topics/t");
+            actix_rt::System::new().block_on(async move {
+                let store = StoreActor::new(storage, policy)
+                    .with_config(Arc::new(config), bus)
+                    .start();
+                let listener = Listener::default();
+                let floors = listener.floors.clone();
+                let l = listener.start();
+                store
+                    .send(SetTopicListeners(vec![TopicListener {
+                        floor_moved: l.clone().recipient(),
+                        removed: l.recipient(),
+                    }]))
+                    .await
+                    .unwrap();
+                let body = vec![7u8; 1000];
+                for _ in 0..15 {
+                    let many: Vec<&[u8]> = (0..20).map(|_| &body[..]).collect();
+                    store.send(publish("t", &many)).await.unwrap().unwrap();
+                }
+                assert!(seg_files(&topic_dir) >= 4, "{policy}");
+                let alter = CreateTopic {
+                    topic: "t".into(),
+                    settings: sluice_protocol::TopicSettings {
+                        max_bytes: Some(64 * 1024),
+                        ..Default::default()
+                    },
+                    alter: true,
+                };
+                let info = store.send(alter).await.unwrap().unwrap();
+                assert_eq!(info.settings.max_bytes, Some(64 * 1024));
+                assert!(
+                    until(|| !floors.lock().unwrap().is_empty()).await,
+                    "{policy}: FloorMoved"
+                );
+                let (topic, floor) = floors.lock().unwrap()[0].clone();
+                assert_eq!(topic, "t");
+                assert!(floor > 1, "{policy}: {floor}");
+                assert!(seg_files(&topic_dir) <= 2, "{policy}: files unlinked");
+                let read = ReadRange {
+                    topic: "t".into(),
+                    from: 1,
+                    max: 1,
+                    max_bytes: 1 << 20,
+                };
+                let r = store.send(read).await.unwrap().unwrap();
+                assert!(r.floor >= floor, "{policy}");
+                assert_eq!(
+                    r.messages[0].seq, r.floor,
+                    "{policy}: reads start at the floor"
+                );
+                let mut removed = None;
+                while let Ok(e) = events.try_recv() {
+                    if e.kind == sluice_protocol::event_kind::RETENTION_REMOVED {
+                        removed = Some(e);
+                        break;
+                    }
+                }
+                let e = removed.expect("retention_removed event");
+                assert_eq!(
+                    (e.topic.as_deref(), e.seq, e.count, e.detail.as_deref()),
+                    (Some("t"), Some(floor), Some(floor - 1), Some("max_bytes"))
+                );
+            });
+        }
+    }
+
+    #[test]
+    fn deleted_groups_and_topics_are_gone_and_said_so() {
+        use super::super::messages::{
+            DeleteGroupRecord, DeleteTopic, GetTopicInfo, SetTopicListeners, TopicListener,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        let bus = crate::events::EventBus::default();
+        let mut events = bus.subscribe();
+        actix_rt::System::new().block_on(async move {
+            let store = StoreActor::new(storage, FsyncPolicy::Always)
+                .with_config(Arc::new(crate::config::Config::default()), bus)
+                .start();
+            let listener = Listener::default();
+            let removed = listener.removed.clone();
+            let l = listener.start();
+            store
+                .send(SetTopicListeners(vec![TopicListener {
+                    floor_moved: l.clone().recipient(),
+                    removed: l.recipient(),
+                }]))
+                .await
+                .unwrap();
+            store.send(publish("t", &[b"a"])).await.unwrap().unwrap();
+            let record = GroupRecord {
+                mode: sluice_protocol::GroupMode::Shared,
+                filters: Default::default(),
+                acked_floor: 1,
+                acked_above: Vec::new(),
+                acked_ranges: Vec::new(),
+                created_ms: 0,
+                backoff_ms: vec![],
+                attempts: vec![],
+            };
+            let commit = CommitGroup {
+                topic: "t".into(),
+                group: "g".into(),
+                record,
+            };
+            store.send(commit).await.unwrap().unwrap();
+            let del = || DeleteGroupRecord {
+                topic: "t".into(),
+                group: "g".into(),
+            };
+            assert!(store.send(del()).await.unwrap().unwrap());
+            assert!(!store.send(del()).await.unwrap().unwrap(), "gone already");
+            let load = LoadGroup {
+                topic: "t".into(),
+                group: "g".into(),
+            };
+            assert_eq!(store.send(load).await.unwrap().unwrap(), (None, 1));
+
+            let d = store
+                .send(DeleteTopic { topic: "t".into() })
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(d.messages, 1);
+            assert!(until(|| removed.lock().unwrap().as_slice() == ["t"]).await);
+            let info = GetTopicInfo {
+                topic: Some("t".into()),
+            };
+            assert!(store.send(info).await.unwrap().unwrap().is_empty());
+            let mut kinds = Vec::new();
+            while let Ok(e) = events.try_recv() {
+                kinds.push(e.kind.clone());
+            }
+            assert_eq!(
+                kinds,
+                vec![
+                    sluice_protocol::event_kind::TOPIC_CREATED,
+                    sluice_protocol::event_kind::TOPIC_DELETED
+                ]
             );
         });
     }
