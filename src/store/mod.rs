@@ -6,6 +6,13 @@
 //! | topic logs | [`segment`] files `<data_dir>/topics/<topic>/*.seg`: chunks of [`record`]s, each record with its CRC-32 |
 //! | group cursors | "SLG1" chunks in the same segment files: group name → MessagePack [`GroupRecord`] (mode, filters, acked floor, acks above it) |
 //! | (older data dirs) | sled tree `groups`: `<topic>\0<group>` → [`GroupRecord`], moved into the topic logs at open |
+//! | topic settings | `<data_dir>/topics/<topic>/settings.toml`: the topic's overrides ([`settings`]) |
+//! | message ids | inside their records ([`record`]); an in-memory index per topic ([`dedup`]), rebuilt at open |
+//! | deleted topics | `<data_dir>/trash/`, until their files are removed (emptied at open) |
+//!
+//! Topics as an operator manages them, retention (whole segments cut off the front, through the
+//! sync pipeline, unlinked by the [`remover`] thread) and the dedup index are described in
+//! `src/store/retention.md`.
 //!
 //! Message data is kept out of sled because sled keeps every page it writes resident (see
 //! `segment/`). Group cursors moved out of sled too: a commit holding a topic's publishes and
