@@ -9,7 +9,7 @@ use std::sync::Arc;
 pub const MAX_IDS_PER_TOPIC: usize = 1_000_000;
 
 /// One topic's ids, in the order they were stored.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DedupIndex {
     /// Id → (seq, store time in ms).
     map: HashMap<Arc<str>, (u64, u64)>,
@@ -21,6 +21,12 @@ pub struct DedupIndex {
     cap: usize,
 }
 
+impl Default for DedupIndex {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl DedupIndex {
     /// An empty index holding at most [`MAX_IDS_PER_TOPIC`] ids.
     pub fn new() -> Self {
@@ -30,8 +36,10 @@ impl DedupIndex {
     /// An empty index holding at most `cap` ids.
     pub fn with_cap(cap: usize) -> Self {
         DedupIndex {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            forgotten: 0,
             cap: cap.max(1),
-            ..Default::default()
         }
     }
 
@@ -114,6 +122,14 @@ mod tests {
         ix.insert("b", 9, 2600);
         assert_eq!(ix.expire(2600, 1000, 10), 1);
         assert_eq!(ix.get("b", 2600, 1000), Some(9));
+    }
+
+    #[test]
+    fn the_default_index_holds_the_full_bound() {
+        let mut ix = DedupIndex::default();
+        assert_eq!(ix.insert("a", 1, 0), 0);
+        assert_eq!(ix.insert("b", 2, 0), 0);
+        assert_eq!(ix.len(), 2);
     }
 
     #[test]

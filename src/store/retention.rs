@@ -68,15 +68,12 @@ pub fn plan(segs: &[SegmentInfo], limits: &Limits, now_ms: u64, max_remove: usiz
     let all_expired = active.messages > 0
         && expired(active)
         && segs.iter().all(|s| s.messages == 0 || expired(s));
-    if all_expired {
-        out.roll = true;
-    } else if active.messages > 0
+    // Or its first message is old enough: rolled, so that all of it can go later.
+    let old_enough = active.messages > 0
         && active
             .first_ms
-            .is_some_and(|t| now_ms.saturating_sub(t) >= limits.roll_age_ms)
-    {
-        out.roll = true;
-    }
+            .is_some_and(|t| now_ms.saturating_sub(t) >= limits.roll_age_ms);
+    out.roll = all_expired || old_enough;
     // Candidates: every segment but the one taking appends (which is the rolled one's
     // successor when every message expired).
     let candidates = if all_expired {

@@ -412,10 +412,7 @@ impl Storage {
                 m.seq = first + i as u64;
             }
             if window > 0 {
-                let index = self
-                    .dedup
-                    .entry(topic.to_string())
-                    .or_insert_with(DedupIndex::new);
+                let index = self.dedup.entry(topic.to_string()).or_default();
                 for (m, id) in kept.iter().zip(&kept_ids) {
                     if let Some(id) = id {
                         forgotten += index.insert(id, m.seq, m.timestamp_ms);

@@ -138,7 +138,7 @@ impl SegmentLog {
     /// its head in the new segment's name. Not durable until the next sync; on error, undo
     /// with [`SegmentLog::rollback`] from a mark taken before. `false`: nothing to roll.
     pub fn roll_now(&mut self) -> Result<bool, StoreError> {
-        if !self.segments.last().is_some_and(|s| !s.chunks.is_empty()) {
+        if self.segments.last().is_none_or(|s| s.chunks.is_empty()) {
             return Ok(false);
         }
         let first = self.next_seq()?;
