@@ -66,6 +66,9 @@ pub struct ServeArgs {
     /// sled cache size in bytes.
     #[arg(long, env = "SLUICE_CACHE_CAPACITY", value_name = "BYTES")]
     pub cache_capacity: Option<u64>,
+    /// How often the retention sweep runs over every topic (humantime, at least 100ms).
+    #[arg(long, env = "SLUICE_RETENTION_INTERVAL", value_name = "DUR", value_parser = parse_duration)]
+    pub retention_interval: Option<Duration>,
     /// Enable the admin.fault route (tests only).
     #[arg(long, env = "SLUICE_ENABLE_FAULT_INJECTION")]
     pub enable_fault_injection: bool,
@@ -96,7 +99,8 @@ impl ServeArgs {
             orchestrators,
             max_queued_bytes,
             preallocate_segment,
-            cache_capacity
+            cache_capacity,
+            retention_interval
         );
         if self.enable_fault_injection {
             c.enable_fault_injection = true;
