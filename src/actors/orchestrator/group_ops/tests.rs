@@ -68,7 +68,7 @@ macro_rules! answers {
 
 answers! {
     LoadGroup => Ok((None, 10)),
-    AppendMessages => Ok((1, 0)),
+    AppendMessages => Ok(crate::store::Appended::stored(1, 0)),
     ListGroups => Ok(vec![]),
     GetSyncStats => SyncStats::default(),
     GetActorStats => ActorStats::default(),
