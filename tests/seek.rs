@@ -326,3 +326,41 @@ async fn a_group_with_consumers_is_busy_and_a_deleted_group_is_gone_across_a_res
         .expect("subscribe");
     assert_eq!(consume(&mut c, 10).await, range(1, 10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_topic_ends_its_subscriptions_with_deleted() {
+    let b = TestBroker::start();
+    let addr = b.addr();
+    let mut pc = RawClient::setup(&addr, RAW_LIFETIME).await;
+    raw_publish(&mut pc, 1, "t", 10).await;
+    let mut c = raw_subscribe(&addr, "t", "g", 1, 5).await;
+    let held = raw_next_batch(&mut c).await;
+    assert_eq!(batch_seqs(&held), range(1, 5));
+    let admin = Admin::connect(client_config(&addr, "admin"))
+        .await
+        .expect("admin");
+    admin.delete_topic("t").await.expect("delete");
+    // A notice (it had credits), then the stream ends with DELETED.
+    let f = raw_next(&mut c, RAW_T).await.expect("notice");
+    let data = payload_of(&f).expect("payload");
+    match sluice_protocol::decode::<StreamEvent>(&data).expect("decode") {
+        StreamEvent::Reset(n) => assert_eq!(n.reason, "deleted"),
+        other => panic!("expected a reset notice, got {other:?}"),
+    }
+    let f = raw_next(&mut c, RAW_T).await.expect("error");
+    assert_eq!(f.get_stream_id(), 1);
+    let (_, text) = error_of(&f).unwrap_or_else(|| panic!("not an error: {f:?}"));
+    assert_eq!(
+        sluice_protocol::WireError::parse(&text).code,
+        ErrorCode::Deleted,
+        "{text}"
+    );
+    assert_eq!(acked_floor(&admin, "t", "g").await, None);
+    assert!(b.log().contains("group dropped: topic deleted"));
+    // Published again, the topic starts afresh, and so does a group of that name.
+    raw_publish(&mut pc, 3, "t", 2).await;
+    let mut c = Consumer::subscribe(consumer_config(&addr, "t", "g"))
+        .await
+        .expect("subscribe");
+    assert_eq!(consume(&mut c, 2).await, vec![1, 2]);
+}
