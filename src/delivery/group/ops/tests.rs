@@ -577,3 +577,25 @@ fn key_shared_a_waiting_message_holds_its_key_back_but_not_other_keys() {
         "key a in order"
     );
 }
+
+#[test]
+fn the_ack_range_bound_is_reported_once_per_episode() {
+    let mut g = group(&[], 0, 10, 10);
+    for i in 0..MAX_ACK_RANGES as u64 {
+        g.above.insert(10 + 2 * i);
+    }
+    let top = 10 + 2 * MAX_ACK_RANGES as u64;
+    g.next_read = top;
+    g.offer_tail(&[Arc::new(msg(top))]);
+    assert!(form(&mut g).is_empty());
+    assert_eq!(g.take_pressure_event(), Some("ack ranges"));
+    assert!(form(&mut g).is_empty());
+    assert_eq!(g.take_pressure_event(), None);
+    // The floor moves: the episode ends; the next one is reported again.
+    for s in 1..10 {
+        g.settle(s);
+    }
+    assert_eq!(form(&mut g).len(), 1);
+    assert_eq!(g.take_pressure_event(), None);
+    assert_eq!(g.stats("t", "g", top).memory_pressure, 1);
+}
