@@ -86,8 +86,8 @@ pub(crate) enum Retired {
     Topic(RemovedTopic, oneshot::Sender<Result<(), String>>),
 }
 
-/// Hands settled removals to the remover thread.
-pub(crate) type Retirer = Box<dyn Fn(Vec<Retired>) + Send>;
+/// Hands removals whose batch settled, with the batch's result, to the remover thread.
+pub(crate) type Retirer = Box<dyn Fn(Vec<Retired>, Result<(), String>) + Send>;
 /// Answers a group commit.
 pub(crate) type GroupReply = oneshot::Sender<Result<(), StoreError>>;
 
@@ -261,34 +261,23 @@ impl SyncLedger {
         }
     }
 
-    /// Hands removals whose batch settled to the remover; after a failed sync nothing is
-    /// removed (the files stay until the broker restarts) and a deletion gets the error.
+    /// Hands removals whose batch settled to the remover with the batch's result: after a
+    /// failed sync nothing is removed (the files stay until the broker restarts) and a
+    /// deletion gets the error.
     fn retire(&mut self, retired: Vec<Retired>, res: &Result<(), String>) {
         if retired.is_empty() {
             return;
         }
-        if let Err(e) = res {
-            for r in retired {
-                match r {
-                    Retired::Topic(t, reply) => {
-                        tracing::error!(topic = %t.topic, error = %e, "a deleted topic's files stay until restart: the sync before their removal failed");
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                    Retired::Segments(t) => {
-                        tracing::error!(topic = %t.topic, error = %e, "segments removed by retention stay on disk until restart: the sync before their removal failed");
-                    }
+        if res.is_ok() {
+            for r in &retired {
+                if let Retired::Topic(t, _) = r {
+                    // Every older job settled: no later settle brings the old head back.
+                    self.durable.remove(&t.topic);
                 }
-            }
-            return;
-        }
-        for r in &retired {
-            if let Retired::Topic(t, _) = r {
-                // Every older job settled: no later settle brings the old head back.
-                self.durable.remove(&t.topic);
             }
         }
         match &self.retire {
-            Some(retire) => retire(retired),
+            Some(retire) => retire(retired, res.clone()),
             None => {
                 tracing::warn!("no remover: files retention and deletions removed stay on disk")
             }

@@ -5,6 +5,27 @@
 use super::commit::Retired;
 use std::path::Path;
 use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+/// What the remover reports back to the store actor (on its own thread).
+#[derive(Debug)]
+pub enum Removed {
+    /// Segments retention took out of a log are gone.
+    Segments(SegmentsRemoved),
+    /// A topic's deletion is durable (or failed): the actor answers it with `reply`.
+    Topic {
+        /// The topic.
+        topic: String,
+        /// Messages it held.
+        messages: u64,
+        /// Bytes of its chunks.
+        bytes: u64,
+        /// Whether the deletion is durable.
+        result: Result<(), String>,
+        /// The deletion's answer.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
 
 /// What the remover reports for segments it removed.
 #[derive(Debug, Clone)]
@@ -24,18 +45,19 @@ pub struct SegmentsRemoved {
     pub error: Option<String>,
 }
 
-/// Starts the remover thread; `report` is called (on that thread) after each batch of
-/// segments is removed. The thread ends when the returned sender is dropped.
-pub(crate) fn spawn(
-    report: Box<dyn Fn(SegmentsRemoved) + Send>,
-) -> std::io::Result<mpsc::Sender<Vec<Retired>>> {
-    let (tx, rx) = mpsc::channel::<Vec<Retired>>();
+/// A batch of removals and the result of the sync it waited for.
+pub(crate) type Batch = (Vec<Retired>, Result<(), String>);
+
+/// Starts the remover thread; `report` is called (on that thread) after each removal. The
+/// thread ends when the returned sender is dropped.
+pub(crate) fn spawn(report: Box<dyn Fn(Removed) + Send>) -> std::io::Result<mpsc::Sender<Batch>> {
+    let (tx, rx) = mpsc::channel::<Batch>();
     std::thread::Builder::new()
         .name("sluice-remover".into())
         .spawn(move || {
-            for batch in rx {
+            for (batch, synced) in rx {
                 for r in batch {
-                    remove(r, &report);
+                    remove(r, &synced, &report);
                 }
             }
         })?;
@@ -51,9 +73,13 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-fn remove(r: Retired, report: &dyn Fn(SegmentsRemoved)) {
+fn remove(r: Retired, synced: &Result<(), String>, report: &dyn Fn(Removed)) {
     match r {
         Retired::Segments(t) => {
+            if let Err(e) = synced {
+                tracing::error!(topic = %t.topic, error = %e, "segments removed by retention stay on disk until restart: the sync before their removal failed");
+                return;
+            }
             let mut error = None;
             for d in &t.removed {
                 match std::fs::remove_file(&d.path) {
@@ -69,25 +95,33 @@ fn remove(r: Retired, report: &dyn Fn(SegmentsRemoved)) {
                 tracing::error!(dir = %t.dir.display(), error = %e, "cannot fsync a topic's directory after removing segments");
                 error = Some(format!("fsync of {}: {e}", t.dir.display()));
             }
-            report(SegmentsRemoved {
+            report(Removed::Segments(SegmentsRemoved {
                 messages: t.messages(),
                 bytes: t.bytes(),
                 topic: t.topic,
                 floor: t.floor,
                 why: t.why,
                 error,
-            });
+            }));
         }
         Retired::Topic(t, reply) => {
             // The rename into the trash made durable: the deletion is done.
-            let synced = t
-                .dirs
-                .iter()
-                .try_for_each(|d| fsync_dir(d))
-                .map_err(|e| format!("fsync after renaming the topic's directory: {e}"));
-            let ok = synced.is_ok();
-            let _ = reply.send(synced);
+            let result = synced.clone().and_then(|()| {
+                t.dirs
+                    .iter()
+                    .try_for_each(|d| fsync_dir(d))
+                    .map_err(|e| format!("fsync after renaming the topic's directory: {e}"))
+            });
+            let ok = result.is_ok();
+            report(Removed::Topic {
+                topic: t.topic.clone(),
+                messages: t.messages,
+                bytes: t.bytes,
+                result,
+                reply,
+            });
             if !ok {
+                tracing::error!(topic = %t.topic, "a deleted topic's files stay in the trash until restart");
                 return;
             }
             // Then its files go; a crash before the end leaves them in the trash, emptied at

@@ -12,7 +12,7 @@ use crate::actors::messages::{
 use crate::actors::now_ms;
 use crate::config::FsyncPolicy;
 use crate::store::commit::{lock, Retired, Written};
-use crate::store::remover::SegmentsRemoved;
+use crate::store::remover::{Removed, SegmentsRemoved};
 use crate::store::{settings, GroupRecord, StoreError};
 use actix::prelude::*;
 use sluice_protocol::{
@@ -38,10 +38,10 @@ pub struct StoreLimits {
     last_dedup_event: Option<std::time::Instant>,
 }
 
-/// The segments retention removed are gone from disk (from the remover thread).
+/// Files retention or a deletion removed are gone (from the remover thread).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub(super) struct RetentionRemoved(pub SegmentsRemoved);
+pub(super) struct FilesRemoved(pub Removed);
 
 /// Whether `topic` is a dead-letter topic, which the broker creates when it needs it whatever
 /// `auto_create_topics` says.
@@ -150,17 +150,17 @@ impl StoreActor {
     }
 
     /// Starts the remover thread once (it outlives restarts of the actor): it unlinks what
-    /// the ledger hands it and reports back with [`RetentionRemoved`].
+    /// the ledger hands it and reports back with [`FilesRemoved`].
     pub(super) fn start_remover(&mut self, ctx: &mut Context<Self>) {
         if self.remover_started {
             return;
         }
-        let me = ctx.address().recipient::<RetentionRemoved>();
-        match crate::store::remover::spawn(Box::new(move |r| me.do_send(RetentionRemoved(r)))) {
+        let me = ctx.address().recipient::<FilesRemoved>();
+        match crate::store::remover::spawn(Box::new(move |r| me.do_send(FilesRemoved(r)))) {
             Ok(tx) => {
                 self.remover_started = true;
-                lock(&self.ledger).retire = Some(Box::new(move |batch| {
-                    let _ = tx.send(batch);
+                lock(&self.ledger).retire = Some(Box::new(move |batch, synced| {
+                    let _ = tx.send((batch, synced));
                 }));
             }
             Err(e) => {
@@ -302,10 +302,10 @@ impl StoreActor {
     }
 }
 
-impl Handler<RetentionRemoved> for StoreActor {
-    type Result = ();
-    fn handle(&mut self, msg: RetentionRemoved, _: &mut Context<Self>) {
-        let r = msg.0;
+impl StoreActor {
+    /// Segments retention removed are gone: an event, and the topic's orchestrator moves its
+    /// groups up to the floor.
+    fn segments_removed(&mut self, r: SegmentsRemoved) {
         tracing::info!(topic = %r.topic, messages = r.messages, bytes = r.bytes, floor = r.floor, why = r.why, "retention removed segments");
         if let Some(e) = &r.error {
             self.storage_error(Some(&r.topic), e);
@@ -324,6 +324,55 @@ impl Handler<RetentionRemoved> for StoreActor {
                 topic: r.topic,
                 floor_seq: r.floor,
             });
+        }
+    }
+
+    /// A topic's deletion is durable (or failed): the name is free again, an event, the
+    /// orchestrator ends its subscriptions, and then the deletion is answered (so a request
+    /// the client sends after the answer finds the name free).
+    fn topic_removed(
+        &mut self,
+        topic: String,
+        messages: u64,
+        bytes: u64,
+        result: Result<(), String>,
+        reply: oneshot::Sender<Result<(), String>>,
+    ) {
+        self.deleting.remove(&topic);
+        match &result {
+            Ok(()) => {
+                tracing::info!(topic, messages, bytes, "topic deleted");
+                self.events.emit(
+                    BrokerEvent::now(event_kind::TOPIC_DELETED)
+                        .topic(&topic)
+                        .count(messages)
+                        .bytes(bytes),
+                );
+                if !self.topic_listeners.is_empty() {
+                    let shard = crate::actors::shard_for(&topic, self.topic_listeners.len());
+                    self.topic_listeners[shard]
+                        .removed
+                        .do_send(TopicRemoved { topic });
+                }
+            }
+            Err(e) => self.storage_error(Some(&topic), &format!("deleting the topic: {e}")),
+        }
+        let _ = reply.send(result);
+    }
+}
+
+impl Handler<FilesRemoved> for StoreActor {
+    type Result = ();
+    fn handle(&mut self, msg: FilesRemoved, _: &mut Context<Self>) {
+        match msg.0 {
+            Removed::Segments(r) => self.segments_removed(r),
+            Removed::Topic {
+                topic,
+                messages,
+                bytes,
+                result,
+                reply,
+            } => self.topic_removed(topic, messages, bytes, result, reply),
         }
     }
 }
@@ -396,7 +445,7 @@ impl Handler<GetTopicInfo> for StoreActor {
 }
 
 impl Handler<DeleteTopic> for StoreActor {
-    type Result = ResponseActFuture<Self, Result<TopicDeleted, WireError>>;
+    type Result = ResponseFuture<Result<TopicDeleted, WireError>>;
     fn handle(&mut self, msg: DeleteTopic, ctx: &mut Context<Self>) -> Self::Result {
         self.counters.handled += 1;
         let topic = msg.topic;
@@ -407,10 +456,11 @@ impl Handler<DeleteTopic> for StoreActor {
             )
         };
         if let Some(e) = self.refusal() {
-            return Box::pin(fut::ready(Err(storage_wire(e))));
+            return Box::pin(async move { Err(storage_wire(e)) });
         }
         if !self.storage.exists(&topic) || self.deleting.contains(&topic) {
-            return Box::pin(fut::ready(Err(unknown(&topic))));
+            let e = unknown(&topic);
+            return Box::pin(async move { Err(e) });
         }
         // What was queued for it is written first (and goes with it).
         self.write_pending();
@@ -418,7 +468,7 @@ impl Handler<DeleteTopic> for StoreActor {
             Ok(r) => r,
             Err(e) => {
                 self.commit_written(ctx);
-                return Box::pin(fut::ready(Err(storage_wire(e))));
+                return Box::pin(async move { Err(storage_wire(e)) });
             }
         };
         let (messages, bytes) = (removed.messages, removed.bytes);
@@ -426,39 +476,20 @@ impl Handler<DeleteTopic> for StoreActor {
         let (tx, rx) = oneshot::channel();
         self.written.retired.push(Retired::Topic(removed, tx));
         self.commit_written(ctx);
-        Box::pin(rx.into_actor(self).map(move |res, act, _| {
-            act.deleting.remove(&topic);
-            match res {
-                Ok(Ok(())) => {
-                    tracing::info!(topic, messages, bytes, "topic deleted");
-                    act.events.emit(
-                        BrokerEvent::now(event_kind::TOPIC_DELETED)
-                            .topic(&topic)
-                            .count(messages)
-                            .bytes(bytes),
-                    );
-                    if !act.topic_listeners.is_empty() {
-                        let shard = crate::actors::shard_for(&topic, act.topic_listeners.len());
-                        act.topic_listeners[shard].removed.do_send(TopicRemoved {
-                            topic: topic.clone(),
-                        });
-                    }
-                    Ok(TopicDeleted {
-                        topic,
-                        messages,
-                        bytes,
-                    })
-                }
-                Ok(Err(e)) => {
-                    act.storage_error(Some(&topic), &e);
-                    Err(WireError::new(ErrorCode::StorageError, e))
-                }
+        Box::pin(async move {
+            match rx.await {
+                Ok(Ok(())) => Ok(TopicDeleted {
+                    topic,
+                    messages,
+                    bytes,
+                }),
+                Ok(Err(e)) => Err(WireError::new(ErrorCode::StorageError, e)),
                 Err(_) => Err(WireError::new(
                     ErrorCode::Unavailable,
                     "the store restarted during the deletion",
                 )),
             }
-        }))
+        })
     }
 }
 
