@@ -97,6 +97,28 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("'{s}': {e}"))
 }
 
+/// Parses a byte size for a flag: an integer or a number with a unit (`1GiB`, `500MB`, `4096`;
+/// see [`crate::config::parse_bytes`]). A negative number is refused with a clear message.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("'{s}': a size cannot be negative"));
+    }
+    crate::config::parse_bytes(s)
+}
+
+/// Parses a redelivery schedule for a flag: humantime entries separated by commas
+/// (`1s,5s,30s,2m`); each must be a duration of 1ms..=1day, at most
+/// [`sluice_protocol::MAX_BACKOFF_STEPS`] of them.
+pub fn parse_backoff_list(s: &str) -> Result<Vec<Duration>, String> {
+    let entries: Vec<String> = s
+        .split(',')
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let ms = sluice_protocol::parse_backoff(&entries).map_err(|e| e.message)?;
+    Ok(ms.into_iter().map(Duration::from_millis).collect())
+}
+
 /// Writes `text` to stdout and flushes it.
 pub(crate) fn write_stdout(text: &str) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
@@ -178,6 +200,25 @@ mod tests {
         assert_eq!(format_ms(350), "350ms");
         assert_eq!(format_ms(12_400), "12s");
         assert_eq!(format_ms(3_723_000), "1h 2m 3s");
+    }
+
+    #[test]
+    fn sizes_and_schedules() {
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("-5").unwrap_err().contains("negative"));
+        assert!(parse_size("lots").is_err());
+        assert_eq!(
+            parse_backoff_list("1s, 5s,2m"),
+            Ok(vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(120)
+            ])
+        );
+        assert!(parse_backoff_list("1s,soon").unwrap_err().contains("soon"));
+        assert!(parse_backoff_list("").is_err());
+        assert!(parse_backoff_list("2days").is_err());
     }
 
     #[derive(Parser)]

@@ -69,6 +69,41 @@ pub struct ServeArgs {
     /// Enable the admin.fault route (tests only).
     #[arg(long, env = "SLUICE_ENABLE_FAULT_INJECTION")]
     pub enable_fault_injection: bool,
+    /// A publish to an unknown topic creates it: true or false (false: `sluice topic create`
+    /// first; publishing elsewhere is refused with UNKNOWN_TOPIC).
+    #[arg(long, env = "SLUICE_AUTO_CREATE_TOPICS", value_name = "BOOL")]
+    pub auto_create_topics: Option<bool>,
+    /// How often the retention sweep runs over every topic (humantime).
+    #[arg(long, env = "SLUICE_RETENTION_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub retention_interval: Option<Duration>,
+    /// Default retention: messages older than this are removed (humantime, e.g. 7d).
+    #[arg(long, env = "SLUICE_RETENTION_MAX_AGE", value_name = "DURATION", value_parser = parse_duration)]
+    pub retention_max_age: Option<Duration>,
+    /// Default retention: most bytes per topic (e.g. 1GiB, 500MB, 4096).
+    #[arg(long, env = "SLUICE_RETENTION_MAX_BYTES", value_name = "BYTES", value_parser = super::parse_size)]
+    pub retention_max_bytes: Option<u64>,
+    /// Default retention: most messages per topic.
+    #[arg(long, env = "SLUICE_RETENTION_MAX_MESSAGES", value_name = "N")]
+    pub retention_max_messages: Option<u64>,
+    /// Default retention: age (limits only) or acked (also once every group acked them).
+    #[arg(long, env = "SLUICE_RETENTION_DISCARD", value_name = "age|acked")]
+    pub retention_discard: Option<sluice_protocol::Discard>,
+    /// A segment is closed once its first message is this old (humantime).
+    #[arg(long, env = "SLUICE_SEGMENT_MAX_AGE", value_name = "DURATION", value_parser = parse_duration)]
+    pub segment_max_age: Option<Duration>,
+    /// Message ids are remembered this long per topic (humantime; 0s: no deduplication).
+    #[arg(long, env = "SLUICE_DEDUP_WINDOW", value_name = "DURATION", value_parser = parse_duration)]
+    pub dedup_window: Option<Duration>,
+    /// Default redelivery schedule of new groups: humantime entries separated by commas
+    /// (e.g. 1s,5s,30s,2m).
+    #[arg(long, env = "SLUICE_BACKOFF", value_name = "DUR,DUR,...", value_parser = super::parse_backoff_list)]
+    pub backoff: Option<Vec<Duration>>,
+    /// A consumer with lag and no ack for this long is flagged stale (humantime).
+    #[arg(long, env = "SLUICE_STALE_AFTER", value_name = "DURATION", value_parser = parse_duration)]
+    pub stale_after: Option<Duration>,
+    /// A consumer stale for this long is disconnected (humantime; default: never).
+    #[arg(long, env = "SLUICE_STALE_DISCONNECT_AFTER", value_name = "DURATION", value_parser = parse_duration)]
+    pub stale_disconnect_after: Option<Duration>,
 }
 
 impl ServeArgs {
@@ -96,8 +131,29 @@ impl ServeArgs {
             orchestrators,
             max_queued_bytes,
             preallocate_segment,
-            cache_capacity
+            cache_capacity,
+            auto_create_topics,
+            retention_interval,
+            segment_max_age,
+            dedup_window,
+            backoff,
+            stale_after
         );
+        if self.stale_disconnect_after.is_some() {
+            c.stale_disconnect_after = self.stale_disconnect_after;
+        }
+        if let Some(v) = self.retention_max_age {
+            c.retention.max_age = Some(v);
+        }
+        if let Some(v) = self.retention_max_bytes {
+            c.retention.max_bytes = Some(v);
+        }
+        if let Some(v) = self.retention_max_messages {
+            c.retention.max_messages = Some(v);
+        }
+        if let Some(v) = self.retention_discard {
+            c.retention.discard = v;
+        }
         if self.enable_fault_injection {
             c.enable_fault_injection = true;
         }
