@@ -97,7 +97,7 @@ pub struct ServeArgs {
     /// Default redelivery schedule of new groups: humantime entries separated by commas
     /// (e.g. 1s,5s,30s,2m).
     #[arg(long, env = "SLUICE_BACKOFF", value_name = "DUR,DUR,...", value_parser = super::parse_backoff_list)]
-    pub backoff: Option<Vec<Duration>>,
+    pub backoff: Option<super::Schedule>,
     /// A consumer with lag and no ack for this long is flagged stale (humantime).
     #[arg(long, env = "SLUICE_STALE_AFTER", value_name = "DURATION", value_parser = parse_duration)]
     pub stale_after: Option<Duration>,
@@ -136,9 +136,11 @@ impl ServeArgs {
             retention_interval,
             segment_max_age,
             dedup_window,
-            backoff,
             stale_after
         );
+        if let Some(b) = self.backoff {
+            c.backoff = b.0;
+        }
         if self.stale_disconnect_after.is_some() {
             c.stale_disconnect_after = self.stale_disconnect_after;
         }
@@ -184,6 +186,7 @@ pub fn with_defaults_in_help(serve: clap::Command) -> clap::Command {
         let shown = match defaults.get(&id) {
             Some(toml::Value::String(s)) => s.clone(),
             Some(toml::Value::Boolean(_)) | None => return cmd,
+            Some(toml::Value::Array(a)) if a.is_empty() => return cmd,
             Some(v) => v.to_string(),
         };
         cmd.mut_arg(id, |a| {
@@ -319,6 +322,65 @@ mod tests {
         let w = config_warnings(&c);
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("lifetime 3s 999ms") && w[0].contains("keepalive 2s"));
+    }
+
+    #[test]
+    fn issue_11_flags_reach_the_config() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Probe {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let p = Probe::try_parse_from([
+            "serve",
+            "--retention-interval",
+            "1s",
+            "--auto-create-topics",
+            "false",
+            "--retention-max-age",
+            "7d",
+            "--retention-max-bytes",
+            "1GiB",
+            "--retention-max-messages",
+            "1000",
+            "--retention-discard",
+            "acked",
+            "--segment-max-age",
+            "10m",
+            "--dedup-window",
+            "5m",
+            "--backoff",
+            "1s,5s",
+            "--stale-after",
+            "30s",
+            "--stale-disconnect-after",
+            "2m",
+        ])
+        .expect("parse");
+        let c = p.args.into_config().expect("valid");
+        assert_eq!(c.retention_interval, Duration::from_secs(1));
+        assert!(!c.auto_create_topics);
+        assert_eq!(c.retention.max_age, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(c.retention.max_bytes, Some(1 << 30));
+        assert_eq!(c.retention.max_messages, Some(1000));
+        assert_eq!(c.retention.discard, sluice_protocol::Discard::Acked);
+        assert_eq!(c.segment_max_age, Duration::from_secs(600));
+        assert_eq!(c.dedup_window, Duration::from_secs(300));
+        assert_eq!(
+            c.backoff,
+            vec![Duration::from_secs(1), Duration::from_secs(5)]
+        );
+        assert_eq!(c.stale_after, Duration::from_secs(30));
+        assert_eq!(c.stale_disconnect_after, Some(Duration::from_secs(120)));
+        for bad in [
+            &["serve", "--retention-max-bytes", "-1"][..],
+            &["serve", "--backoff", "soon"],
+            &["serve", "--retention-discard", "never"],
+            &["serve", "--stale-after", "x"],
+        ] {
+            assert!(Probe::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
