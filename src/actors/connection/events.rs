@@ -37,14 +37,72 @@ pub const MAX_EVENT_STREAMS: usize = 16;
 
 /// One `admin.events` stream of a connection.
 pub(super) struct EventsSub {
+    queue: EventsQueue,
+    /// The bus reader (cancelled with the stream).
+    reader: SpawnHandle,
+}
+
+/// The credits and waiting events of one `admin.events` stream (pure: no actor, unit-tested).
+#[derive(Debug, Default)]
+pub(super) struct EventsQueue {
     /// Credits left (REQUEST_N total − items sent).
     credits: u64,
-    /// Events waiting for a credit, oldest first.
+    /// Events waiting for a credit, oldest first (at most [`MAX_PENDING_EVENTS`]).
     pending: VecDeque<Arc<BrokerEvent>>,
     /// Events dropped since the last `events_lost` was sent.
     lost: u64,
-    /// The bus reader (cancelled with the stream).
-    reader: SpawnHandle,
+}
+
+impl EventsQueue {
+    fn new(credits: u64) -> Self {
+        EventsQueue {
+            credits,
+            ..Default::default()
+        }
+    }
+
+    /// Queues an event; returns how many were dropped to make room (0 or 1).
+    fn push(&mut self, e: Arc<BrokerEvent>) -> u64 {
+        self.pending.push_back(e);
+        if self.pending.len() > MAX_PENDING_EVENTS {
+            self.pending.pop_front();
+            self.lost_some(1);
+            1
+        } else {
+            0
+        }
+    }
+
+    /// `n` events were dropped before they reached the queue.
+    fn lost_some(&mut self, n: u64) {
+        self.lost = self.lost.saturating_add(n);
+    }
+
+    fn grant(&mut self, n: u64) {
+        self.credits = self.credits.saturating_add(n);
+    }
+
+    /// What the credits allow now: one `events_lost` with the count first (if any were
+    /// dropped), then the waiting events, oldest first.
+    fn drain(&mut self) -> Vec<Arc<BrokerEvent>> {
+        let mut out = Vec::new();
+        if self.lost > 0 && self.credits > 0 {
+            out.push(Arc::new(
+                BrokerEvent::now(event_kind::EVENTS_LOST)
+                    .count(std::mem::take(&mut self.lost))
+                    .detail("this subscriber had no credit for them"),
+            ));
+            self.credits -= 1;
+        }
+        while self.lost == 0 && self.credits > 0 {
+            let Some(e) = self.pending.pop_front() else {
+                break;
+            };
+            out.push(e);
+            self.credits -= 1;
+        }
+        out
+    }
 }
 
 /// What the bus reader of stream `sid` yields: an event, or how many the bus dropped.
@@ -123,9 +181,7 @@ impl ConnectionActor {
         self.streams.insert(
             sid,
             StreamState::Events(Box::new(EventsSub {
-                credits: n,
-                pending: VecDeque::new(),
-                lost: 0,
+                queue: EventsQueue::new(n),
                 reader,
             })),
         );
@@ -134,7 +190,7 @@ impl ConnectionActor {
     /// More credits for an `admin.events` stream: what waits goes out.
     pub(super) fn events_credits(&mut self, sid: u32, n: u64, ctx: &mut Context<Self>) {
         if let Some(StreamState::Events(sub)) = self.streams.get_mut(&sid) {
-            sub.credits = sub.credits.saturating_add(n);
+            sub.queue.grant(n);
             self.drain_events(sid, ctx);
         }
     }
@@ -144,31 +200,20 @@ impl ConnectionActor {
         ctx.cancel_future(sub.reader);
     }
 
-    /// Sends what the credits of stream `sid` allow: the `events_lost` count first, then the
-    /// waiting events, oldest first.
+    /// Sends what the credits of stream `sid` allow (see [`EventsQueue::drain`]).
     fn drain_events(&mut self, sid: u32, ctx: &mut Context<Self>) {
-        let mut out: Vec<Bytes> = Vec::new();
-        if let Some(StreamState::Events(sub)) = self.streams.get_mut(&sid) {
-            if sub.lost > 0 && sub.credits > 0 {
-                let lost = BrokerEvent::now(event_kind::EVENTS_LOST)
-                    .count(std::mem::take(&mut sub.lost))
-                    .detail("this subscriber had no credit for them");
-                if let Ok(data) = sluice_protocol::encode(&lost) {
-                    out.push(data);
+        let out = match self.streams.get_mut(&sid) {
+            Some(StreamState::Events(sub)) => sub.queue.drain(),
+            _ => return,
+        };
+        for e in out {
+            let data: Bytes = match sluice_protocol::encode(&*e) {
+                Ok(d) => d,
+                Err(err) => {
+                    tracing::error!(conn_id = self.id, sid, error = %err, "event not encoded");
+                    continue;
                 }
-                sub.credits -= 1;
-            }
-            while sub.lost == 0 && sub.credits > 0 {
-                let Some(e) = sub.pending.pop_front() else {
-                    break;
-                };
-                if let Ok(data) = sluice_protocol::encode(&*e) {
-                    out.push(data);
-                }
-                sub.credits -= 1;
-            }
-        }
-        for data in out {
+            };
             let f = rf::Payload::builder(sid, Frame::FLAG_NEXT)
                 .set_data(data)
                 .build();
@@ -188,30 +233,23 @@ impl StreamHandler<EventItem> for ConnectionActor {
             return;
         };
         let dropped = match msg.item {
-            Ok(e) => {
-                sub.pending.push_back(e);
-                if sub.pending.len() > MAX_PENDING_EVENTS {
-                    sub.pending.pop_front();
-                    1
-                } else {
-                    0
-                }
+            Ok(e) => sub.queue.push(e),
+            Err(n) => {
+                sub.queue.lost_some(n);
+                n
             }
-            Err(n) => n,
         };
         if dropped > 0 {
-            sub.lost = sub.lost.saturating_add(dropped);
             self.links
                 .counters
                 .events_lost
                 .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
-            if sub.lost == dropped {
-                tracing::debug!(
-                    conn_id = self.id,
-                    sid = msg.sid,
-                    "admin.events subscriber without credit: dropping its oldest events"
-                );
-            }
+            tracing::trace!(
+                conn_id = self.id,
+                sid = msg.sid,
+                dropped,
+                "admin.events subscriber without credit: its oldest event dropped"
+            );
         }
         self.drain_events(msg.sid, ctx);
     }
@@ -232,5 +270,52 @@ mod tests {
         assert_eq!(e.code, ErrorCode::InvalidRequest);
         assert!(e.message.contains("topic_made") && e.message.contains("consumer_joined"));
         assert!(check_kinds(&vec!["topic_created".to_string(); 1000]).is_err());
+    }
+
+    fn ev(seq: u64) -> Arc<BrokerEvent> {
+        Arc::new(BrokerEvent::now(event_kind::TOPIC_CREATED).seq(seq))
+    }
+
+    fn seqs(out: &[Arc<BrokerEvent>]) -> Vec<Option<u64>> {
+        out.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn events_wait_for_credits_and_the_oldest_are_dropped_and_counted() {
+        let mut q = EventsQueue::new(1);
+        assert_eq!(q.push(ev(0)), 0);
+        assert_eq!(seqs(&q.drain()), vec![Some(0)]);
+        // No credit: the next ones wait, up to the bound; past it the oldest go.
+        let extra = 5;
+        let mut dropped = 0;
+        for i in 1..=(MAX_PENDING_EVENTS as u64 + extra) {
+            dropped += q.push(ev(i));
+        }
+        assert_eq!(dropped, extra);
+        assert!(q.drain().is_empty(), "no credit, nothing sent");
+        // Credits: the count first, then the oldest kept.
+        q.grant(3);
+        let out = q.drain();
+        assert_eq!(out[0].kind, event_kind::EVENTS_LOST);
+        assert_eq!(out[0].count, Some(extra));
+        assert_eq!(seqs(&out[1..]), vec![Some(extra + 1), Some(extra + 2)]);
+        // Lost on the bus, while events wait: the count goes before them.
+        q.lost_some(7);
+        q.grant(2);
+        let out = q.drain();
+        assert_eq!(
+            (out[0].kind.as_str(), out[0].count),
+            (event_kind::EVENTS_LOST, Some(7))
+        );
+        assert_eq!(seqs(&out[1..]), vec![Some(extra + 3)]);
+        q.grant(u64::MAX);
+        assert_eq!(q.drain().len(), MAX_PENDING_EVENTS - 3);
+        assert_eq!(
+            seqs(&{
+                q.push(ev(99));
+                q.drain()
+            }),
+            vec![Some(99)]
+        );
     }
 }
