@@ -48,7 +48,7 @@ pub struct EventsArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DisconnectStaleArgs {
     /// Consumers with lag and no ack for at least this long (humantime, e.g. 5m).
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true, value_parser = parse_duration)]
     pub older_than: Duration,
     /// Print one JSON object (`{"disconnected": [...]}`).
     #[arg(long)]

@@ -100,7 +100,20 @@ pub fn parse_host_port(s: &str) -> Result<String, String> {
 
 /// Parses a humantime duration (`30s`, `1m 30s`, `250ms`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("'{s}': a duration cannot be negative"));
+    }
     humantime::parse_duration(s).map_err(|e| format!("'{s}': {e}"))
+}
+
+/// Parses a count for a flag (`--max-messages`): a non-negative integer.
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("'{s}': a count cannot be negative"));
+    }
+    s.trim()
+        .parse()
+        .map_err(|e| format!("'{s}': not a whole number ({e})"))
 }
 
 /// Parses a byte size for a flag: an integer or a number with a unit (`1GiB`, `500MB`, `4096`;

@@ -80,10 +80,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_RETENTION_MAX_AGE", value_name = "DURATION", value_parser = parse_duration)]
     pub retention_max_age: Option<Duration>,
     /// Default retention: most bytes per topic (e.g. 1GiB, 500MB, 4096).
-    #[arg(long, env = "SLUICE_RETENTION_MAX_BYTES", value_name = "BYTES", value_parser = super::parse_size)]
+    #[arg(long, env = "SLUICE_RETENTION_MAX_BYTES", value_name = "BYTES", allow_hyphen_values = true, value_parser = super::parse_size)]
     pub retention_max_bytes: Option<u64>,
     /// Default retention: most messages per topic.
-    #[arg(long, env = "SLUICE_RETENTION_MAX_MESSAGES", value_name = "N")]
+    #[arg(long, env = "SLUICE_RETENTION_MAX_MESSAGES", value_name = "N", allow_hyphen_values = true, value_parser = super::parse_count)]
     pub retention_max_messages: Option<u64>,
     /// Default retention: age (limits only) or acked (also once every group acked them).
     #[arg(long, env = "SLUICE_RETENTION_DISCARD", value_name = "age|acked")]

@@ -88,21 +88,21 @@ pub struct TopicSettingsArgs {
     #[allow(missing_docs)]
     pub name: TopicNameArgs,
     /// Remove messages older than this (humantime, e.g. 7d; `none` or 0s: no age limit).
-    #[arg(long, value_name = "DUR", value_parser = parse_duration_or_none)]
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true, value_parser = parse_duration_or_none)]
     pub max_age: Option<Duration>,
     /// Remove the oldest segments while the topic holds more bytes than this (e.g. 1GiB,
     /// 500MB, 4096; `none` or 0: no size limit).
-    #[arg(long, value_name = "BYTES", value_parser = parse_size_or_none)]
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true, value_parser = parse_size_or_none)]
     pub max_bytes: Option<u64>,
     /// Remove the oldest segments while the topic holds more messages than this (0: no
     /// limit).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = super::parse_count)]
     pub max_messages: Option<u64>,
     /// `age`: only the limits remove messages; `acked`: also once every group acked them.
     #[arg(long, value_name = "age|acked")]
     pub discard: Option<Discard>,
     /// Remember message ids this long (humantime; 0s: no deduplication; at most 7d).
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true, value_parser = parse_duration)]
     pub dedup_window: Option<Duration>,
     /// Default redelivery schedule of groups created on the topic: humantime entries separated
     /// by commas (e.g. 1s,5s,30s,2m); `none`: the broker's.
@@ -380,7 +380,7 @@ mod tests {
         }
         for absurd in [
             &["create", "t", "--max-bytes", "10"][..],
-            &["create", "t", "--max-bytes", "5PiB"],
+            &["create", "t", "--max-bytes", "2000TiB"],
             &["create", "t", "--max-age", "500ms"],
             &["create", "t", "--dedup-window", "30d"],
         ] {
