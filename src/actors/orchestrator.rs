@@ -15,7 +15,7 @@ use crate::delivery::{GroupState, Joining};
 use crate::store::{GroupRecord, StoreError};
 use actix::prelude::*;
 use sluice_protocol::{
-    AckOutcome, AckReply, ErrorCode, GroupMode, GroupStats, NewMessage, StreamEvent, WireError,
+    AckOutcome, AckReply, ErrorCode, GroupStats, NewMessage, StreamEvent, WireError,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -336,6 +336,10 @@ impl OrchestratorActor {
                 headers.insert("x-dlq-seq".into(), p.msg.seq.to_string());
                 headers.insert("x-dlq-attempts".into(), p.deliveries.to_string());
                 headers.insert("x-dlq-reason".into(), why.to_string());
+                if let Some(member) = p.member {
+                    // A broadcast member's copy: whose it was.
+                    headers.insert("x-dlq-consumer".into(), member.to_string());
+                }
                 NewMessage {
                     id: None,
                     key: p.msg.key.clone(),
@@ -511,16 +515,6 @@ impl Handler<JoinGroup> for OrchestratorActor {
 
     fn handle(&mut self, msg: JoinGroup, _: &mut Context<Self>) -> Self::Result {
         self.counters.handled += 1;
-        if !matches!(
-            msg.mode,
-            GroupMode::Shared | GroupMode::Exclusive | GroupMode::Failover
-        ) {
-            let m = msg.mode;
-            return Box::pin(fut::ready(Err(WireError::new(
-                ErrorCode::InvalidRequest,
-                format!("mode '{m}' is not available yet (use shared, exclusive or failover)"),
-            ))));
-        }
         self.joining.insert(msg.consumer);
         let loaded = self
             .topics
@@ -617,6 +611,8 @@ impl Handler<LeaveGroup> for OrchestratorActor {
                 ctx,
             );
         }
+        // A broadcast member's leaving may settle messages for the group.
+        self.persist(&msg.topic, &msg.group);
         self.pump(&msg.topic, &msg.group, ctx);
     }
 }
@@ -898,7 +894,7 @@ mod tests {
     //! order in which the actor sees messages can be set by the test.
     use super::*;
     use crate::store::ReadResult;
-    use sluice_protocol::{ActorStats, SyncStats};
+    use sluice_protocol::{ActorStats, GroupMode, SyncStats};
     use std::collections::BTreeMap;
     use std::sync::Mutex;
     use tokio::sync::oneshot;

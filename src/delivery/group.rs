@@ -6,8 +6,10 @@ use super::ranges::SeqRanges;
 use super::ConsumerId;
 use crate::store::record::StoredMessage;
 use crate::store::GroupRecord;
+use broadcast::Broadcast;
+use key_shared::KeyShared;
 use sluice_protocol::{
-    AckOutcome, Batch, DeliveredMessage, ErrorCode, GroupMode, GroupStats, WireError,
+    AckOutcome, Batch, ConsumerStats, DeliveredMessage, ErrorCode, GroupMode, GroupStats, WireError,
 };
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -60,6 +62,8 @@ pub struct Pending {
     pub failures: u32,
     /// [`wire_size`] of the message, computed once.
     pub size: usize,
+    /// `broadcast`: the member whose copy this is (its dead letters carry `x-dlq-consumer`).
+    pub member: Option<ConsumerId>,
 }
 
 impl Pending {
@@ -70,6 +74,7 @@ impl Pending {
             msg,
             deliveries: 0,
             failures: 0,
+            member: None,
         }
     }
 }
@@ -195,6 +200,11 @@ pub struct GroupState {
     dirty: bool,
     /// The cursor passed [`MAX_ACK_RANGES`] (logged once).
     warned_ranges: bool,
+    /// `key_shared`: hash ranges, keys in flight, parked hashes (`key_shared.rs`).
+    ks: Option<Box<KeyShared>>,
+    /// `broadcast`: one state per member (`broadcast.rs`); this state then keeps only the
+    /// group's cursor (what every member settled).
+    bc: Option<Box<Broadcast>>,
 }
 
 impl GroupState {
@@ -221,7 +231,14 @@ impl GroupState {
             rejected_acks: 0,
             dirty: false,
             warned_ranges: false,
+            ks: None,
+            bc: None,
         };
+        match g.mode {
+            GroupMode::KeyShared => g.ks = Some(Box::default()),
+            GroupMode::Broadcast => g.bc = Some(Box::default()),
+            _ => {}
+        }
         // Older records list seqs one by one; newer ones ranges.
         for s in rec.acked_above {
             if s > g.floor {
@@ -356,6 +373,12 @@ impl GroupState {
                 "exclusive group already has a consumer",
             ));
         }
+        if self.bc.is_some() {
+            return self.broadcast_join(j);
+        }
+        if let Some(ks) = &mut self.ks {
+            ks.ranges.add(j.consumer)?;
+        }
         self.consumers.retain(|c| c.id != j.consumer);
         self.consumers.push(ConsumerSlot {
             id: j.consumer,
@@ -372,6 +395,12 @@ impl GroupState {
     /// Removes a consumer; returns its batches in flight (to fail, not counting as failures)
     /// and, for failover, the consumer promoted to active.
     pub fn leave(&mut self, consumer: ConsumerId) -> (Vec<u64>, Option<ConsumerId>) {
+        if self.bc.is_some() {
+            return (self.broadcast_leave(consumer), None);
+        }
+        if let Some(ks) = &mut self.ks {
+            ks.ranges.remove(consumer);
+        }
         let was_active = self.consumers.first().is_some_and(|c| c.id == consumer);
         self.consumers.retain(|c| c.id != consumer);
         let mut batches: Vec<u64> = self
@@ -389,6 +418,9 @@ impl GroupState {
 
     /// More credits for a consumer.
     pub fn grant(&mut self, consumer: ConsumerId, n: u64) {
+        if let Some(m) = self.member_mut(consumer) {
+            return m.grant(consumer, n);
+        }
         if let Some(c) = self.consumers.iter_mut().find(|c| c.id == consumer) {
             c.credits = c.credits.saturating_add(n);
         }
@@ -396,12 +428,21 @@ impl GroupState {
 
     /// Consumers present.
     pub fn consumer_count(&self) -> usize {
+        if let Some(bc) = &self.bc {
+            return bc.members.len();
+        }
         self.consumers.len()
     }
 
     /// Whether the log should be read from `next_read()` now (not reading, room ahead, more
     /// in the log).
     pub fn wants_read(&self, head: u64) -> bool {
+        if let Some(bc) = &self.bc {
+            return bc.wants_read(head);
+        }
+        if self.key_shared_wants_replay() {
+            return true;
+        }
         !self.reading
             && self.ready.len() < READ_AHEAD / 2
             && self.ready_bytes < READ_AHEAD_BYTES / 2
@@ -410,11 +451,20 @@ impl GroupState {
 
     /// Next seq to read from the log.
     pub fn next_read(&self) -> u64 {
+        if let Some(bc) = &self.bc {
+            return bc.next_read().unwrap_or(self.next_read);
+        }
         self.next_read
     }
 
     /// Marks a read from `next_read()` as under way.
     pub fn start_read(&mut self) -> u64 {
+        if let Some(bc) = &mut self.bc {
+            return bc.start_read(self.floor + 1);
+        }
+        if let Some(from) = self.key_shared_start_replay() {
+            return from;
+        }
         self.reading = true;
         self.next_read
     }
@@ -426,6 +476,12 @@ impl GroupState {
         from: u64,
         result: Option<(Vec<StoredMessage>, Vec<u64>)>,
     ) -> bool {
+        if self.bc.is_some() {
+            return self.broadcast_finish_read(from, result);
+        }
+        if self.key_shared_replaying(from) {
+            return self.key_shared_finish_replay(from, result);
+        }
         self.reading = false;
         if self.next_read != from {
             return false;
@@ -454,6 +510,10 @@ impl GroupState {
     }
 
     fn push_ready(&mut self, p: Pending) {
+        if self.key_shared_parked(&p) {
+            // Its hash waits for a replay from the log (key_shared.rs).
+            return;
+        }
         self.ready_bytes += p.size;
         self.ready.push_back(p);
     }
@@ -461,17 +521,16 @@ impl GroupState {
     /// New durable messages `msgs` (seq order): a group that has read everything before them
     /// and has room takes them directly (the live tail); otherwise it reads them later.
     pub fn offer_tail(&mut self, msgs: &[Arc<StoredMessage>]) {
+        if self.bc.is_some() {
+            return self.broadcast_offer_tail(msgs);
+        }
         let (Some(first), Some(last)) = (msgs.first(), msgs.last()) else {
             return;
         };
         // Taken while under both bounds: the buffer exceeds them by one announcement at most
         // (its messages are the store's, shared, not copies), and a group that keeps up never
         // has to read back from the log what was just announced.
-        if self.reading
-            || self.next_read != first.seq
-            || self.ready.len() >= READ_AHEAD
-            || self.ready_bytes >= READ_AHEAD_BYTES
-        {
+        if !self.takes_tail(first.seq) {
             return;
         }
         for m in msgs {
@@ -480,6 +539,14 @@ impl GroupState {
             }
         }
         self.next_read = last.seq + 1;
+    }
+
+    /// Whether the live tail starting at `first` is taken directly (see [`Self::offer_tail`]).
+    fn takes_tail(&self, first: u64) -> bool {
+        !(self.reading
+            || self.next_read != first
+            || self.ready.len() >= READ_AHEAD
+            || self.ready_bytes >= READ_AHEAD_BYTES)
     }
 
     /// Picks the consumer to receive the next batch, by mode.
@@ -619,6 +686,9 @@ impl GroupState {
         limits: Limits,
         mut next_id: impl FnMut() -> u64,
     ) -> Formed {
+        if self.bc.is_some() {
+            return self.broadcast_form(topic, group, limits, &mut next_id);
+        }
         if !self.filters.is_empty() {
             let mut kept = VecDeque::with_capacity(self.ready.len());
             while let Some(p) = self.ready.pop_front() {
@@ -636,63 +706,82 @@ impl GroupState {
             .min(FRAME_BUDGET.saturating_sub(batch_overhead(topic, group)))
             .max(1);
         let mut formed = Formed::default();
-        while let Some(ci) = self.pick() {
-            let max = self.consumers[ci].batch_size.max(1) as usize;
-            let msgs = self.take_batch(max, budget, &mut formed.undeliverable);
-            if msgs.is_empty() {
-                if self.retry.is_empty() && (self.ready.is_empty() || !self.fresh_allowed()) {
-                    break;
+        if self.ks.is_some() {
+            self.key_shared_form(topic, group, budget, &mut next_id, &mut formed);
+        } else {
+            while let Some(ci) = self.pick() {
+                let max = self.consumers[ci].batch_size.max(1) as usize;
+                let msgs = self.take_batch(max, budget, &mut formed.undeliverable);
+                if msgs.is_empty() {
+                    if self.retry.is_empty() && (self.ready.is_empty() || !self.fresh_allowed()) {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
+                let batch_id = next_id();
+                formed
+                    .batches
+                    .push(self.send_batch(ci, batch_id, msgs, topic, group));
             }
-            let batch_id = next_id();
-            let bytes: usize = msgs.iter().map(|p| p.size).sum();
-            let c = &mut self.consumers[ci];
-            c.credits -= 1;
-            c.in_flight += 1;
-            c.in_flight_bytes += bytes;
-            let consumer = c.id;
-            let mut delivered = Vec::with_capacity(msgs.len());
-            let mut map = BTreeMap::new();
-            for mut p in msgs {
-                p.deliveries += 1;
-                if p.deliveries > 1 {
-                    self.redeliveries += 1;
-                }
-                delivered.push(DeliveredMessage {
-                    seq: p.msg.seq,
-                    timestamp_ms: p.msg.timestamp_ms,
-                    key: p.msg.key.clone(),
-                    headers: p.msg.headers.clone(),
-                    priority: p.msg.priority,
-                    attempt: p.deliveries,
-                    payload: p.msg.payload.clone(),
-                });
-                self.seq_batch.insert(p.msg.seq, batch_id);
-                map.insert(p.msg.seq, p);
-            }
-            self.in_flight.insert(
-                batch_id,
-                InFlight {
-                    consumer,
-                    msgs: map,
-                    bytes,
-                },
-            );
-            formed.batches.push(Outgoing {
-                consumer,
-                batch: Batch {
-                    batch_id,
-                    topic: topic.to_string(),
-                    group: group.to_string(),
-                    messages: delivered,
-                },
-            });
         }
         for p in &formed.undeliverable {
             self.dead_lettering.insert(p.msg.seq);
         }
         formed
+    }
+
+    /// Puts `msgs` in flight to consumer `ci` as batch `batch_id`; the batch to send.
+    fn send_batch(
+        &mut self,
+        ci: usize,
+        batch_id: u64,
+        msgs: Vec<Pending>,
+        topic: &str,
+        group: &str,
+    ) -> Outgoing {
+        let bytes: usize = msgs.iter().map(|p| p.size).sum();
+        let c = &mut self.consumers[ci];
+        c.credits -= 1;
+        c.in_flight += 1;
+        c.in_flight_bytes += bytes;
+        let consumer = c.id;
+        let mut delivered = Vec::with_capacity(msgs.len());
+        let mut map = BTreeMap::new();
+        for mut p in msgs {
+            p.deliveries += 1;
+            if p.deliveries > 1 {
+                self.redeliveries += 1;
+            }
+            delivered.push(DeliveredMessage {
+                seq: p.msg.seq,
+                timestamp_ms: p.msg.timestamp_ms,
+                key: p.msg.key.clone(),
+                headers: p.msg.headers.clone(),
+                priority: p.msg.priority,
+                attempt: p.deliveries,
+                payload: p.msg.payload.clone(),
+            });
+            self.seq_batch.insert(p.msg.seq, batch_id);
+            self.key_shared_hold(consumer, &p);
+            map.insert(p.msg.seq, p);
+        }
+        self.in_flight.insert(
+            batch_id,
+            InFlight {
+                consumer,
+                msgs: map,
+                bytes,
+            },
+        );
+        Outgoing {
+            consumer,
+            batch: Batch {
+                batch_id,
+                topic: topic.to_string(),
+                group: group.to_string(),
+                messages: delivered,
+            },
+        }
     }
 
     /// The batch `batch_id`, if it is in flight to a subscription of connection `conn`.
@@ -723,6 +812,9 @@ impl GroupState {
     /// of other consumers, or never delivered are not applied: already settled ones count as
     /// already acked, the rest are `rejected`.
     pub fn ack(&mut self, conn: u64, batch_id: u64, seqs: Option<Vec<u64>>) -> Settlement {
+        if self.bc.is_some() {
+            return self.broadcast_settle(batch_id, conn, |m| m.ack(conn, batch_id, seqs));
+        }
         let s = self.ack_inner(conn, batch_id, seqs);
         self.rejected_acks += s.rejected.len() as u64;
         s
@@ -745,12 +837,17 @@ impl GroupState {
         let mut count = 0u32;
         let mut rejected = Vec::new();
         for seq in seqs {
-            let in_batch = own
-                && self
-                    .in_flight
+            let removed = if own {
+                self.in_flight
                     .get_mut(&batch_id)
-                    .and_then(|b| b.msgs.remove(&seq))
-                    .is_some();
+                    .and_then(|b| b.msgs.remove(&seq).map(|p| (b.consumer, p)))
+            } else {
+                None
+            };
+            let in_batch = removed.is_some();
+            if let Some((c, p)) = removed {
+                self.key_shared_release(c, &p);
+            }
             if in_batch {
                 self.seq_batch.remove(&seq);
                 if self.settle(seq) {
@@ -780,6 +877,11 @@ impl GroupState {
         release: bool,
         max_retries: u32,
     ) -> Settlement {
+        if self.bc.is_some() {
+            return self.broadcast_settle(batch_id, conn, |m| {
+                m.nack(conn, batch_id, seqs, release, max_retries)
+            });
+        }
         let s = self.nack_inner(conn, batch_id, seqs, release, max_retries);
         self.rejected_acks += s.rejected.len() as u64;
         s
@@ -813,16 +915,17 @@ impl GroupState {
         let mut rejected = Vec::new();
         let mut dead = Vec::new();
         for seq in seqs {
-            let Some(mut p) = self
+            let Some((c, mut p)) = self
                 .in_flight
                 .get_mut(&batch_id)
-                .and_then(|b| b.msgs.remove(&seq))
+                .and_then(|b| b.msgs.remove(&seq).map(|p| (b.consumer, p)))
             else {
                 if !self.is_settled(seq) {
                     rejected.push(seq);
                 }
                 continue;
             };
+            self.key_shared_release(c, &p);
             self.seq_batch.remove(&seq);
             count += 1;
             if release {
@@ -845,6 +948,9 @@ impl GroupState {
         counts_as_failure: bool,
         max_retries: u32,
     ) -> Option<Vec<Pending>> {
+        if self.bc.is_some() {
+            return self.broadcast_fail_batch(batch_id, counts_as_failure, max_retries);
+        }
         let b = self.in_flight.remove(&batch_id)?;
         if let Some(c) = self.consumers.iter_mut().find(|c| c.id == b.consumer) {
             c.closed(b.bytes);
@@ -852,6 +958,7 @@ impl GroupState {
         let mut dead = Vec::new();
         for (seq, mut p) in b.msgs {
             self.seq_batch.remove(&seq);
+            self.key_shared_release(b.consumer, &p);
             if counts_as_failure {
                 p.failures += 1;
             }
@@ -874,12 +981,18 @@ impl GroupState {
 
     /// Whether batch `batch_id` is in flight.
     pub fn has_batch(&self, batch_id: u64) -> bool {
+        if let Some(bc) = &self.bc {
+            return bc.members.iter().any(|(_, m)| m.has_batch(batch_id));
+        }
         self.in_flight.contains_key(&batch_id)
     }
 
     /// The dead-letter append of `dead` finished: settled if it is durable there, else they
     /// wait for redelivery again.
     pub fn dead_lettered(&mut self, dead: Vec<Pending>, ok: bool) {
+        if self.bc.is_some() {
+            return self.broadcast_each_member(dead, |m, d| m.dead_lettered(d, ok));
+        }
         for p in dead {
             self.dead_lettering.remove(&p.msg.seq);
             if ok {
@@ -895,6 +1008,9 @@ impl GroupState {
     /// Settles messages that cannot be delivered nor dead-lettered (too big, in a dead-letter
     /// topic already): they are logged by the caller.
     pub fn drop_undeliverable(&mut self, dead: Vec<Pending>) {
+        if self.bc.is_some() {
+            return self.broadcast_each_member(dead, |m, d| m.drop_undeliverable(d));
+        }
         for p in dead {
             self.dead_lettering.remove(&p.msg.seq);
             self.settle(p.msg.seq);
@@ -903,6 +1019,14 @@ impl GroupState {
 
     /// Stats for `admin.stats`.
     pub fn stats(&self, topic: &str, group: &str, head: u64) -> GroupStats {
+        if let Some(bc) = &self.bc {
+            return bc.stats(self.own_stats(topic, group, head), head);
+        }
+        self.own_stats(topic, group, head)
+    }
+
+    /// Stats of this state alone (a broadcast member's, or a group that has no members).
+    fn own_stats(&self, topic: &str, group: &str, head: u64) -> GroupStats {
         GroupStats {
             topic: topic.to_string(),
             group: group.to_string(),
@@ -919,8 +1043,42 @@ impl GroupState {
             rejected_acks: self.rejected_acks,
             filters: self.filters.clone(),
             loaded: true,
+            consumer_details: self.consumer_details(head),
             ..Default::default()
         }
+    }
+
+    /// One entry per consumer: what this state knows of it (in flight, lag, whether it
+    /// receives messages now, its key hash ranges).
+    pub fn consumer_details(&self, head: u64) -> Vec<ConsumerStats> {
+        let lag = self.lag(head);
+        self.consumers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let batches = self.in_flight.values().filter(|b| b.consumer == c.id);
+                let (mut nb, mut nm) = (0u32, 0u32);
+                for b in batches {
+                    nb += 1;
+                    nm += b.msgs.len() as u32;
+                }
+                ConsumerStats {
+                    consumer: c.id.to_string(),
+                    conn_id: c.id.conn,
+                    in_flight_batches: nb,
+                    in_flight_messages: nm,
+                    lag,
+                    active: i == 0
+                        || !matches!(self.mode, GroupMode::Exclusive | GroupMode::Failover),
+                    hash_ranges: self
+                        .ks
+                        .as_ref()
+                        .map(|ks| ks.ranges.of(c.id))
+                        .unwrap_or_default(),
+                    ..Default::default()
+                }
+            })
+            .collect()
     }
 }
 
@@ -957,3 +1115,9 @@ fn settlement(outcome: AckOutcome, count: u32, rejected: Vec<u64>) -> Settlement
 
 #[cfg(test)]
 mod tests;
+
+// The mode-specific parts, beside this file (children of this module: they use its fields).
+#[path = "broadcast.rs"]
+mod broadcast;
+#[path = "key_shared.rs"]
+pub mod key_shared;
