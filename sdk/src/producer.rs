@@ -158,10 +158,25 @@ impl IdSource {
         }
     }
 
-    /// The next id.
+    /// The next id (written by hand: one allocation, no formatting machinery, on the
+    /// per-message path).
     pub(crate) fn next_id(&self) -> String {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{n}", self.prefix)
+        let mut n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let mut id = String::with_capacity(self.prefix.len() + 1 + digits.len() - at);
+        id.push_str(&self.prefix);
+        id.push('-');
+        id.extend(digits[at..].iter().map(|&d| char::from(d)));
+        id
     }
 }
 
@@ -1708,6 +1723,13 @@ mod tests {
             (a.id.as_deref(), b.id.as_deref(), c.id.as_deref()),
             (Some("p-1"), Some("mine"), Some("p-2"))
         );
+        let big = IdSource::with_prefix("q".into());
+        big.next.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(big.next_id(), format!("q-{}", u64::MAX));
+        big.next.store(0, Ordering::Relaxed);
+        assert_eq!(big.next_id(), "q-0");
+        big.next.store(1_000_000_007, Ordering::Relaxed);
+        assert_eq!(big.next_id(), "q-1000000007");
         let random = IdSource::new();
         assert_eq!(random.prefix.len(), 16);
         assert_ne!(random.prefix, IdSource::new().prefix);
