@@ -787,9 +787,13 @@ impl ConnectionActor {
         self.streams.insert(sid, StreamState::Request);
         ctx.spawn(f.into_actor(self).map(move |r, act, ctx| {
             let r = match r {
-                Ok(Ok((first_seq, last_seq))) => {
-                    Ok(PublishReply::stored(topic, first_seq, last_seq))
-                }
+                Ok(Ok(a)) => Ok(PublishReply {
+                    topic,
+                    first_seq: a.first_seq,
+                    last_seq: a.last_seq,
+                    duplicate: a.duplicate,
+                    seqs: a.seqs,
+                }),
                 Ok(Err(e)) => Err(WireError::from(e)),
                 Err(e) => Err(WireError::new(ErrorCode::Unavailable, e.to_string())),
             };
@@ -1081,6 +1085,15 @@ fn validate_publish(req: &PublishRequest, max_payload: usize) -> Result<(), Wire
                 "message {i}: priority {} is above {MAX_PRIORITY}",
                 m.priority
             ));
+        }
+        if let Some(id) = &m.id {
+            if id.len() > sluice_protocol::MAX_ID_LEN {
+                return invalid(format!(
+                    "message {i}: id of {} bytes is longer than {} bytes",
+                    id.len(),
+                    sluice_protocol::MAX_ID_LEN
+                ));
+            }
         }
         let field = crate::store::record::MAX_FIELD;
         if m.key.as_ref().is_some_and(|k| k.len() > field)

@@ -534,7 +534,7 @@ impl Handler<JoinGroup> for OrchestratorActor {
                     None => Ok(None),
                     Some(f) => match f.await {
                         Ok(Ok(r)) => Ok(Some(r)),
-                        Ok(Err(e)) => Err(WireError::new(ErrorCode::StorageError, e.to_string())),
+                        Ok(Err(e)) => Err(WireError::from(e)),
                         Err(e) => Err(WireError::new(ErrorCode::Unavailable, e.to_string())),
                     },
                 }
@@ -558,9 +558,7 @@ impl Handler<JoinGroup> for OrchestratorActor {
                     if let Some(p) = persist {
                         match p.await {
                             Ok(Ok(())) => {}
-                            Ok(Err(e)) => {
-                                return Err(WireError::new(ErrorCode::StorageError, e.to_string()))
-                            }
+                            Ok(Err(e)) => return Err(WireError::from(e)),
                             Err(e) => {
                                 return Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
                             }
@@ -933,7 +931,7 @@ mod tests {
     }
 
     answers! {
-        AppendMessages => Ok((1, 0)),
+        AppendMessages => Ok(crate::store::Appended::stored(1, 0)),
         CommitGroup => Ok(()),
         ReadRange => Ok(ReadResult::default()),
         super::super::messages::ListGroups => Ok(vec![]),

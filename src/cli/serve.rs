@@ -66,6 +66,9 @@ pub struct ServeArgs {
     /// sled cache size in bytes.
     #[arg(long, env = "SLUICE_CACHE_CAPACITY", value_name = "BYTES")]
     pub cache_capacity: Option<u64>,
+    /// How often the retention sweep runs over every topic (humantime, at least 100ms).
+    #[arg(long, env = "SLUICE_RETENTION_INTERVAL", value_name = "DUR", value_parser = parse_duration)]
+    pub retention_interval: Option<Duration>,
     /// Enable the admin.fault route (tests only).
     #[arg(long, env = "SLUICE_ENABLE_FAULT_INJECTION")]
     pub enable_fault_injection: bool,
@@ -73,9 +76,6 @@ pub struct ServeArgs {
     /// first; publishing elsewhere is refused with UNKNOWN_TOPIC).
     #[arg(long, env = "SLUICE_AUTO_CREATE_TOPICS", value_name = "BOOL")]
     pub auto_create_topics: Option<bool>,
-    /// How often the retention sweep runs over every topic (humantime).
-    #[arg(long, env = "SLUICE_RETENTION_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
-    pub retention_interval: Option<Duration>,
     /// Default retention: messages older than this are removed (humantime, e.g. 7d).
     #[arg(long, env = "SLUICE_RETENTION_MAX_AGE", value_name = "DURATION", value_parser = parse_duration)]
     pub retention_max_age: Option<Duration>,

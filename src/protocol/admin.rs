@@ -70,6 +70,18 @@ pub struct SyncStats {
     /// Histogram: bucket `i` counts the syncs that took at most [`SYNC_BUCKETS_US`]`[i]` µs
     /// (and more than the bound before it); the last bucket counts the longer ones.
     pub buckets: Vec<SyncBucket>,
+    /// The store's bounds: ids its dedup indexes remember now.
+    #[serde(default)]
+    pub dedup_ids: u64,
+    /// Ids forgotten before their `dedup_window` ended (a topic's index was full).
+    #[serde(default)]
+    pub dedup_ids_forgotten: u64,
+    /// Group records kept in memory for topics that do not exist yet.
+    #[serde(default)]
+    pub waiting_groups: u64,
+    /// Subscribes to missing topics refused (too many groups waiting).
+    #[serde(default)]
+    pub waiting_groups_refused: u64,
 }
 
 /// One bucket of [`SyncStats::buckets`].
@@ -159,6 +171,7 @@ impl SyncStats {
             total_us: self.total_us.saturating_sub(earlier.total_us),
             max_us,
             buckets,
+            ..self.clone()
         }
     }
 

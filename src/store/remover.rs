@@ -1,0 +1,106 @@
+//! The remover thread: unlinks what retention and topic deletions took out of the store, off
+//! the store's thread, once the sync pipeline says no sync job holds it (see `commit`, the
+//! `Retired` batch entries), and makes each removal durable (fsync of the directory).
+
+use super::commit::Retired;
+use std::path::Path;
+use std::sync::mpsc;
+
+/// What the remover reports for segments it removed.
+#[derive(Debug, Clone)]
+pub struct SegmentsRemoved {
+    /// The topic.
+    pub topic: String,
+    /// Its floor now.
+    pub floor: u64,
+    /// Messages removed.
+    pub messages: u64,
+    /// Bytes removed.
+    pub bytes: u64,
+    /// Why (`max_age`, `max_bytes`, `max_messages`, `acked`).
+    pub why: &'static str,
+    /// A file could not be removed or the directory not fsynced (it stays on disk; the log no
+    /// longer has it).
+    pub error: Option<String>,
+}
+
+/// Starts the remover thread; `report` is called (on that thread) after each batch of
+/// segments is removed. The thread ends when the returned sender is dropped.
+pub(crate) fn spawn(
+    report: Box<dyn Fn(SegmentsRemoved) + Send>,
+) -> std::io::Result<mpsc::Sender<Vec<Retired>>> {
+    let (tx, rx) = mpsc::channel::<Vec<Retired>>();
+    std::thread::Builder::new()
+        .name("sluice-remover".into())
+        .spawn(move || {
+            for batch in rx {
+                for r in batch {
+                    remove(r, &report);
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::File::open(dir) {
+        Ok(f) => f.sync_all(),
+        // Gone meanwhile (the topic was deleted): nothing left to make durable there.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn remove(r: Retired, report: &dyn Fn(SegmentsRemoved)) {
+    match r {
+        Retired::Segments(t) => {
+            let mut error = None;
+            for d in &t.removed {
+                match std::fs::remove_file(&d.path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::error!(segment = %d.path.display(), error = %e, "cannot remove a segment retention removed: it stays on disk");
+                        error = Some(format!("removing {}: {e}", d.path.display()));
+                    }
+                }
+            }
+            if let Err(e) = fsync_dir(&t.dir) {
+                tracing::error!(dir = %t.dir.display(), error = %e, "cannot fsync a topic's directory after removing segments");
+                error = Some(format!("fsync of {}: {e}", t.dir.display()));
+            }
+            report(SegmentsRemoved {
+                messages: t.messages(),
+                bytes: t.bytes(),
+                topic: t.topic,
+                floor: t.floor,
+                why: t.why,
+                error,
+            });
+        }
+        Retired::Topic(t, reply) => {
+            // The rename into the trash made durable: the deletion is done.
+            let synced = t
+                .dirs
+                .iter()
+                .try_for_each(|d| fsync_dir(d))
+                .map_err(|e| format!("fsync after renaming the topic's directory: {e}"));
+            let ok = synced.is_ok();
+            let _ = reply.send(synced);
+            if !ok {
+                return;
+            }
+            // Then its files go; a crash before the end leaves them in the trash, emptied at
+            // the next start.
+            if let Err(e) = std::fs::remove_dir_all(&t.trash) {
+                tracing::warn!(dir = %t.trash.display(), error = %e, "cannot remove a deleted topic's files: they go at the next start");
+                return;
+            }
+            if let Some(trash) = t.trash.parent() {
+                if let Err(e) = fsync_dir(trash) {
+                    tracing::warn!(dir = %trash.display(), error = %e, "cannot fsync the trash directory");
+                }
+            }
+        }
+    }
+}
