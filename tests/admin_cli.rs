@@ -411,7 +411,6 @@ async fn disconnect_stale_with_none_stale() {
 
 /// `topic create|info|list|alter|delete --json`, the topic positional or by flag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the store's topic handlers of issue 11 (HS) merged"]
 async fn topics_from_the_command_line() {
     let b = TestBroker::start();
     let addr = b.addr();
@@ -515,7 +514,6 @@ async fn topics_from_the_command_line() {
 /// `publish --id ID --json` twice: the second is a duplicate with the first's seq, and the
 /// topic holds one message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the store's deduplication of issue 11 (HS) merged"]
 async fn publish_with_an_id_twice_is_a_duplicate() {
     let b = TestBroker::start();
     let addr = b.addr();

@@ -139,7 +139,6 @@ async fn read_all(addr: &str, topic: &str, want: usize) -> BTreeMap<u64, String>
 /// producer resends what was not confirmed. Every publish succeeds, some resends are answered
 /// as duplicates, and the topic holds each id exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the store's deduplication of issue 11 (HS) merged"]
 async fn a_broker_killed_mid_run_stores_each_id_exactly_once() {
     const N: u64 = 10_000;
     const KILL_AT: u64 = 3_000;
@@ -203,6 +202,10 @@ async fn a_broker_killed_mid_run_stores_each_id_exactly_once() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len() as u64, N, "each id exactly once");
+    // The admin connection went with the killed broker.
+    let admin = Admin::connect(config(&addr, "admin-after"))
+        .await
+        .expect("admin");
     let info = admin.topic_info("orders").await.expect("topic info");
     assert_eq!((info.head_seq, info.messages), (N, N));
 }
@@ -210,7 +213,6 @@ async fn a_broker_killed_mid_run_stores_each_id_exactly_once() {
 /// Within the topic's dedup window a repeated id is not stored again (the reply names the
 /// original seq), also across a restart; after the window it is stored again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the store's deduplication of issue 11 (HS) merged"]
 async fn an_id_repeated_after_the_window_is_stored_again() {
     let mut b = FixedBroker::start(&[]);
     let addr = b.addr.clone();

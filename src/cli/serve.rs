@@ -101,6 +101,10 @@ pub struct ServeArgs {
     /// A consumer with lag and no ack for this long is flagged stale (humantime).
     #[arg(long, env = "SLUICE_STALE_AFTER", value_name = "DURATION", value_parser = parse_duration)]
     pub stale_after: Option<Duration>,
+    /// Size at which a topic's segment file is closed (e.g. 64MiB; 64KiB..=1GiB; smaller
+    /// segments let retention free disk in smaller steps; for tests and small disks).
+    #[arg(long, env = "SLUICE_SEGMENT_BYTES", value_name = "BYTES", allow_hyphen_values = true, value_parser = super::parse_size)]
+    pub segment_bytes: Option<u64>,
     /// A consumer stale for this long is disconnected (humantime; default: never).
     #[arg(long, env = "SLUICE_STALE_DISCONNECT_AFTER", value_name = "DURATION", value_parser = parse_duration)]
     pub stale_disconnect_after: Option<Duration>,
@@ -136,7 +140,8 @@ impl ServeArgs {
             retention_interval,
             segment_max_age,
             dedup_window,
-            stale_after
+            stale_after,
+            segment_bytes
         );
         if let Some(b) = self.backoff {
             c.backoff = b.0;
@@ -356,6 +361,8 @@ mod tests {
             "30s",
             "--stale-disconnect-after",
             "2m",
+            "--segment-bytes",
+            "128KiB",
         ])
         .expect("parse");
         let c = p.args.into_config().expect("valid");
@@ -373,6 +380,7 @@ mod tests {
         );
         assert_eq!(c.stale_after, Duration::from_secs(30));
         assert_eq!(c.stale_disconnect_after, Some(Duration::from_secs(120)));
+        assert_eq!(c.segment_bytes, 128 * 1024);
         for bad in [
             &["serve", "--retention-max-bytes", "-1"][..],
             &["serve", "--backoff", "soon"],

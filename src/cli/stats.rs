@@ -224,6 +224,12 @@ pub fn render(stats: &BrokerStats) -> String {
     if let Some(line) = stats.syncs.as_ref().and_then(sync_line) {
         out.push_str(&line);
     }
+    if let Some(s) = &stats.syncs {
+        out.push_str(&format!(
+            "store  dedup ids {} (forgotten early {})  groups waiting for their topic {} (refused {})\n",
+            s.dedup_ids, s.dedup_ids_forgotten, s.waiting_groups, s.waiting_groups_refused
+        ));
+    }
     if let Some(l) = &stats.limits {
         out.push_str(&format!(
             "limits  slow clients disconnected {}  oversize batches dropped {}  lifetimes expired {}  keepalive pings {}  events lost {}\n",
@@ -421,6 +427,7 @@ mod tests {
             "CONSUMERS (1)",
             "0-32767,49152-65535",
             "events lost 0",
+            "store  dedup ids 0 (forgotten early 0)",
         ] {
             assert!(out.contains(needle), "missing {needle} in\n{out}");
         }
