@@ -42,6 +42,10 @@ pub struct LimitStats {
     pub lifetimes_expired: u64,
     /// KEEPALIVE frames with RESPOND sent to quiet clients.
     pub keepalive_pings: u64,
+    /// Lifecycle events dropped for `admin.events` subscribers that had no credit for them
+    /// (each subscriber is told with one `events_lost` event).
+    #[serde(default)]
+    pub events_lost: u64,
 }
 
 /// Upper bounds (µs) of the buckets of [`SyncStats::buckets`]; a last bucket holds the rest.
