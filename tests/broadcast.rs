@@ -141,7 +141,16 @@ async fn every_member_gets_every_message_and_only_a_silent_members_copies_are_de
             >= N as usize
     })
     .await;
-    let stats = group_stats(&addr, TOPIC, GROUP).await;
+    // The reader may see the last dead letters before the orchestrator has handled the replies
+    // to their appends (which settle them): wait for that.
+    let start = std::time::Instant::now();
+    let stats = loop {
+        let stats = group_stats(&addr, TOPIC, GROUP).await;
+        if stats.dead_letters == N || start.elapsed() > Duration::from_secs(20) {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     for t in tasks {
         t.await.expect("consumer");

@@ -10,7 +10,7 @@ use super::messages::{
     ReadRange, StoreLinks, TopicListener,
 };
 use super::{ActorCounters, ConsumerId, GetActorStats, InjectFault};
-use crate::delivery::group::{Limits, Pending, READ_AHEAD, READ_AHEAD_BYTES};
+use crate::delivery::group::{Limits, Pending, READ_AHEAD_BYTES};
 use crate::delivery::{GroupState, Joining};
 use crate::store::{GroupRecord, StoreError};
 use actix::prelude::*;
@@ -187,6 +187,8 @@ impl OrchestratorActor {
             return;
         };
         let formed = g.form_batches(topic, group, limits, || ids.fetch_add(1, Ordering::Relaxed));
+        // Who has work now (a consumer's idle time counts from the start of its work).
+        g.note_busy(std::time::Instant::now(), head);
         let need_read = g.wants_read(head);
         // By the group's schedule, else the broker's batch timeout.
         let timeouts: Vec<Duration> = formed
@@ -195,7 +197,6 @@ impl OrchestratorActor {
             .map(|o| g.redelivery_timeout(&o.batch).unwrap_or(batch_timeout))
             .collect();
         let pressure = g.take_pressure_event();
-        let attempts_moved = g.take_attempts_dirty();
         for (out, timeout) in formed.batches.into_iter().zip(timeouts) {
             let batch_id = out.batch.batch_id;
             let count = out.batch.messages.len() as u32;
@@ -240,9 +241,6 @@ impl OrchestratorActor {
         if let Some(what) = pressure {
             self.memory_pressure(topic, group, what);
         }
-        if attempts_moved {
-            self.persist(topic, group);
-        }
         if need_read {
             self.read_ahead(topic, group, ctx);
         }
@@ -253,10 +251,11 @@ impl OrchestratorActor {
             return;
         };
         let from = g.start_read();
+        let max = g.read_span();
         let fut = self.store.read.send(ReadRange {
             topic: topic.to_string(),
             from,
-            max: READ_AHEAD / 2,
+            max,
             max_bytes: READ_AHEAD_BYTES / 2,
         });
         let (t, gr) = (topic.to_string(), group.to_string());
@@ -466,7 +465,11 @@ impl Supervised for OrchestratorActor {
         self.joining.clear();
         self.timers.clear();
         self.reset_ops();
-        self.emit(BrokerEvent::now(sluice_protocol::event_kind::ACTOR_RESTARTED).actor(&self.name));
+        self.emit(
+            BrokerEvent::now(sluice_protocol::event_kind::ACTOR_RESTARTED)
+                .actor(&self.name)
+                .count(u64::from(self.counters.restarts)),
+        );
         tracing::warn!(name = %self.name, restarts = self.counters.restarts, "orchestrator restarting; in-flight batches will be redelivered");
     }
 }

@@ -538,8 +538,11 @@ impl Supervised for StoreActor {
             restarts = self.counters.restarts,
             "store actor restarting (the storage stays open)"
         );
-        self.events
-            .emit(BrokerEvent::now(event_kind::ACTOR_RESTARTED).actor("store"));
+        self.events.emit(
+            BrokerEvent::now(event_kind::ACTOR_RESTARTED)
+                .actor("store")
+                .count(u64::from(self.counters.restarts)),
+        );
     }
 }
 

@@ -60,14 +60,20 @@ impl Broadcast {
         self.members.iter().map(|(_, m)| m.next_read).min()
     }
 
-    /// Starts a read for the members: from the lowest read position among those with room
-    /// (`default` without members).
+    /// Starts a read for the members: from the lowest read position among those with room, or
+    /// the lowest due retry to read back (`default` without members).
     pub(super) fn start_read(&mut self, default: u64) -> u64 {
         let from = self
             .members
             .iter()
-            .filter(|(_, m)| m.has_room())
-            .map(|(_, m)| m.next_read)
+            .flat_map(|(_, m)| {
+                let fresh = m.has_room().then_some(m.next_read);
+                let due = m
+                    .wants_retry_read()
+                    .then(|| m.retry_read_span().map(|(s, _)| s))
+                    .flatten();
+                fresh.into_iter().chain(due)
+            })
             .min()
             .or_else(|| self.next_read())
             .unwrap_or(default);
@@ -109,8 +115,13 @@ impl GroupState {
         if let Some(m) = self.member_mut(j.consumer) {
             return m.join(j);
         }
-        let mut m = GroupState::from_record(self.record());
+        // The group's cursor, without attempt counts: a member's counts are its own (§6.8);
+        // only those of the record the group was loaded from carry over.
+        let mut rec = self.record();
+        rec.attempts = Vec::new();
+        let mut m = GroupState::from_record(rec);
         m.bc = None;
+        m.inherit_restored(self);
         m.join(j.clone())?;
         if let Some(bc) = self.bc.as_mut() {
             bc.members.push((j.consumer, m));
@@ -168,6 +179,14 @@ impl GroupState {
             .max()
             .unwrap_or(0)
             .max(from.saturating_sub(1));
+        // Due retries it brought back, whatever the member's read position.
+        for p in fresh {
+            if self.is_waiting(p.msg.seq) {
+                self.take_due(p.clone());
+            }
+        }
+        let brought = (!fresh.is_empty() || !corrupt.is_empty()).then_some(last);
+        self.due_read_end(from, brought, corrupt);
         if self.next_read < from || self.next_read > last || !self.has_room() {
             return;
         }
@@ -184,6 +203,7 @@ impl GroupState {
                 && !self.seq_batch.contains_key(&seq)
                 && !self.retry.contains_key(&seq)
                 && !self.dead_lettering.contains(&seq)
+                && !self.is_waiting(seq)
             {
                 self.push_ready(p.clone());
             }

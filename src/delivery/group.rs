@@ -338,6 +338,7 @@ impl GroupState {
         }
         self.above.insert(seq);
         self.advance_floor();
+        self.forget_failed_seq(seq);
         self.dirty = true;
         true
     }
@@ -446,6 +447,9 @@ impl GroupState {
         if let Some(bc) = &self.bc {
             return bc.wants_read(head);
         }
+        if self.wants_retry_read() {
+            return true;
+        }
         if self.key_shared_wants_replay() {
             return true;
         }
@@ -468,6 +472,9 @@ impl GroupState {
         if let Some(bc) = &mut self.bc {
             return bc.start_read(self.floor + 1);
         }
+        if let Some(from) = self.start_retry_read() {
+            return from;
+        }
         if let Some(from) = self.key_shared_start_replay() {
             return from;
         }
@@ -484,6 +491,9 @@ impl GroupState {
     ) -> bool {
         if self.bc.is_some() {
             return self.broadcast_finish_read(from, result);
+        }
+        if self.retry_reading(from) {
+            return self.finish_retry_read(from, result);
         }
         if self.key_shared_replaying(from) {
             return self.key_shared_finish_replay(from, result);
@@ -900,10 +910,14 @@ impl GroupState {
             }
             return s;
         }
+        let owner = self.batch_owner(conn, batch_id);
         let s = self.nack_inner(conn, batch_id, seqs, release, max_retries);
         self.rejected_acks += s.rejected.len() as u64;
         if !release && s.count > 0 {
             self.note_failure();
+            if let Some(c) = owner {
+                self.note_failed_by(c);
+            }
         }
         s
     }
@@ -991,6 +1005,7 @@ impl GroupState {
         }
         if counts_as_failure {
             self.note_failure();
+            self.note_failed_by(b.consumer);
         }
         Some(dead)
     }
@@ -1002,6 +1017,9 @@ impl GroupState {
         if self.is_settled(seq) {
             // Below a floor the group was moved up to meanwhile: nothing to redeliver.
             return;
+        }
+        if p.failures > 0 {
+            self.note_failed_seq(seq);
         }
         if p.failures > max_retries {
             self.dead_lettering.insert(seq);

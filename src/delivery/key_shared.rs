@@ -621,6 +621,53 @@ impl GroupState {
         self.ready = out;
     }
 
+    /// `key_shared`, after a seek (every batch in flight void, `ready` and `retry` dropped,
+    /// the group reading again from its new position): no hash is held by anyone (the void
+    /// batches no longer count as in flight, so a key moved meanwhile flows to its owner) and
+    /// none is parked (ordinary reads bring every message again from the new position; a
+    /// replay under way is forgotten: its result is then taken as an ordinary read, or dropped).
+    pub(super) fn key_shared_reset(&mut self) {
+        if let Some(ks) = self.ks.as_mut() {
+            ks.holders.clear();
+            ks.parked.clear();
+            ks.replay_read = None;
+            ks.last_was_replay = false;
+        }
+    }
+
+    /// `key_shared`, after the group moved up to the topic's floor `floor_seq`: a parked hash
+    /// is replayed from the floor at the lowest (nothing below it is left to deliver), and one
+    /// whose replay would start at the read position is unparked.
+    pub(super) fn key_shared_floor_moved(&mut self, floor_seq: u64) {
+        let next_read = self.next_read;
+        if let Some(ks) = self.ks.as_mut() {
+            ks.parked.retain(|_, s| {
+                *s = (*s).max(floor_seq);
+                *s < next_read
+            });
+        }
+    }
+
+    /// `key_shared`: parks hash `h` at `seq` (for tests).
+    #[cfg(test)]
+    pub(super) fn key_shared_park_at(&mut self, h: u16, seq: u64) {
+        if let Some(ks) = self.ks.as_mut() {
+            ks.parked.insert(h, seq);
+        }
+    }
+
+    /// `key_shared`: the parked seqs, lowest first (for tests).
+    #[cfg(test)]
+    pub(super) fn key_shared_parked_seqs(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .ks
+            .as_ref()
+            .map(|ks| ks.parked.values().copied().collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
     /// `key_shared` facts for tests: parked hashes, times parked.
     #[cfg(test)]
     pub(super) fn key_shared_parking(&self) -> (usize, u64) {

@@ -546,8 +546,9 @@ impl Handler<DisconnectStale> for OrchestratorActor {
         self.counters.handled += 1;
         let now = Instant::now();
         let mut found = Vec::new();
-        for (topic, t) in &self.topics {
-            for (name, g) in &t.groups {
+        for (topic, t) in self.topics.iter_mut() {
+            for (name, g) in t.groups.iter_mut() {
+                g.note_busy(now, t.head);
                 for (c, idle, lag) in g.stale_consumers(now, msg.older_than, t.head) {
                     found.push((topic.clone(), name.clone(), c, idle, lag));
                 }

@@ -18,20 +18,36 @@ use sluice_protocol::{ConsumerStats, ResetNotice};
 use std::time::{Duration, Instant};
 
 /// Messages waiting for a delayed redelivery (a nack's delay, the group's schedule), at most per
-/// group: at this many, fresh messages wait (retries and acks go on), as at [`MAX_ACK_RANGES`].
-/// Without it, a consumer nacking everything with a long delay would park the whole topic in
-/// memory.
+/// group (per member in `broadcast`): at this many, fresh messages wait (retries and acks go
+/// on), as at [`MAX_ACK_RANGES`]. A waiting message keeps only its seq, counts, due time, key
+/// hash and timestamp ([`Parked`], under 100 bytes with its map entries), not its body: that is
+/// read back from the log when it is due. So the bound is a few MiB per group whatever the
+/// messages weigh.
 pub const MAX_WAITING: usize = 65_536;
-/// Attempt counts kept in a group's durable record, at most (lowest seqs first). Past it a
-/// restart forgets the counts of the rest (they start again at attempt 1): a
-/// `memory_pressure` event says so. [`MAX_WAITING`] keeps the list below it in practice.
-pub const MAX_ATTEMPTS: usize = 65_536;
+/// Unsettled messages that have failed (timeout, counted nack), at most per group (per member
+/// in `broadcast`), and so entries of the `attempts` list of its durable record: at this many,
+/// fresh messages wait (retries and acks go on), as at [`MAX_ACK_RANGES`], so that the record,
+/// which every failure rewrites, stays under about 80 KB. Only failures in flight when the bound
+/// was reached can take it further; a record then keeps the lowest seqs and a restart forgets
+/// the counts of the rest (they start again at attempt 1): a `memory_pressure` event says so.
+pub const MAX_ATTEMPTS: usize = 4096;
 
 /// What one consumer of the group has been doing.
 #[derive(Debug, Clone)]
 pub(super) struct Activity {
     joined: Instant,
     last_ack: Option<Instant>,
+    /// When its current spell of work began: it went from having nothing to do to having work
+    /// (see [`GroupState::note_busy`]). A consumer is idle since its last ack or this, whichever
+    /// is later: one that had nothing to do for hours is not idle the moment it gets work.
+    busy_since: Option<Instant>,
+    /// It had work at the last look: it receives messages, the group (member) has lag, and it
+    /// holds a batch or has no credits.
+    busy: bool,
+    /// A delivery to it failed (timeout, counted nack) since its last ack while the group had
+    /// lag: its next spell of work continues this one (a consumer that never acks stays idle
+    /// across the gaps its own timeouts leave).
+    failed: bool,
     delivered: u64,
     acked: u64,
     /// Flagged stale (one `consumer_stale` event per episode).
@@ -43,14 +59,52 @@ impl Activity {
         Activity {
             joined: now,
             last_ack: None,
+            busy_since: None,
+            busy: false,
+            failed: false,
             delivered: 0,
             acked: 0,
             stale: false,
         }
     }
 
-    fn idle(&self, now: Instant) -> Duration {
+    /// Since its last ack (or its join).
+    fn since_ack(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.last_ack.unwrap_or(self.joined))
+    }
+
+    /// How long it has had work without acking: since its last ack, its join or the start of
+    /// its current spell of work, whichever is latest.
+    fn idle(&self, now: Instant) -> Duration {
+        let since = [Some(self.joined), self.last_ack, self.busy_since]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(self.joined);
+        now.saturating_duration_since(since)
+    }
+}
+
+/// A message set aside for a delayed redelivery: what its redelivery needs, without its body
+/// (read back from the log when it is due).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Parked {
+    deliveries: u32,
+    failures: u32,
+    /// `key_shared`: its key's hash (it holds the key's later messages back).
+    hash: Option<u16>,
+    /// Its stored timestamp (stats: the oldest unsettled message's age).
+    timestamp_ms: u64,
+}
+
+impl Parked {
+    fn of(p: &Pending) -> Self {
+        Parked {
+            deliveries: p.deliveries,
+            failures: p.failures,
+            hash: key_shared::message_hash(&p.msg),
+            timestamp_ms: p.msg.timestamp_ms,
+        }
     }
 }
 
@@ -60,16 +114,18 @@ pub(super) struct GroupOps {
     /// Redelivery schedule, ms per step (empty: the broker's `batch_timeout`).
     backoff: Vec<u64>,
     /// Retries not due yet, by (due, seq).
-    waiting: BTreeMap<(Instant, u64), Pending>,
+    waiting: BTreeMap<(Instant, u64), Parked>,
     /// seq → due, of `waiting`.
     waiting_due: HashMap<u64, Instant>,
+    /// Retries due, to read back from the log (then they go to `retry`), by seq.
+    due: BTreeMap<u64, Parked>,
+    /// A read of due retries from this seq is under way, of this many messages at most.
+    retry_read: Option<(u64, usize)>,
     /// Attempt counts from the record loaded, `(deliveries, failures)` by seq, until settled.
     restored: HashMap<u64, (u32, u32)>,
-    /// Some unsettled message may have failed: the record lists attempts.
-    failed_possible: bool,
-    /// A message that failed before was delivered again: its new delivery count is worth a
-    /// commit (no reply waits for it).
-    attempts_dirty: bool,
+    /// Unsettled seqs that have failed (in memory, or known from the record loaded): bounded
+    /// by [`MAX_ATTEMPTS`]; a seq leaves it when it is settled.
+    failed: HashSet<u64>,
     activity: HashMap<ConsumerId, Activity>,
     /// Last ack by any consumer.
     last_ack: Option<Instant>,
@@ -87,16 +143,14 @@ pub(super) struct GroupOps {
 }
 
 impl GroupOps {
-    /// From a durable record's schedule and attempt counts.
+    /// From a durable record's schedule and attempt counts. (Records of earlier versions may
+    /// list more than [`MAX_ATTEMPTS`]: all are kept; fresh messages then wait until they settle.)
     pub(super) fn load(backoff: Vec<u64>, attempts: Vec<(u64, u32, u32)>) -> Self {
-        let restored: HashMap<u64, (u32, u32)> = attempts
-            .into_iter()
-            .take(MAX_ATTEMPTS)
-            .map(|(s, d, f)| (s, (d, f)))
-            .collect();
+        let restored: HashMap<u64, (u32, u32)> =
+            attempts.into_iter().map(|(s, d, f)| (s, (d, f))).collect();
         GroupOps {
             backoff,
-            failed_possible: !restored.is_empty(),
+            failed: restored.keys().copied().collect(),
             restored,
             ..Default::default()
         }
@@ -154,12 +208,25 @@ impl GroupState {
         self.step(k).map(ms)
     }
 
-    /// Drops restored counts of settled seqs (after loading).
+    /// Drops restored counts (and failed seqs) that are settled (after loading).
     pub(super) fn prune_restored(&mut self) {
         let (floor, above) = (self.floor, &self.above);
         self.ops
             .restored
             .retain(|s, _| *s > floor && !above.contains(*s));
+        self.ops
+            .failed
+            .retain(|s| *s > floor && !above.contains(*s));
+    }
+
+    /// `broadcast`: a member joining takes the attempt counts of the record the group was
+    /// loaded from (after a restart), for the messages the group has not settled; never the
+    /// live counts of the other members (§6.8: counts are per member). A group that was never
+    /// reloaded has none to give.
+    pub(super) fn inherit_restored(&mut self, from: &GroupState) {
+        self.ops.restored = from.ops.restored.clone();
+        self.ops.failed = self.ops.restored.keys().copied().collect();
+        self.prune_restored();
     }
 
     /// A message read from the log again takes the counts its record kept.
@@ -170,30 +237,48 @@ impl GroupState {
         }
     }
 
-    /// Whether `seq` waits for a delayed redelivery.
+    /// Whether `seq` waits for a delayed redelivery (not due yet, or due and not read back).
     pub(super) fn is_waiting(&self, seq: u64) -> bool {
-        self.ops.waiting_due.contains_key(&seq)
+        self.ops.waiting_due.contains_key(&seq) || self.ops.due.contains_key(&seq)
     }
 
-    /// Fresh messages may be handed out as far as the delayed retries go.
+    /// Fresh messages may be handed out as far as the delayed retries and the failed messages
+    /// go ([`MAX_WAITING`], [`MAX_ATTEMPTS`]).
     pub(super) fn waiting_allows_fresh(&self) -> bool {
-        self.ops.waiting.len() < MAX_WAITING
+        self.ops.waiting.len() + self.ops.due.len() < MAX_WAITING
+            && self.ops.failed.len() < MAX_ATTEMPTS
     }
 
-    /// A delivery failed (timeout, nack): the record now carries attempt counts.
+    /// A delivery failed (timeout, nack): the record, which now carries attempt counts, is to
+    /// be written.
     pub(super) fn note_failure(&mut self) {
-        self.ops.failed_possible = true;
         self.dirty = true;
     }
 
-    /// A batch of `msgs` went to `consumer`.
+    /// Message `seq` has failed at least once (it is unsettled).
+    pub(super) fn note_failed_seq(&mut self, seq: u64) {
+        self.ops.failed.insert(seq);
+    }
+
+    /// `seq` is settled: it no longer counts as failed.
+    pub(super) fn forget_failed_seq(&mut self, seq: u64) {
+        if !self.ops.failed.is_empty() {
+            self.ops.failed.remove(&seq);
+        }
+    }
+
+    /// A delivery to `consumer` failed (timeout, counted nack): its spell of work goes on.
+    pub(super) fn note_failed_by(&mut self, consumer: ConsumerId) {
+        if let Some(a) = self.ops.activity.get_mut(&consumer) {
+            a.failed = true;
+        }
+    }
+
+    /// A batch of `msgs` went to `consumer`. (A redelivery commits nothing: the record's counts
+    /// are those of each message's last failure, see §6.12.)
     pub(super) fn note_delivered(&mut self, consumer: ConsumerId, msgs: &BTreeMap<u64, Pending>) {
         if let Some(a) = self.ops.activity.get_mut(&consumer) {
             a.delivered += msgs.len() as u64;
-        }
-        if msgs.values().any(|p| p.failures > 0) {
-            self.ops.attempts_dirty = true;
-            self.dirty = true;
         }
     }
 
@@ -227,20 +312,8 @@ impl GroupState {
             a.last_ack = Some(now);
             a.acked += u64::from(count);
             a.stale = false;
+            a.failed = false;
         }
-    }
-
-    /// Whether a delivered message failed before, since the last call (its new delivery count
-    /// is worth persisting).
-    pub fn take_attempts_dirty(&mut self) -> bool {
-        let mut d = std::mem::take(&mut self.ops.attempts_dirty);
-        for m in self.members_mut() {
-            d |= std::mem::take(&mut m.ops.attempts_dirty);
-        }
-        if d {
-            self.dirty = true;
-        }
-        d
     }
 
     /// `broadcast`: the members' states (none in other modes).
@@ -259,7 +332,9 @@ impl GroupState {
     /// The attempt counts for the durable record: every unsettled message in memory (or known
     /// from the record loaded) that has failed, lowest seq first, at most [`MAX_ATTEMPTS`].
     pub(super) fn attempts_record(&mut self) -> Vec<(u64, u32, u32)> {
-        if !self.ops.failed_possible {
+        if self.ops.failed.is_empty() && self.members().all(|m| m.ops.failed.is_empty()) {
+            // No unsettled message has failed: nothing to scan, nothing to write.
+            self.ops.attempts_cut = false;
             return Vec::new();
         }
         let mut m = BTreeMap::new();
@@ -268,9 +343,6 @@ impl GroupState {
             for (_, member) in bc.members.iter_mut() {
                 member.collect_failed(&mut m);
             }
-        }
-        if m.is_empty() {
-            self.ops.failed_possible = false;
         }
         let mut v: Vec<(u64, u32, u32)> = m.into_iter().map(|(s, (d, f))| (s, d, f)).collect();
         let cut = v.len() > MAX_ATTEMPTS;
@@ -299,12 +371,22 @@ impl GroupState {
         let live = self
             .retry
             .values()
-            .chain(self.ops.waiting.values())
             .chain(self.ready.iter())
             .chain(self.in_flight.values().flat_map(|b| b.msgs.values()));
         for p in live {
             if p.failures > 0 {
                 add(p.msg.seq, p.deliveries, p.failures);
+            }
+        }
+        let parked = self
+            .ops
+            .waiting
+            .iter()
+            .map(|(&(_, s), w)| (s, w))
+            .chain(self.ops.due.iter().map(|(&s, w)| (s, w)));
+        for (s, w) in parked {
+            if w.failures > 0 {
+                add(s, w.deliveries, w.failures);
             }
         }
     }
@@ -363,12 +445,14 @@ impl GroupState {
         s
     }
 
+    /// Sets `p` aside until `due`: only its counts stay in memory (see [`Parked`]).
     fn park(&mut self, p: Pending, due: Instant) {
         let seq = p.msg.seq;
         if let Some(old) = self.ops.waiting_due.insert(seq, due) {
             self.ops.waiting.remove(&(old, seq));
         }
-        self.ops.waiting.insert((due, seq), p);
+        self.ops.due.remove(&seq);
+        self.ops.waiting.insert((due, seq), Parked::of(&p));
     }
 
     /// When the earliest delayed retry is due.
@@ -377,28 +461,31 @@ impl GroupState {
         self.members().filter_map(|m| m.next_due()).chain(own).min()
     }
 
-    /// Delayed retries due by `now` become ordinary retries; returns how many.
+    /// Delayed retries due by `now` are due: they are read back from the log (the next read
+    /// of the group, [`GroupState::wants_read`]) and then delivered as ordinary retries;
+    /// returns how many.
     pub fn release_due(&mut self, now: Instant) -> usize {
         let mut n: usize = self.members_mut().map(|m| m.release_due(now)).sum();
         while let Some((&(due, seq), _)) = self.ops.waiting.first_key_value() {
             if due > now {
                 break;
             }
-            let Some(p) = self.ops.waiting.remove(&(due, seq)) else {
+            let Some(w) = self.ops.waiting.remove(&(due, seq)) else {
                 break;
             };
             self.ops.waiting_due.remove(&seq);
             if !self.is_settled(seq) {
-                self.retry.insert(seq, p);
+                self.ops.due.insert(seq, w);
                 n += 1;
             }
         }
         n
     }
 
-    /// Messages waiting for a delayed redelivery.
+    /// Messages waiting for a delayed redelivery (not due yet, or due and not read back yet).
     pub fn waiting_count(&self) -> usize {
-        self.ops.waiting.len() + self.members().map(|m| m.ops.waiting.len()).sum::<usize>()
+        let own = self.ops.waiting.len() + self.ops.due.len();
+        own + self.members().map(|m| m.waiting_count()).sum::<usize>()
     }
 
     /// `key_shared`: the key hashes of the messages waiting for a delayed redelivery (their
@@ -407,8 +494,127 @@ impl GroupState {
         self.ops
             .waiting
             .values()
-            .filter_map(|p| key_shared::message_hash(&p.msg))
+            .chain(self.ops.due.values())
+            .filter_map(|w| w.hash)
             .collect()
+    }
+
+    /// Whether `retry` has room for due retries read back from the log (as `ready` for fresh
+    /// messages: half the read-ahead bounds).
+    fn retry_has_room(&self) -> bool {
+        self.retry.len() < READ_AHEAD / 2
+            && self.retry.values().map(|p| p.size).sum::<usize>() < READ_AHEAD_BYTES / 2
+    }
+
+    /// Whether due retries are to be read back from the log now.
+    pub(super) fn wants_retry_read(&self) -> bool {
+        !self.ops.due.is_empty() && !self.reading && self.retry_has_room()
+    }
+
+    /// The seq and the number of messages of a read bringing the lowest due retries back:
+    /// from the lowest one up to the highest due one within [`READ_AHEAD`]` / 2` seqs of it.
+    pub(super) fn retry_read_span(&self) -> Option<(u64, usize)> {
+        let (&first, _) = self.ops.due.first_key_value()?;
+        let reach = first.saturating_add(READ_AHEAD as u64 / 2 - 1);
+        let last = self
+            .ops
+            .due
+            .range(first..=reach)
+            .next_back()
+            .map_or(first, |(&s, _)| s);
+        Some((first, (last - first + 1) as usize))
+    }
+
+    /// Starts a read of due retries if one is wanted; its first seq. (They go before fresh
+    /// messages and replays: retries first.)
+    pub(super) fn start_retry_read(&mut self) -> Option<u64> {
+        if !self.wants_retry_read() {
+            return None;
+        }
+        let (from, n) = self.retry_read_span()?;
+        self.ops.retry_read = Some((from, n));
+        self.reading = true;
+        Some(from)
+    }
+
+    /// How many messages the read just started should bring at most.
+    pub fn read_span(&self) -> usize {
+        match self.ops.retry_read {
+            Some((_, n)) if self.reading => n,
+            _ => READ_AHEAD / 2,
+        }
+    }
+
+    /// Whether the read from `from` that finished is a read of due retries.
+    pub(super) fn retry_reading(&self, from: u64) -> bool {
+        self.ops.retry_read.is_some_and(|(f, _)| f == from)
+    }
+
+    /// A read of due retries from `from` finished (or failed: `None`): the due messages it
+    /// brought go to `retry` with their counts.
+    pub(super) fn finish_retry_read(
+        &mut self,
+        from: u64,
+        result: Option<(Vec<StoredMessage>, Vec<u64>)>,
+    ) -> bool {
+        self.reading = false;
+        self.ops.retry_read = None;
+        let Some((messages, corrupt)) = result else {
+            return true;
+        };
+        let last = messages
+            .iter()
+            .map(|m| m.seq)
+            .chain(corrupt.iter().copied())
+            .max();
+        for m in messages {
+            if self.ops.due.contains_key(&m.seq) {
+                self.take_due(Pending::fresh(Arc::new(m)));
+            }
+        }
+        self.due_read_end(from, last, &corrupt);
+        true
+    }
+
+    /// A message read back from the log: if it is a due retry, it goes to `retry` with its
+    /// counts.
+    pub(super) fn take_due(&mut self, mut p: Pending) {
+        let seq = p.msg.seq;
+        let Some(w) = self.ops.due.remove(&seq) else {
+            return;
+        };
+        if self.is_settled(seq) {
+            return;
+        }
+        p.deliveries = w.deliveries;
+        p.failures = w.failures;
+        self.retry.insert(seq, p);
+    }
+
+    /// After a read from `from` whose last seq was `last` (None: it found nothing at or after
+    /// `from`): due retries in that span it did not bring (corrupt, or gone from the log) cannot
+    /// be delivered again: settled, with an error log, as corrupt messages are.
+    pub(super) fn due_read_end(&mut self, from: u64, last: Option<u64>, corrupt: &[u64]) {
+        if self.ops.due.is_empty() {
+            return;
+        }
+        let gone: Vec<u64> = match last {
+            Some(l) if l >= from => self.ops.due.range(from..=l).map(|(&s, _)| s).collect(),
+            Some(_) => Vec::new(),
+            None => self.ops.due.range(from..).map(|(&s, _)| s).collect(),
+        };
+        for seq in gone {
+            self.ops.due.remove(&seq);
+            if corrupt.contains(&seq) {
+                tracing::error!(seq, "corrupt message skipped (settled without delivery)");
+            } else {
+                tracing::error!(
+                    seq,
+                    "a delayed retry is no longer in the log: settled without delivery"
+                );
+            }
+            self.settle(seq);
+        }
     }
 
     fn hit_bound(&mut self, what: &'static str) {
@@ -421,8 +627,10 @@ impl GroupState {
     pub(super) fn note_pressure(&mut self) {
         let now = if self.above.range_count() >= MAX_ACK_RANGES {
             Some("ack ranges")
-        } else if self.ops.waiting.len() >= MAX_WAITING {
+        } else if self.ops.waiting.len() + self.ops.due.len() >= MAX_WAITING {
             Some("delayed retries")
+        } else if self.ops.failed.len() >= MAX_ATTEMPTS {
+            Some("attempt counts")
         } else {
             None
         };
@@ -449,9 +657,44 @@ impl GroupState {
         }
     }
 
-    /// How long consumer `idx` has been idle, if it is stale by `older_than`: it receives
-    /// messages, the group has lag, it holds batches in flight or has no credits, and it has
-    /// not acked for `older_than` (since it joined, if never).
+    /// Whether consumer `idx` has work now: it receives messages, the group has lag, and it
+    /// holds batches in flight or has no credits.
+    fn has_work(&self, idx: usize, lag: u64) -> bool {
+        let Some(c) = self.consumers.get(idx) else {
+            return false;
+        };
+        self.receives(idx) && lag > 0 && (c.in_flight > 0 || c.credits == 0)
+    }
+
+    /// Notes which consumers have work now (`head`: the topic's head): one that had none
+    /// starts a spell of work now, so its idle time counts from now, not from an ack long ago
+    /// (it got a batch while holding none, ran out of credits while there is lag, the group's
+    /// lag went from 0 to more, it was promoted). Called after every change (the orchestrator's
+    /// pump) and before every stale check.
+    pub fn note_busy(&mut self, now: Instant, head: u64) {
+        let lag = self.lag(head);
+        for i in 0..self.consumers.len() {
+            let work = self.has_work(i, lag);
+            let Some(a) = self.ops.activity.get_mut(&self.consumers[i].id) else {
+                continue;
+            };
+            if lag == 0 {
+                // Nothing left to do for anyone: a failure before does not carry over.
+                a.failed = false;
+            }
+            if work && !a.busy && !a.failed {
+                a.busy_since = Some(now);
+            }
+            a.busy = work;
+        }
+        for m in self.members_mut() {
+            m.note_busy(now, head);
+        }
+    }
+
+    /// How long consumer `idx` has been idle, if it is stale by `older_than`: it has work (see
+    /// [`Self::has_work`]) and has not acked for `older_than` since its spell of work began
+    /// (since its last ack, if later; since it joined, if never).
     fn idle_if_stale(
         &self,
         idx: usize,
@@ -459,14 +702,10 @@ impl GroupState {
         older_than: Duration,
         lag: u64,
     ) -> Option<Duration> {
+        if !self.has_work(idx, lag) {
+            return None;
+        }
         let c = self.consumers.get(idx)?;
-        if !self.receives(idx) || lag == 0 {
-            return None;
-        }
-        let holds = self.in_flight.values().any(|b| b.consumer == c.id);
-        if !holds && c.credits > 0 {
-            return None;
-        }
         let idle = self.ops.activity.get(&c.id)?.idle(now);
         (idle >= older_than).then_some(idle)
     }
@@ -499,6 +738,7 @@ impl GroupState {
         stale_after: Duration,
         head: u64,
     ) -> Vec<(ConsumerId, u64, u64)> {
+        self.note_busy(now, head);
         let lag = self.lag(head);
         let stale: Vec<(ConsumerId, u64)> = (0..self.consumers.len())
             .filter_map(|i| {
@@ -516,8 +756,10 @@ impl GroupState {
             }
             a.stale = s.is_some();
         }
-        for m in self.members_mut() {
-            newly.extend(m.check_stale(now, stale_after, head));
+        if let Some(bc) = self.bc.as_mut() {
+            for (_, m) in bc.members.iter_mut() {
+                newly.extend(m.check_stale(now, stale_after, head));
+            }
         }
         newly.sort_unstable();
         newly
@@ -607,9 +849,10 @@ impl GroupState {
     }
 
     /// Moves the group so that `next` is the next message delivered (`group.seek`): every seq
-    /// below is settled, none above; what waits is dropped, batches in flight are void (their
-    /// acks get `unknown_batch`), attempt counts are forgotten, and each consumer is owed a
-    /// `reset` notice (reason `seek`).
+    /// below is settled, none above; what waits is dropped, batches in flight are void (an ack
+    /// of one is `already_acked` for the seqs below `next` it names, `unknown_batch` otherwise),
+    /// attempt counts are forgotten, `key_shared` holds and parked hashes are dropped, and each
+    /// consumer is owed a `reset` notice (reason `seek`).
     pub fn seek(&mut self, next: u64) -> Moved {
         let next = next.max(1);
         let skipped = self.unsettled_through(next - 1);
@@ -621,9 +864,14 @@ impl GroupState {
         self.retry.clear();
         self.ops.waiting.clear();
         self.ops.waiting_due.clear();
+        self.ops.due.clear();
+        self.ops.retry_read = None;
         self.ops.restored.clear();
+        self.ops.failed.clear();
         self.dead_lettering.clear();
         self.seq_batch.clear();
+        // The void batches hold no key any more; parked hashes are read again from `next`.
+        self.key_shared_reset();
         let mut voided: Vec<u64> = Vec::with_capacity(self.in_flight.len());
         for (id, b) in self.in_flight.drain() {
             if let Some(c) = self.consumers.iter_mut().find(|c| c.id == b.consumer) {
@@ -681,7 +929,10 @@ impl GroupState {
             self.ops.waiting.remove(&k);
             self.ops.waiting_due.remove(&k.1);
         }
+        self.ops.due.retain(|&s, _| s > to);
         self.ops.restored.retain(|&s, _| s > to);
+        self.ops.failed.retain(|&s| s > to);
+        self.key_shared_floor_moved(floor_seq);
         self.ops.skipped_by_retention += skipped;
         self.dirty = true;
         let own: Vec<ConsumerId> = self.consumers.iter().map(|c| c.id).collect();
@@ -698,7 +949,7 @@ impl GroupState {
             let a = self.ops.activity.get(&c.id);
             d.delivered = a.map_or(0, |a| a.delivered);
             d.acked = a.map_or(0, |a| a.acked);
-            d.last_ack_ms_ago = a.map_or(0, |a| a.idle(now).as_millis() as u64);
+            d.last_ack_ms_ago = a.map_or(0, |a| a.since_ack(now).as_millis() as u64);
             d.stale = a.is_some_and(|a| a.stale);
             d.oldest_unacked_age_ms = self
                 .in_flight
@@ -713,12 +964,18 @@ impl GroupState {
 
     /// Timestamp of the oldest unsettled message this state holds (in flight, waiting).
     fn oldest_held(&self) -> Option<u64> {
+        let parked = self
+            .ops
+            .waiting
+            .values()
+            .chain(self.ops.due.values())
+            .map(|w| w.timestamp_ms);
         let own = self
             .retry
             .values()
-            .chain(self.ops.waiting.values())
             .chain(self.in_flight.values().flat_map(|b| b.msgs.values()))
             .map(|p| p.msg.timestamp_ms)
+            .chain(parked)
             .min();
         self.members()
             .filter_map(|m| m.oldest_held())

@@ -54,6 +54,26 @@ fn read(g: &mut GroupState, from: u64, to: u64) {
     assert!(g.finish_read(f, Some(((from..=to).map(msg).collect(), vec![]))));
 }
 
+/// Serves the reads the group asks for (due retries read back, read-ahead) from a log of
+/// `head` messages built by `make`, as the orchestrator does with the store.
+fn fetch_log(g: &mut GroupState, head: u64, make: impl Fn(u64) -> StoredMessage) {
+    for _ in 0..10_000 {
+        if !g.wants_read(head) {
+            return;
+        }
+        let from = g.start_read();
+        let n = g.read_span() as u64;
+        let to = (from + n - 1).min(head);
+        g.finish_read(from, Some(((from..=to).map(&make).collect(), vec![])));
+    }
+    panic!("reads do not end");
+}
+
+/// [`fetch_log`] of plain messages.
+fn fetch(g: &mut GroupState, head: u64) {
+    fetch_log(g, head, msg);
+}
+
 fn next_id() -> u64 {
     static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -121,6 +141,9 @@ fn a_nack_waits_by_the_schedule_or_its_delay_and_fresh_messages_do_not_wait_for_
     g.ack(1, b[0].batch_id, None);
     assert_eq!(g.release_due(t0 + Duration::from_millis(999)), 0);
     assert_eq!(g.release_due(t0 + secs(1)), 1);
+    // Read back from the log (one message), then delivered.
+    assert!(g.wants_read(3));
+    fetch(&mut g, 3);
     let b = form(&mut g);
     assert_eq!((seqs(&b[0]), attempts(&b[0])), (vec![1], vec![2]));
     // Second failure: the second entry.
@@ -131,6 +154,7 @@ fn a_nack_waits_by_the_schedule_or_its_delay_and_fresh_messages_do_not_wait_for_
     assert_eq!(seqs(&b[0]), vec![3]);
     // A delay wins over the schedule.
     g.release_due(t0 + secs(2));
+    fetch(&mut g, 3);
     let c = form(&mut g);
     assert!(c.is_empty(), "window 1 and seq 3 in flight");
     g.ack(1, b[0].batch_id, None);
@@ -154,6 +178,7 @@ fn a_nack_waits_by_the_schedule_or_its_delay_and_fresh_messages_do_not_wait_for_
     assert_eq!(g.waiting_count(), 2);
     assert!(form(&mut g).is_empty(), "both wait");
     g.release_due(t0 + secs(3));
+    fetch(&mut g, 2);
     let b = form(&mut g);
     assert_eq!((seqs(&b[0]), attempts(&b[0])), (vec![1], vec![3]));
 }
@@ -196,15 +221,25 @@ fn attempt_counts_ride_in_the_record_and_continue_after_a_reload() {
 }
 
 #[test]
-fn a_delivery_of_a_message_that_failed_before_asks_for_a_commit() {
+fn a_failure_is_committed_a_redelivery_is_not() {
     let mut g = group(&[], 2, 1, 1);
     let b = form(&mut g);
-    assert!(!g.take_attempts_dirty(), "first deliveries cost no commit");
+    assert!(
+        g.take_dirty_record().is_none(),
+        "first deliveries cost no commit"
+    );
     g.fail_batch(b[0].batch_id, true, 3);
-    assert!(g.take_dirty_record().is_some(), "a failure is committed");
-    let _ = form(&mut g);
-    assert!(g.take_attempts_dirty());
-    assert!(g.take_dirty_record().is_some());
+    let rec = g.take_dirty_record().expect("a failure is committed");
+    assert_eq!(rec.attempts, vec![(1, 1, 1)]);
+    let b = form(&mut g);
+    assert_eq!(attempts(&b[0]), vec![2]);
+    assert!(
+        g.take_dirty_record().is_none(),
+        "the redelivery of a failed message commits nothing"
+    );
+    // The next record (the next failure's) carries the count of that delivery.
+    g.fail_batch(b[0].batch_id, true, 3);
+    assert_eq!(g.take_dirty_record().unwrap().attempts, vec![(1, 2, 2)]);
 }
 
 #[test]
@@ -257,11 +292,24 @@ fn delayed_retries_are_bounded_and_the_bound_is_reported_once() {
     assert!(form(&mut g).is_empty());
     assert_eq!(g.take_pressure_event(), None, "once per episode");
     assert_eq!(g.stats("t", "g", n).memory_pressure, 1);
-    // Due again: they go, and fresh messages after them.
+    // Due again: read back from the log (bounded like the read-ahead), they go, and fresh
+    // messages after them.
     g.release_due(t0 + secs(60));
-    assert_eq!(g.waiting_count(), 0);
-    assert!(!form(&mut g).is_empty());
-    const { assert!(MAX_ATTEMPTS >= MAX_WAITING) };
+    assert_eq!(g.waiting_count(), MAX_WAITING, "due, not read back yet");
+    let mut delivered = 0;
+    while g.waiting_count() > 0 {
+        fetch(&mut g, next - 1);
+        assert!(g.retry.len() <= READ_AHEAD, "retries read back are bounded");
+        for b in form(&mut g) {
+            assert!(b.messages.iter().all(|m| m.seq < next));
+            delivered += b.messages.len();
+            g.ack(1, b.batch_id, None);
+        }
+    }
+    assert_eq!(delivered, MAX_WAITING);
+    read(&mut g, next, next);
+    let b = form(&mut g);
+    assert_eq!(seqs(&b[0]), vec![next]);
 }
 
 #[test]
@@ -469,10 +517,11 @@ fn broadcast_members_have_their_own_delayed_retries_attempts_and_stale_flags() {
     assert_eq!(rec.attempts, vec![(1, 1, 1), (2, 1, 1), (3, 1, 1)]);
     assert!(batches_of(&mut g).is_empty());
     assert_eq!(g.release_due(t0 + secs(1)), 3);
+    // Member 1's due copies are read back from the log (a shared read).
+    fetch(&mut g, 3);
     let b = batches_of(&mut g);
     assert_eq!(b.len(), 1);
     assert_eq!((b[0].0, attempts(&b[0].1)), (consumer(1), vec![2, 2, 2]));
-    assert!(g.take_attempts_dirty(), "a failed message delivered again");
     // Member 1 holds them and does not ack: stale by its own lag; member 2 has none.
     let later = Instant::now() + secs(10);
     let stale = g.check_stale(later, secs(5), 3);
@@ -571,6 +620,10 @@ fn key_shared_a_waiting_message_holds_its_key_back_but_not_other_keys() {
     );
     g.release_due(t0 + secs(5));
     let b = batches_of(&mut g);
+    assert!(b.is_empty(), "seq 1 is read back first: key a waits for it");
+    let keys = ["a", "b", "a", "b", "a", "b"];
+    fetch_log(&mut g, 6, |s| keyed(s, keys[s as usize - 1]));
+    let b = batches_of(&mut g);
     assert_eq!(
         b.iter().flat_map(|(_, b)| seqs(b)).collect::<Vec<_>>(),
         vec![1, 5],
@@ -598,4 +651,359 @@ fn the_ack_range_bound_is_reported_once_per_episode() {
     assert_eq!(form(&mut g).len(), 1);
     assert_eq!(g.take_pressure_event(), None);
     assert_eq!(g.stats("t", "g", top).memory_pressure, 1);
+}
+
+// ---- Review fixes (HG2): key_shared after a seek, busy spells, waiting without bodies,
+// ---- broadcast joins, the attempt bound.
+
+fn keyed_msg(seq: u64, key: &str) -> StoredMessage {
+    StoredMessage {
+        key: Some(key.into()),
+        ..msg(seq)
+    }
+}
+
+fn ks_join(g: &mut GroupState, conn: u64, window: u32, batch_size: u32, credits: u64) {
+    g.join(joining(
+        conn,
+        GroupMode::KeyShared,
+        window,
+        batch_size,
+        credits,
+    ))
+    .unwrap();
+}
+
+/// The `skip`-th key whose hash `conn` owns in `g`.
+fn key_owned_by(g: &GroupState, conn: u64, skip: usize) -> String {
+    let ks = g.ks.as_ref().unwrap();
+    (0..)
+        .map(|i| format!("k{i}"))
+        .filter(|k| ks.ranges.owner(key_shared::key_hash(k.as_bytes())) == Some(consumer(conn)))
+        .nth(skip)
+        .unwrap()
+}
+
+#[test]
+fn key_shared_a_seek_frees_the_keys_of_void_batches_so_a_moved_key_flows() {
+    let mut g = group_of(GroupMode::KeyShared, &[]);
+    ks_join(&mut g, 1, 10, 10, 1_000);
+    // A key in the upper half: consumer 2 takes it over when it joins.
+    let k = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| key_shared::key_hash(k.as_bytes()) >= 32768)
+        .unwrap();
+    let h = key_shared::key_hash(k.as_bytes());
+    fetch_log(&mut g, 4, |s| keyed_msg(s, &k));
+    let b = batches_of(&mut g);
+    assert_eq!(b.len(), 1);
+    assert_eq!((b[0].0, seqs(&b[0].1)), (consumer(1), vec![1, 2, 3, 4]));
+    assert_eq!(g.key_shared_holder(h), Some(consumer(1)));
+    // The seek voids the batch: nobody holds the key any more.
+    let moved = g.seek(1);
+    assert_eq!(moved.voided, vec![b[0].1.batch_id]);
+    assert_eq!(g.key_shared_holder(h), None);
+    // The key moves to consumer 2 and flows there.
+    ks_join(&mut g, 2, 10, 10, 1_000);
+    fetch_log(&mut g, 4, |s| keyed_msg(s, &k));
+    let b = batches_of(&mut g);
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_eq!((b[0].0, seqs(&b[0].1)), (consumer(2), vec![1, 2, 3, 4]));
+    // The void batch's ack changes nothing (its seqs are not settled: unknown batch).
+    let s = g.ack(1, moved.voided[0], Some(vec![1]));
+    assert_eq!(s.outcome, AckOutcome::UnknownBatch);
+    g.ack(2, b[0].1.batch_id, None);
+    assert_eq!(g.floor(), 4);
+}
+
+#[test]
+fn key_shared_a_seek_back_past_a_parked_key_delivers_every_message_of_it() {
+    let mut g = group_of(GroupMode::KeyShared, &[]);
+    // Consumer 1 can take 10 batches of 10, then has no credits; consumer 2 takes anything.
+    ks_join(&mut g, 1, 10, 10, 10);
+    ks_join(&mut g, 2, 10, 10, 1_000_000);
+    let k1 = key_owned_by(&g, 1, 0);
+    let k2 = key_owned_by(&g, 2, 0);
+    let head = 2000u64;
+    let key = |s: u64| if s <= 1100 || s % 2 == 1 { &k1 } else { &k2 };
+    // Serves, acking at once, and reads until nothing moves; what each consumer got.
+    let run = |g: &mut GroupState| {
+        let mut got: BTreeMap<ConsumerId, Vec<u64>> = BTreeMap::new();
+        for _ in 0..2000 {
+            let formed = batches_of(g);
+            let idle = formed.is_empty();
+            for (who, b) in formed {
+                got.entry(who).or_default().extend(seqs(&b));
+                g.ack(who.conn, b.batch_id, None);
+            }
+            if g.wants_read(head) {
+                let from = g.start_read();
+                let to = (from + g.read_span() as u64 - 1).min(head);
+                g.finish_read(
+                    from,
+                    Some(((from..=to).map(|s| keyed_msg(s, key(s))).collect(), vec![])),
+                );
+            } else if idle {
+                break;
+            }
+        }
+        got
+    };
+    let got = run(&mut g);
+    assert_eq!(got[&consumer(1)], (1..=100).collect::<Vec<_>>());
+    assert_eq!(g.key_shared_parking().0, 1, "k1 parked past 100");
+    // Back to the start: every message again. Consumer 2 runs through the log while consumer
+    // 1 still has no credits (its key parks again, from seq 1), then consumer 1 gets k1's
+    // messages from seq 1.
+    g.seek(1);
+    assert_eq!(g.key_shared_parking().0, 0);
+    let got = run(&mut g);
+    let k1_seqs: Vec<u64> = (1..=head).filter(|&s| key(s) == &k1).collect();
+    let k2_seqs: Vec<u64> = (1..=head).filter(|&s| key(s) == &k2).collect();
+    assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![consumer(2)]);
+    assert_eq!(got[&consumer(2)], k2_seqs);
+    g.grant(consumer(1), 1_000_000);
+    let got = run(&mut g);
+    assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![consumer(1)]);
+    assert_eq!(got[&consumer(1)], k1_seqs, "all of k1, in order");
+    assert_eq!(g.floor(), head);
+}
+
+#[test]
+fn key_shared_a_floor_move_replays_a_parked_key_from_the_floor() {
+    let mut g = group_of(GroupMode::KeyShared, &[]);
+    ks_join(&mut g, 1, 1, 10, 0);
+    let k = key_owned_by(&g, 1, 0);
+    g.key_shared_park_at(key_shared::key_hash(k.as_bytes()), 3);
+    g.next_read = 50;
+    g.move_to_floor(10);
+    assert_eq!(g.key_shared_parked_seqs(), vec![10]);
+    g.move_to_floor(50);
+    assert_eq!(
+        g.key_shared_parking().0,
+        0,
+        "nothing left below the read position"
+    );
+}
+
+#[test]
+fn a_consumer_that_gets_work_after_a_quiet_spell_is_not_stale_at_once() {
+    let t0 = Instant::now();
+    let after = secs(600);
+    let mut g = group(&[], 0, 1, 10);
+    // An hour with nothing to do.
+    let got = t0 + secs(3600);
+    g.note_busy(got, 0);
+    assert!(g.check_stale(got, after, 0).is_empty());
+    // One message arrives and goes out (the orchestrator's pump notes who has work).
+    g.offer_tail(&[Arc::new(msg(1))]);
+    let b = form(&mut g);
+    assert_eq!(b.len(), 1);
+    g.note_busy(got, 1);
+    assert!(
+        g.check_stale(got + secs(1), after, 1).is_empty(),
+        "flagged a second after it got work"
+    );
+    assert!(
+        g.stale_consumers(got + secs(1), secs(300), 1).is_empty(),
+        "disconnect-stale --older-than 5m right after a lull"
+    );
+    // Still no ack after stale_after: stale, counted from when it got the batch.
+    let s = g.check_stale(got + after, after, 1);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].1, 600_000);
+    // The stats' last ack counts from its join.
+    let d = &g.stats("t", "g", 1).consumer_details[0];
+    assert!(d.last_ack_ms_ago < 3_600_000, "{d:?}");
+}
+
+#[test]
+fn a_consumer_out_of_credits_is_idle_from_when_lag_appears() {
+    let t0 = Instant::now();
+    let mut g = group(&[], 0, 1, 10);
+    g.consumers[0].credits = 0;
+    g.note_busy(t0 + secs(3600), 0);
+    // A message arrives: lag, no credits; idle from now.
+    g.offer_tail(&[Arc::new(msg(1))]);
+    g.note_busy(t0 + secs(3600), 1);
+    assert!(g.stale_consumers(t0 + secs(3601), secs(300), 1).is_empty());
+    assert_eq!(g.stale_consumers(t0 + secs(3900), secs(300), 1).len(), 1);
+}
+
+#[test]
+fn a_standby_promoted_after_hours_and_the_consumer_taking_a_kicked_ones_batch_are_not_stale_at_once(
+) {
+    let t0 = Instant::now();
+    let after = secs(600);
+    let mut rec = GroupState::new_record(GroupMode::Failover, BTreeMap::new());
+    rec.acked_floor = 0;
+    let mut g = GroupState::from_record(rec);
+    g.join(joining(1, GroupMode::Failover, 1, 3, 100)).unwrap();
+    g.join(joining(2, GroupMode::Failover, 1, 3, 100)).unwrap();
+    read(&mut g, 1, 3);
+    let b = form(&mut g);
+    g.note_busy(t0, 3);
+    // Two hours later the active one leaves; its batch goes to the promoted standby.
+    let later = t0 + secs(7200);
+    let (batches, promoted) = g.leave(consumer(1));
+    assert_eq!(
+        (batches, promoted),
+        (vec![b[0].batch_id], Some(consumer(2)))
+    );
+    g.fail_batch(b[0].batch_id, false, 3);
+    let b = form(&mut g);
+    assert_eq!(seqs(&b[0]), vec![1, 2, 3]);
+    g.note_busy(later, 3);
+    assert!(g.check_stale(later + secs(1), after, 3).is_empty());
+    assert_eq!(g.check_stale(later + after, after, 3).len(), 1);
+
+    // Shared: consumer 1 is kicked as stale (auto disconnect); consumer 2, idle since it joined
+    // an hour ago, takes its batch and is not kicked too.
+    let mut g = group(&[], 2, 1, 2);
+    g.join(joining(2, GroupMode::Shared, 1, 2, 100)).unwrap();
+    let b = form(&mut g);
+    assert_eq!(b.len(), 1);
+    g.note_busy(t0, 2);
+    let kick_at = t0 + secs(3600);
+    let stale = g.stale_consumers(kick_at, after, 2);
+    assert_eq!(
+        stale.iter().map(|s| s.0).collect::<Vec<_>>(),
+        vec![consumer(1)]
+    );
+    let (batches, _) = g.leave(consumer(1));
+    g.fail_batch(batches[0], false, 3);
+    let b = form(&mut g);
+    assert_eq!(b.len(), 1);
+    g.note_busy(kick_at, 2);
+    assert!(g.stale_consumers(kick_at + secs(1), after, 2).is_empty());
+}
+
+#[test]
+fn a_consumer_whose_batches_keep_timing_out_stays_idle_across_the_gaps() {
+    let t0 = Instant::now();
+    let mut g = group(&[], 2, 1, 1);
+    let b = form(&mut g);
+    g.note_busy(t0, 2);
+    // Its batch times out; for a while it holds nothing (credits left: no work).
+    g.fail_batch(b[0].batch_id, true, 10);
+    g.note_busy(t0 + secs(30), 2);
+    // Then it gets the message again: its spell of work goes on from t0.
+    let _ = form(&mut g);
+    g.note_busy(t0 + secs(31), 2);
+    let s = g.check_stale(t0 + secs(61), secs(60), 2);
+    assert_eq!(s.len(), 1, "never acked since t0");
+    assert!(s[0].1 > 60_000, "idle since it first got work: {}", s[0].1);
+}
+
+#[test]
+fn a_waiting_message_keeps_no_body_and_is_read_back_when_due() {
+    let t0 = Instant::now();
+    let mut g = group(&[], 0, 5, 5);
+    let big = Arc::new(StoredMessage {
+        payload: Bytes::from(vec![7u8; 1 << 20]),
+        ..msg(1)
+    });
+    g.offer_tail(&[big.clone(), Arc::new(msg(2)), Arc::new(msg(3))]);
+    let b = form(&mut g);
+    assert_eq!(seqs(&b[0]), vec![1, 2, 3]);
+    // 1 and 3 wait a day; 2 is acked.
+    g.ack(1, b[0].batch_id, Some(vec![2]));
+    g.nack_delayed(1, b[0].batch_id, None, false, 3, Some(secs(86_400)), t0);
+    assert_eq!(g.waiting_count(), 2);
+    assert_eq!(
+        Arc::strong_count(&big),
+        1,
+        "the waiting message's body is not kept"
+    );
+    assert!(!g.wants_read(3));
+    // Due: read back from the log, one read of 1..=3 (2 is settled: skipped).
+    g.release_due(t0 + secs(86_400));
+    assert!(g.wants_read(3));
+    assert_eq!(g.start_read(), 1);
+    assert_eq!(g.read_span(), 3);
+    let log = vec![(*big).clone(), msg(2), msg(3)];
+    assert!(g.finish_read(1, Some((log, vec![]))));
+    let b = form(&mut g);
+    assert_eq!((seqs(&b[0]), attempts(&b[0])), (vec![1, 3], vec![2, 2]));
+    assert_eq!(b[0].messages[0].payload.len(), 1 << 20);
+    // A due message the log no longer has is settled (not looped over).
+    g.nack_delayed(1, b[0].batch_id, Some(vec![3]), false, 3, Some(secs(1)), t0);
+    g.ack(1, b[0].batch_id, None);
+    g.release_due(t0 + secs(1));
+    assert_eq!(g.start_read(), 3);
+    assert!(g.finish_read(3, Some((vec![], vec![]))));
+    assert_eq!((g.waiting_count(), g.floor()), (0, 3));
+}
+
+#[test]
+fn a_broadcast_member_joining_a_live_group_starts_its_own_attempt_counts() {
+    let mut g = group_of(GroupMode::Broadcast, &[]);
+    g.join(joining(1, GroupMode::Broadcast, 1, 5, 100)).unwrap();
+    read_to(&mut g, 1);
+    // Member 1 fails seq 1 three times (max_retries 3: not dead yet).
+    for attempt in 1..=3 {
+        let b = batches_of(&mut g);
+        assert_eq!(attempts(&b[0].1), vec![attempt]);
+        assert!(g.fail_batch(b[0].1.batch_id, true, 3).unwrap().is_empty());
+    }
+    assert_eq!(g.record().attempts, vec![(1, 3, 3)]);
+    // Member 2 joins now: its copy is on its first delivery, and its first failure is one.
+    g.join(joining(2, GroupMode::Broadcast, 1, 5, 100)).unwrap();
+    fetch(&mut g, 1);
+    let b = batches_of(&mut g);
+    let theirs = b.iter().find(|(c, _)| *c == consumer(2)).unwrap();
+    assert_eq!(attempts(&theirs.1), vec![1]);
+    let dead = g.fail_batch(theirs.1.batch_id, true, 3).unwrap();
+    assert!(dead.is_empty(), "dead-lettered on its first failure");
+}
+
+#[test]
+fn failed_messages_are_bounded_so_the_record_stays_small() {
+    let t0 = Instant::now();
+    let mut g = group(&[], 0, 1_000, 64);
+    g.grant(consumer(1), 1_000_000);
+    let head = MAX_ATTEMPTS as u64 + 1_000;
+    let mut next = 1;
+    let mut events = Vec::new();
+    while g.ops.failed.len() < MAX_ATTEMPTS {
+        if g.wants_read(head) {
+            let to = (next + 511).min(head);
+            read(&mut g, next, to);
+            next = to + 1;
+        }
+        let b = form(&mut g);
+        assert!(!b.is_empty());
+        for b in b {
+            g.nack_delayed(1, b.batch_id, None, false, 3, Some(secs(60)), t0);
+        }
+        events.extend(g.take_pressure_event());
+    }
+    assert!(events.is_empty());
+    let fresh_from = next;
+    if g.wants_read(head) {
+        let to = (next + 511).min(head);
+        read(&mut g, next, to);
+        next = to + 1;
+    }
+    assert!(!g.ready.is_empty());
+    assert!(form(&mut g).is_empty(), "fresh messages wait at the bound");
+    assert_eq!(g.take_pressure_event(), Some("attempt counts"));
+    let rec = g.record();
+    assert_eq!(rec.attempts.len(), MAX_ATTEMPTS);
+    assert!(MAX_ATTEMPTS <= 4096, "a record of at most about 80 KB");
+    // They come back and are acked: fresh messages flow again.
+    g.release_due(t0 + secs(60));
+    while g.waiting_count() > 0 || !g.ready.is_empty() {
+        fetch(&mut g, next - 1);
+        for b in form(&mut g) {
+            for m in &b.messages {
+                assert_eq!(m.attempt, if m.seq < fresh_from { 2 } else { 1 });
+            }
+            g.ack(1, b.batch_id, None);
+        }
+    }
+    assert!(g.ops.failed.is_empty());
+    assert!(g.record().attempts.is_empty());
+    read(&mut g, next, next);
+    assert_eq!(seqs(&form(&mut g)[0]), vec![next]);
 }
