@@ -153,6 +153,12 @@ pub struct Config {
     /// A consumer stale for this long is disconnected and its batches redelivered (absent: off).
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub stale_disconnect_after: Option<Duration>,
+    /// Size at which a topic's segment file is closed and a new one started (64 MiB): an
+    /// integer or a size with a unit. For tests and small disks only: retention removes whole
+    /// segments, so smaller ones free disk in smaller steps, at the cost of more files (and
+    /// open descriptors) per topic. 64 KiB..=1 GiB.
+    #[serde(with = "byte_size")]
+    pub segment_bytes: u64,
 }
 
 /// Default retention of every topic (`[retention]` in the config file).
@@ -235,6 +241,29 @@ mod byte_size_opt {
     }
 }
 
+/// `u64` byte sizes in TOML: an integer or a string with a unit ([`parse_bytes`]).
+mod byte_size {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(n),
+            Raw::S(s) => super::parse_bytes(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// A list of humantime durations in TOML (`["1s", "5s"]`).
 mod humantime_list {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -284,6 +313,7 @@ impl Default for Config {
             backoff: Vec::new(),
             stale_after: Duration::from_secs(300),
             stale_disconnect_after: None,
+            segment_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -386,6 +416,9 @@ impl Config {
         if self.segment_max_age < Duration::from_secs(1) {
             return bad("segment_max_age must be at least 1s");
         }
+        if !(64 * 1024..=1 << 30).contains(&self.segment_bytes) {
+            return bad("segment_bytes must be in 64KiB..=1GiB");
+        }
         if self.stale_after.is_zero() || self.stale_disconnect_after.is_some_and(|d| d.is_zero()) {
             return bad("stale_after and stale_disconnect_after must be greater than zero");
         }
@@ -446,6 +479,11 @@ mod tests {
         assert!(parse_bytes("-1").is_err() && parse_bytes("1XB").is_err());
         let tiny = Config::from_toml("[retention]\nmax_bytes = 10").expect("parses");
         assert!(tiny.validate().is_err(), "absurd size refused");
+        let seg = Config::from_toml("segment_bytes = \"128KiB\"").expect("parses");
+        assert_eq!(seg.segment_bytes, 128 * 1024);
+        seg.validate().expect("valid");
+        let tiny = Config::from_toml("segment_bytes = 4096").expect("parses");
+        assert!(tiny.validate().is_err(), "segments too small refused");
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     // segment (~64 MiB written and synced), which would otherwise hold up the first requests.
     let mut storage = storage;
     storage.set_preallocate(config.preallocate_segment);
+    // Before the store actor makes its spares, which take the segment size.
+    storage.set_segment_bytes(config.segment_bytes);
     let store_actor = StoreActor::new(storage, fsync).with_config(config.clone(), events.clone());
     let store = Supervisor::start_in_arbiter(&store_arbiter.handle(), move |_| store_actor);
     arbiters.push(store_arbiter);

@@ -6,7 +6,7 @@
 
 use super::ConsumerId;
 use crate::store::record::StoredMessage;
-use crate::store::{GroupRecord, ReadResult, StoreError};
+use crate::store::{Appended, GroupRecord, ReadResult, StoreError};
 use actix::prelude::*;
 use bytes::Bytes;
 use sluice_protocol::{
@@ -77,9 +77,13 @@ pub struct MessagesAppended {
     pub messages: Arc<Vec<Arc<StoredMessage>>>,
 }
 
-/// Appends messages to a topic (creating it). Result once durable under the fsync policy.
+/// Appends messages to a topic (creating it, unless `auto_create_topics` is off:
+/// `StoreError::UnknownTopic`). A message whose id was stored within the topic's
+/// `dedup_window` (or earlier in the same request) is not stored again: the result is
+/// `duplicate` and gives each message's seq. Result once durable under the fsync policy (a
+/// duplicate's once its original is).
 #[derive(Message, Debug)]
-#[rtype(result = "Result<(u64, u64), StoreError>")]
+#[rtype(result = "Result<Appended, StoreError>")]
 pub struct AppendMessages {
     /// Topic.
     pub topic: String,

@@ -3,7 +3,9 @@
 //!
 //! The group-commit pipeline it drives (sync jobs, the ledger that settles them, the sync
 //! threads) is in [`crate::store::commit`]; this actor moves messages: it queues requests,
-//! writes them at each `Commit`, starts sync threads and answers reads.
+//! writes them at each `Commit`, starts sync threads and answers reads. Topics as an operator
+//! manages them, the retention sweep and the events they cause are in `store/topics.rs`
+//! (design: `src/store/retention.md`).
 
 mod topics;
 
@@ -15,13 +17,13 @@ use super::{now_ms, ActorCounters, GetActorStats, InjectFault};
 use crate::config::FsyncPolicy;
 use crate::store::commit::{
     lock, micros, sync_worker, Announcer, AppendReply, FailureLog, GroupReply, Refused, SyncLedger,
-    SyncPlace, SyncRetry, Written, MAX_SYNCS,
+    SyncPlace, SyncRetry, Written, WrittenAppend, MAX_SYNCS,
 };
 use crate::store::record::StoredMessage;
-use crate::store::{GroupRecord, ReadResult, Storage, StoreError};
+use crate::store::{Appended, GroupRecord, ReadResult, Storage, StoreError};
 use actix::prelude::*;
-use sluice_protocol::SyncStats;
-use std::collections::HashMap;
+use sluice_protocol::{event_kind, BrokerEvent, SyncStats};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
@@ -98,6 +100,15 @@ impl TopicAdminLinks {
     }
 }
 
+/// A publish queued for the next commit.
+struct PendingAppend {
+    topic: String,
+    msgs: Vec<StoredMessage>,
+    /// Each message's id, when some has one.
+    ids: Option<Vec<Option<String>>>,
+    reply: AppendReply,
+}
+
 /// The store actor.
 pub struct StoreActor {
     /// The broker's configuration (topic defaults, retention, dedup).
@@ -106,8 +117,16 @@ pub struct StoreActor {
     events: crate::events::EventBus,
     storage: Storage,
     fsync: FsyncPolicy,
-    pending_appends: Vec<(String, Vec<StoredMessage>, AppendReply)>,
+    pending_appends: Vec<PendingAppend>,
     pending_groups: HashMap<(String, String), (GroupRecord, Vec<GroupReply>)>,
+    /// Topics being deleted (until the deletion is durable): refused meanwhile.
+    deleting: HashSet<String>,
+    /// Each orchestrator shard's recipients of `FloorMoved` / `TopicRemoved`.
+    topic_listeners: Vec<super::messages::TopicListener>,
+    /// The remover thread was started (once: it outlives restarts of the actor).
+    remover_started: bool,
+    /// Limits hit, for `admin.stats` and events.
+    limits: topics::StoreLimits,
     commit_scheduled: bool,
     /// Written, waiting for the next sync.
     written: Written,
@@ -129,13 +148,18 @@ pub struct StoreActor {
 impl StoreActor {
     /// A store actor over an opened storage.
     /// With the broker's configuration (topic defaults, retention, dedup) and event bus.
+    ///
+    /// The topics' defaults are the configuration's, and each topic's idempotent-publish index
+    /// is rebuilt from its log here (the ids stored within its `dedup_window`).
     pub fn with_config(
         mut self,
         config: Arc<crate::config::Config>,
         events: crate::events::EventBus,
     ) -> Self {
+        self.storage.set_defaults(config.default_topic_settings());
         self.config = config;
         self.events = events;
+        self.rebuild_dedup();
         self
     }
 
@@ -156,6 +180,10 @@ impl StoreActor {
             fsync,
             pending_appends: Vec::new(),
             pending_groups: HashMap::new(),
+            deleting: HashSet::new(),
+            topic_listeners: Vec::new(),
+            remover_started: false,
+            limits: topics::StoreLimits::default(),
             commit_scheduled: false,
             written: Written::default(),
             ledger: Arc::new(Mutex::new(SyncLedger {
@@ -178,6 +206,48 @@ impl StoreActor {
         lock(&self.ledger).durable_head(topic)
     }
 
+    /// Makes what was written durable under the policy and answers it then: a sync job under
+    /// `always`; at once otherwise (durable at the next periodic sync, or when the OS writes
+    /// it back).
+    fn commit_written(&mut self, ctx: &mut Context<Self>) {
+        match self.fsync {
+            FsyncPolicy::Always => self.start_sync(ctx),
+            _ => {
+                self.dirty = true;
+                let batch = std::mem::take(&mut self.written);
+                lock(&self.ledger).settle(batch, Ok(()));
+            }
+        }
+    }
+
+    /// Writes one publish: with ids through the dedup index (duplicates left out, the answer
+    /// given), without straight to the log. Returns the messages stored, with their seqs.
+    fn store_append(
+        &mut self,
+        topic: &str,
+        mut msgs: Vec<StoredMessage>,
+        ids: Option<Vec<Option<String>>>,
+    ) -> Result<(Vec<StoredMessage>, Option<Appended>), StoreError> {
+        let Some(ids) = ids else {
+            let first = self.storage.append(topic, &msgs)?;
+            for (i, m) in msgs.iter_mut().enumerate() {
+                m.seq = first + i as u64;
+            }
+            return Ok((msgs, None));
+        };
+        let now = msgs.first().map_or_else(now_ms, |m| m.timestamp_ms);
+        let (kept, appended, forgotten) = self.storage.append_dedup(topic, msgs, ids, now)?;
+        if forgotten > 0 {
+            self.dedup_full(topic, forgotten);
+        }
+        Ok((kept, appended.duplicate.then_some(appended)))
+    }
+
+    /// Whether a queued, unwritten publish names `topic`.
+    fn appends_pending_for(&self, topic: &str) -> bool {
+        self.pending_appends.iter().any(|p| p.topic == topic)
+    }
+
     fn schedule_commit(&mut self, ctx: &mut Context<Self>) {
         if !self.commit_scheduled {
             self.commit_scheduled = true;
@@ -196,25 +266,40 @@ impl StoreActor {
         }
         self.commits += 1;
         let mut inconsistent: Option<String> = None;
-        for (topic, mut msgs, tx) in appends {
+        for PendingAppend {
+            topic,
+            msgs,
+            ids,
+            reply: tx,
+        } in appends
+        {
             if let Some(why) = &inconsistent {
                 let _ = tx.send(Err(refusal(why)));
                 continue;
             }
-            match self.storage.append(&topic, &msgs) {
-                Ok(first) => {
-                    for (i, m) in msgs.iter_mut().enumerate() {
-                        m.seq = first + i as u64;
-                    }
-                    self.written.appends.push((topic, msgs, tx));
+            let existed = self.storage.exists(&topic);
+            match self.store_append(&topic, msgs, ids) {
+                Ok((msgs, dup)) => {
+                    self.written.appends.push(WrittenAppend {
+                        topic: topic.clone(),
+                        msgs,
+                        reply: tx,
+                        dup,
+                    });
                 }
                 Err(e) => {
                     if let StoreError::Inconsistent(why) = &e {
                         inconsistent = Some(why.clone());
                     }
-                    self.failures.note(&format!("publish to {topic}"), &e);
+                    if self.failures.note(&format!("publish to {topic}"), &e) {
+                        self.storage_error(Some(&topic), &e.to_string());
+                    }
                     self.written.refused.push((Refused::Append(tx), e));
                 }
+            }
+            if !existed && self.storage.exists(&topic) {
+                self.events
+                    .emit(BrokerEvent::now(event_kind::TOPIC_CREATED).topic(topic));
             }
         }
         for ((topic, group), (rec, txs)) in groups {
@@ -230,8 +315,12 @@ impl StoreActor {
                     if let StoreError::Inconsistent(why) = &e {
                         inconsistent = Some(why.clone());
                     }
-                    self.failures
-                        .note(&format!("group commit of {topic}/{group}"), &e);
+                    if self
+                        .failures
+                        .note(&format!("group commit of {topic}/{group}"), &e)
+                    {
+                        self.storage_error(Some(&topic), &e.to_string());
+                    }
                     self.written.refused.push((Refused::Groups(txs), e));
                 }
             }
@@ -265,9 +354,7 @@ impl StoreActor {
                 // Failing them would answer "error" for messages a later sync makes readable.
                 self.retry.failed(&e);
                 let mut batch = batch;
-                batch.appends.append(&mut self.written.appends);
-                batch.groups.append(&mut self.written.groups);
-                batch.refused.append(&mut self.written.refused);
+                batch.append(&mut self.written);
                 self.written = batch;
                 if !self.retry.scheduled {
                     self.retry.scheduled = true;
@@ -323,6 +410,7 @@ impl StoreActor {
     fn fail(&mut self, why: String) {
         if self.failed.is_none() {
             tracing::error!(error = %why, "a sync failed: the store refuses writes until the broker restarts");
+            self.storage_error(None, &why);
             self.failed = Some(why);
         }
         // Jobs still queued fail with the one that failed.
@@ -340,8 +428,8 @@ impl StoreActor {
         let Some(why) = self.failed.clone() else {
             return;
         };
-        for (_, _, tx) in std::mem::take(&mut self.pending_appends) {
-            let _ = tx.send(Err(refusal(&why)));
+        for p in std::mem::take(&mut self.pending_appends) {
+            let _ = p.reply.send(Err(refusal(&why)));
         }
         for (_, (_, txs)) in std::mem::take(&mut self.pending_groups) {
             for tx in txs {
@@ -416,6 +504,8 @@ impl Actor for StoreActor {
         if let FsyncPolicy::Interval(d) = self.fsync {
             ctx.run_interval(d, |_, ctx| ctx.notify(PeriodicSync));
         }
+        self.start_remover(ctx);
+        ctx.run_interval(self.config.retention_interval, |a, ctx| a.sweep(ctx));
         catch_file_size_signal();
         tracing::info!(fsync = %self.fsync, "store started");
     }
@@ -448,36 +538,53 @@ impl Supervised for StoreActor {
             restarts = self.counters.restarts,
             "store actor restarting (the storage stays open)"
         );
+        self.events
+            .emit(BrokerEvent::now(event_kind::ACTOR_RESTARTED).actor("store"));
     }
 }
 
 impl Handler<AppendMessages> for StoreActor {
-    type Result = ResponseFuture<Result<(u64, u64), StoreError>>;
+    type Result = ResponseFuture<Result<Appended, StoreError>>;
 
     fn handle(&mut self, msg: AppendMessages, ctx: &mut Context<Self>) -> Self::Result {
         self.counters.handled += 1;
         let ts = now_ms();
-        let stored = msg
-            .messages
-            .into_iter()
-            .map(|m| StoredMessage {
+        let n = msg.messages.len();
+        // Ids cost nothing to publishes without them: the list exists only once one has one.
+        let mut ids: Option<Vec<Option<String>>> = None;
+        let mut stored = Vec::with_capacity(n);
+        for (i, m) in msg.messages.into_iter().enumerate() {
+            if let Some(id) = m.id {
+                if let Some(slot) = ids.get_or_insert_with(|| vec![None; n]).get_mut(i) {
+                    *slot = Some(id);
+                }
+            }
+            stored.push(StoredMessage {
                 seq: 0,
                 timestamp_ms: ts,
                 key: m.key,
                 headers: m.headers,
                 priority: m.priority,
                 payload: m.payload,
-            })
-            .collect::<Vec<_>>();
+            });
+        }
         if let Some(e) = self.refusal() {
+            return Box::pin(async move { Err(e) });
+        }
+        if let Err(e) = self.may_write(&msg.topic) {
             return Box::pin(async move { Err(e) });
         }
         let (tx, rx) = oneshot::channel();
         if stored.is_empty() {
             let last = self.durable_head(&msg.topic);
-            return Box::pin(async move { Ok((last + 1, last)) });
+            return Box::pin(async move { Ok(Appended::stored(last + 1, last)) });
         }
-        self.pending_appends.push((msg.topic, stored, tx));
+        self.pending_appends.push(PendingAppend {
+            topic: msg.topic,
+            msgs: stored,
+            ids,
+            reply: tx,
+        });
         self.schedule_commit(ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Unavailable)) })
     }
@@ -490,6 +597,20 @@ impl Handler<CommitGroup> for StoreActor {
         self.counters.handled += 1;
         if let Some(e) = self.refusal() {
             return Box::pin(async move { Err(e) });
+        }
+        if let Err(e) = self.may_write(&msg.topic) {
+            return Box::pin(async move { Err(e) });
+        }
+        if !self.storage.exists(&msg.topic) && !self.appends_pending_for(&msg.topic) {
+            // A group of a topic that does not exist yet: kept in memory (no file), written
+            // with the topic's first segment. Such a group has acked nothing: a record that
+            // has is one of a topic deleted meanwhile (an ack racing the deletion), not kept.
+            if msg.record.acked_floor > 0 || !msg.record.acked_ranges.is_empty() {
+                let e = StoreError::UnknownTopic(msg.topic);
+                return Box::pin(async move { Err(e) });
+            }
+            let kept = self.keep_waiting_group(&msg.topic, &msg.group, &msg.record);
+            return Box::pin(async move { kept });
         }
         let (tx, rx) = oneshot::channel();
         let entry = self
@@ -507,15 +628,7 @@ impl Handler<Commit> for StoreActor {
     type Result = ();
     fn handle(&mut self, _: Commit, ctx: &mut Context<Self>) {
         self.write_pending();
-        match self.fsync {
-            FsyncPolicy::Always => self.start_sync(ctx),
-            _ => {
-                // Durable at the next periodic sync (interval) or when the OS writes it back (never).
-                self.dirty = true;
-                let batch = std::mem::take(&mut self.written);
-                lock(&self.ledger).settle(batch, Ok(()));
-            }
-        }
+        self.commit_written(ctx);
     }
 }
 
@@ -573,6 +686,7 @@ impl Handler<LoadGroup> for StoreActor {
     type Result = Result<(Option<GroupRecord>, u64), StoreError>;
     fn handle(&mut self, msg: LoadGroup, _: &mut Context<Self>) -> Self::Result {
         self.counters.handled += 1;
+        self.may_write(&msg.topic)?;
         // A group record still waiting for its commit is the newest truth.
         if let Some((rec, _)) = self
             .pending_groups
@@ -629,7 +743,13 @@ impl Handler<GetActorStats> for StoreActor {
 impl Handler<GetSyncStats> for StoreActor {
     type Result = MessageResult<GetSyncStats>;
     fn handle(&mut self, _: GetSyncStats, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(lock(&self.ledger).timing.clone())
+        let mut stats = lock(&self.ledger).timing.clone();
+        let (ids, _) = self.storage.dedup_counts();
+        stats.dedup_ids = ids;
+        stats.dedup_ids_forgotten = self.limits.dedup_ids_forgotten;
+        stats.waiting_groups = self.storage.waiting_groups() as u64;
+        stats.waiting_groups_refused = self.limits.waiting_groups_refused;
+        MessageResult(stats)
     }
 }
 
@@ -670,7 +790,10 @@ mod tests {
                     ..Default::default()
                 }],
             };
-            assert_eq!(store.send(publish("a")).await.unwrap().unwrap(), (1, 1));
+            assert_eq!(
+                store.send(publish("a")).await.unwrap().unwrap(),
+                Appended::stored(1, 1)
+            );
             std::fs::write(&fail, b"").unwrap();
             assert!(store.send(publish("b")).await.unwrap().is_err());
             std::fs::remove_file(&fail).unwrap();
@@ -736,7 +859,7 @@ mod tests {
             let store = StoreActor::new(storage, FsyncPolicy::Always).start();
             assert_eq!(
                 store.send(publish("t", &[b"a"])).await.unwrap().unwrap(),
-                (1, 1)
+                Appended::stored(1, 1)
             );
             // Four chunks of ~64 KiB: the second fails.
             let big = vec![7u8; 1000];
@@ -748,7 +871,7 @@ mod tests {
             // Not poisoned: publishes and acks go on, with the seqs the failed one had.
             assert_eq!(
                 store.send(publish("t", &[b"c"])).await.unwrap().unwrap(),
-                (2, 2)
+                Appended::stored(2, 2)
             );
             let record = GroupRecord {
                 mode: sluice_protocol::GroupMode::Shared,
@@ -794,7 +917,7 @@ mod tests {
             let store = StoreActor::new(storage, FsyncPolicy::Always).start();
             assert_eq!(
                 store.send(publish("t", &[b"a"])).await.unwrap().unwrap(),
-                (1, 1)
+                Appended::stored(1, 1)
             );
             std::fs::write(&no_fds, b"").unwrap();
             let waiting = store.send(publish("t", &[b"b"]));
@@ -803,10 +926,217 @@ mod tests {
                 tokio::time::timeout(std::time::Duration::from_millis(100), &mut waiting).await;
             assert!(early.is_err(), "answered before its sync: {early:?}");
             std::fs::remove_file(&no_fds).unwrap();
-            assert_eq!(waiting.await.unwrap().unwrap(), (2, 2));
+            assert_eq!(waiting.await.unwrap().unwrap(), Appended::stored(2, 2));
             assert_eq!(
                 store.send(publish("t", &[b"c"])).await.unwrap().unwrap(),
-                (3, 3)
+                Appended::stored(3, 3)
+            );
+        });
+    }
+
+    /// Records what the store tells an orchestrator shard about topics.
+    #[derive(Default)]
+    struct Listener {
+        floors: Arc<Mutex<Vec<(String, u64)>>>,
+        removed: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Actor for Listener {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<super::super::messages::FloorMoved> for Listener {
+        type Result = ();
+        fn handle(&mut self, m: super::super::messages::FloorMoved, _: &mut Context<Self>) {
+            self.floors.lock().unwrap().push((m.topic, m.floor_seq));
+        }
+    }
+
+    impl Handler<super::super::messages::TopicRemoved> for Listener {
+        type Result = ();
+        fn handle(&mut self, m: super::super::messages::TopicRemoved, _: &mut Context<Self>) {
+            self.removed.lock().unwrap().push(m.topic);
+        }
+    }
+
+    /// Waits up to 10 s for `f`.
+    async fn until(mut f: impl FnMut() -> bool) -> bool {
+        for _ in 0..500 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        f()
+    }
+
+    fn seg_files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn retention_removes_whole_segments_under_every_fsync_policy_and_says_so() {
+        use super::super::messages::{CreateTopic, SetTopicListeners, TopicListener};
+        for policy in [
+            FsyncPolicy::Always,
+            FsyncPolicy::Interval(std::time::Duration::from_millis(50)),
+            FsyncPolicy::Never,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut storage = Storage::open(dir.path(), 1 << 20).unwrap();
+            storage.set_segment_bytes(64 * 1024);
+            let config = crate::config::Config {
+                retention_interval: std::time::Duration::from_millis(100),
+                ..Default::default()
+            };
+            let bus = crate::events::EventBus::default();
+            let mut events = bus.subscribe();
+            let topic_dir = dir.path().join("topics/t");
+            actix_rt::System::new().block_on(async move {
+                let store = StoreActor::new(storage, policy)
+                    .with_config(Arc::new(config), bus)
+                    .start();
+                let listener = Listener::default();
+                let floors = listener.floors.clone();
+                let l = listener.start();
+                store
+                    .send(SetTopicListeners(vec![TopicListener {
+                        floor_moved: l.clone().recipient(),
+                        removed: l.recipient(),
+                    }]))
+                    .await
+                    .unwrap();
+                let body = vec![7u8; 1000];
+                for _ in 0..15 {
+                    let many: Vec<&[u8]> = (0..20).map(|_| &body[..]).collect();
+                    store.send(publish("t", &many)).await.unwrap().unwrap();
+                }
+                assert!(seg_files(&topic_dir) >= 4, "{policy}");
+                let alter = CreateTopic {
+                    topic: "t".into(),
+                    settings: sluice_protocol::TopicSettings {
+                        max_bytes: Some(64 * 1024),
+                        ..Default::default()
+                    },
+                    alter: true,
+                };
+                let info = store.send(alter).await.unwrap().unwrap();
+                assert_eq!(info.settings.max_bytes, Some(64 * 1024));
+                assert!(
+                    until(|| !floors.lock().unwrap().is_empty()).await,
+                    "{policy}: FloorMoved"
+                );
+                let (topic, floor) = floors.lock().unwrap()[0].clone();
+                assert_eq!(topic, "t");
+                assert!(floor > 1, "{policy}: {floor}");
+                assert!(seg_files(&topic_dir) <= 2, "{policy}: files unlinked");
+                let read = ReadRange {
+                    topic: "t".into(),
+                    from: 1,
+                    max: 1,
+                    max_bytes: 1 << 20,
+                };
+                let r = store.send(read).await.unwrap().unwrap();
+                assert!(r.floor >= floor, "{policy}");
+                assert_eq!(
+                    r.messages[0].seq, r.floor,
+                    "{policy}: reads start at the floor"
+                );
+                let mut removed = None;
+                while let Ok(e) = events.try_recv() {
+                    if e.kind == sluice_protocol::event_kind::RETENTION_REMOVED {
+                        removed = Some(e);
+                        break;
+                    }
+                }
+                let e = removed.expect("retention_removed event");
+                assert_eq!(
+                    (e.topic.as_deref(), e.seq, e.count, e.detail.as_deref()),
+                    (Some("t"), Some(floor), Some(floor - 1), Some("max_bytes"))
+                );
+            });
+        }
+    }
+
+    #[test]
+    fn deleted_groups_and_topics_are_gone_and_said_so() {
+        use super::super::messages::{
+            DeleteGroupRecord, DeleteTopic, GetTopicInfo, SetTopicListeners, TopicListener,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        let bus = crate::events::EventBus::default();
+        let mut events = bus.subscribe();
+        actix_rt::System::new().block_on(async move {
+            let store = StoreActor::new(storage, FsyncPolicy::Always)
+                .with_config(Arc::new(crate::config::Config::default()), bus)
+                .start();
+            let listener = Listener::default();
+            let removed = listener.removed.clone();
+            let l = listener.start();
+            store
+                .send(SetTopicListeners(vec![TopicListener {
+                    floor_moved: l.clone().recipient(),
+                    removed: l.recipient(),
+                }]))
+                .await
+                .unwrap();
+            store.send(publish("t", &[b"a"])).await.unwrap().unwrap();
+            let record = GroupRecord {
+                mode: sluice_protocol::GroupMode::Shared,
+                filters: Default::default(),
+                acked_floor: 1,
+                acked_above: Vec::new(),
+                acked_ranges: Vec::new(),
+                created_ms: 0,
+                backoff_ms: vec![],
+                attempts: vec![],
+            };
+            let commit = CommitGroup {
+                topic: "t".into(),
+                group: "g".into(),
+                record,
+            };
+            store.send(commit).await.unwrap().unwrap();
+            let del = || DeleteGroupRecord {
+                topic: "t".into(),
+                group: "g".into(),
+            };
+            assert!(store.send(del()).await.unwrap().unwrap());
+            assert!(!store.send(del()).await.unwrap().unwrap(), "gone already");
+            let load = LoadGroup {
+                topic: "t".into(),
+                group: "g".into(),
+            };
+            assert_eq!(store.send(load).await.unwrap().unwrap(), (None, 1));
+
+            let d = store
+                .send(DeleteTopic { topic: "t".into() })
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(d.messages, 1);
+            assert!(until(|| removed.lock().unwrap().as_slice() == ["t"]).await);
+            let info = GetTopicInfo {
+                topic: Some("t".into()),
+            };
+            assert!(store.send(info).await.unwrap().unwrap().is_empty());
+            let mut kinds = Vec::new();
+            while let Ok(e) = events.try_recv() {
+                kinds.push(e.kind.clone());
+            }
+            assert_eq!(
+                kinds,
+                vec![
+                    sluice_protocol::event_kind::TOPIC_CREATED,
+                    sluice_protocol::event_kind::TOPIC_DELETED
+                ]
             );
         });
     }

@@ -42,6 +42,10 @@ pub struct LimitStats {
     pub lifetimes_expired: u64,
     /// KEEPALIVE frames with RESPOND sent to quiet clients.
     pub keepalive_pings: u64,
+    /// Lifecycle events dropped for `admin.events` subscribers that had no credit for them
+    /// (each subscriber is told with one `events_lost` event).
+    #[serde(default)]
+    pub events_lost: u64,
 }
 
 /// Upper bounds (µs) of the buckets of [`SyncStats::buckets`]; a last bucket holds the rest.
@@ -66,6 +70,18 @@ pub struct SyncStats {
     /// Histogram: bucket `i` counts the syncs that took at most [`SYNC_BUCKETS_US`]`[i]` µs
     /// (and more than the bound before it); the last bucket counts the longer ones.
     pub buckets: Vec<SyncBucket>,
+    /// The store's bounds: ids its dedup indexes remember now.
+    #[serde(default)]
+    pub dedup_ids: u64,
+    /// Ids forgotten before their `dedup_window` ended (a topic's index was full).
+    #[serde(default)]
+    pub dedup_ids_forgotten: u64,
+    /// Group records kept in memory for topics that do not exist yet.
+    #[serde(default)]
+    pub waiting_groups: u64,
+    /// Subscribes to missing topics refused (too many groups waiting).
+    #[serde(default)]
+    pub waiting_groups_refused: u64,
 }
 
 /// One bucket of [`SyncStats::buckets`].
@@ -155,6 +171,7 @@ impl SyncStats {
             total_us: self.total_us.saturating_sub(earlier.total_us),
             max_us,
             buckets,
+            ..self.clone()
         }
     }
 
@@ -252,6 +269,11 @@ pub struct GroupStats {
     /// One entry per connected consumer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumer_details: Vec<ConsumerStats>,
+    /// Times a memory bound held the group's fresh messages back (4,096 ack ranges, 65,536
+    /// delayed retries) or cut its record's attempt counts (65,536): each is also a
+    /// `memory_pressure` event.
+    #[serde(default)]
+    pub memory_pressure: u64,
 }
 
 /// State of one consumer of a group.

@@ -6,6 +6,13 @@
 //! | topic logs | [`segment`] files `<data_dir>/topics/<topic>/*.seg`: chunks of [`record`]s, each record with its CRC-32 |
 //! | group cursors | "SLG1" chunks in the same segment files: group name → MessagePack [`GroupRecord`] (mode, filters, acked floor, acks above it) |
 //! | (older data dirs) | sled tree `groups`: `<topic>\0<group>` → [`GroupRecord`], moved into the topic logs at open |
+//! | topic settings | `<data_dir>/topics/<topic>/settings.toml`: the topic's overrides ([`settings`]) |
+//! | message ids | inside their records ([`record`]); an in-memory index per topic ([`dedup`]), rebuilt at open |
+//! | deleted topics | `<data_dir>/trash/`, until their files are removed (emptied at open) |
+//!
+//! Topics as an operator manages them, retention (whole segments cut off the front, through the
+//! sync pipeline, unlinked by the [`remover`] thread) and the dedup index are described in
+//! `src/store/retention.md`.
 //!
 //! Message data is kept out of sled because sled keeps every page it writes resident (see
 //! `segment/`). Group cursors moved out of sled too: a commit holding a topic's publishes and
@@ -19,15 +26,22 @@
 //! threads, and the ledger that answers requests in commit order.
 
 pub mod commit;
+pub mod dedup;
 pub mod record;
+pub mod remover;
+pub mod retention;
 pub mod segment;
+pub mod settings;
+mod topics;
+
+pub use topics::{RemovedTopic, TopicStats, Trimmed, MAX_WAITING_GROUPS};
 
 use crate::config::FsyncPolicy;
 use bytes::Bytes;
 use record::StoredMessage;
 use segment::SegmentLog;
 use serde::{Deserialize, Serialize};
-use sluice_protocol::GroupMode;
+use sluice_protocol::{GroupMode, TopicSettings};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -132,12 +146,50 @@ pub struct ReadResult {
     pub floor: u64,
 }
 
+/// What a publish got: its messages' seqs, once durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// Seq of the first message (the lowest of `seqs` when `duplicate`).
+    pub first_seq: u64,
+    /// Seq of the last message (the highest of `seqs` when `duplicate`).
+    pub last_seq: u64,
+    /// Some message's id was stored already within the topic's `dedup_window` (or earlier in
+    /// the same request): it was not stored again.
+    pub duplicate: bool,
+    /// Only when `duplicate`: each message's seq, in request order (a duplicate's is its
+    /// original's).
+    pub seqs: Vec<u64>,
+}
+
+impl Appended {
+    /// Messages stored as `first..=last`, none a duplicate.
+    pub fn stored(first_seq: u64, last_seq: u64) -> Self {
+        Appended {
+            first_seq,
+            last_seq,
+            duplicate: false,
+            seqs: Vec::new(),
+        }
+    }
+}
+
 /// The sled database and its files.
 pub struct Storage {
     db: sled::Db,
     dir: PathBuf,
     groups: sled::Tree,
     topics: HashMap<String, SegmentLog>,
+    /// Each topic's settings overrides (`settings.toml` in its directory; empty: none).
+    overrides: HashMap<String, TopicSettings>,
+    /// The broker's defaults under the overrides ([`Storage::set_defaults`]).
+    defaults: TopicSettings,
+    /// Group records of topics that do not exist yet (a subscribe to a missing topic creates
+    /// no file): by topic, then group; written at the head of the topic's first segment.
+    waiting: HashMap<String, BTreeMap<String, Bytes>>,
+    /// Each topic's idempotent-publish index.
+    dedup: HashMap<String, dedup::DedupIndex>,
+    /// Roll size of segments ([`segment::SEGMENT_BYTES`] unless configured smaller).
+    segment_bytes: u64,
     /// Big chunks are written with direct I/O by the syncs ([`Storage::set_direct_writes`]).
     direct_writes: bool,
     /// Zeroed segments for new ones (with direct writes: where every commit is synced).
@@ -158,12 +210,15 @@ impl Storage {
             .flush_every_ms(Some(500))
             .open()?;
         let groups = db.open_tree("groups")?;
+        topics::empty_trash(&dir.join(TRASH))?;
         let mut topics = HashMap::new();
+        let mut overrides = HashMap::new();
         for entry in std::fs::read_dir(dir.join("topics"))?.flatten() {
             let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                 continue;
             };
             if entry.path().is_dir() {
+                overrides.insert(name.clone(), settings::load(&entry.path())?);
                 topics.insert(name, SegmentLog::open(&entry.path())?);
             }
         }
@@ -172,6 +227,11 @@ impl Storage {
             dir: dir.to_owned(),
             groups,
             topics,
+            overrides,
+            defaults: TopicSettings::default(),
+            waiting: HashMap::new(),
+            dedup: HashMap::new(),
+            segment_bytes: segment::SEGMENT_BYTES,
             direct_writes: false,
             spares: None,
             preallocate: false,
@@ -202,11 +262,22 @@ impl Storage {
         self.topics.iter().map(|(k, t)| (k.as_str(), t.last_seq()))
     }
 
+    /// Whether `topic` exists (it has a directory: created, or published to).
+    pub fn exists(&self, topic: &str) -> bool {
+        self.topics.contains_key(topic)
+    }
+
+    /// The topic's log, created (with its directory) if it does not exist yet; group records
+    /// kept while it did not are written at the head of its first segment.
     fn topic_mut(&mut self, topic: &str) -> Result<&mut SegmentLog, StoreError> {
         if !self.topics.contains_key(topic) {
             let mut log = SegmentLog::open(&self.dir.join("topics").join(topic))?;
             log.set_direct_writes(self.direct_writes);
             log.set_spares(self.spares.clone());
+            log.set_segment_bytes(self.segment_bytes);
+            if let Some(waiting) = self.waiting.remove(topic) {
+                log.adopt_groups(waiting);
+            }
             self.topics.insert(topic.to_string(), log);
         }
         self.topics.get_mut(topic).ok_or(StoreError::Unavailable)
@@ -222,6 +293,17 @@ impl Storage {
     /// durable after the next [`Storage::sync`] (or sync job), which the error reply must wait
     /// for. [`StoreError::Inconsistent`] if the rollback itself failed.
     pub fn append(&mut self, topic: &str, messages: &[StoredMessage]) -> Result<u64, StoreError> {
+        self.append_ids(topic, messages, None)
+    }
+
+    /// [`Storage::append`] with each message's idempotency id (`ids[i]` for `messages[i]`)
+    /// kept in its record.
+    pub fn append_ids(
+        &mut self,
+        topic: &str,
+        messages: &[StoredMessage],
+        ids: Option<&[Option<String>]>,
+    ) -> Result<u64, StoreError> {
         #[cfg(test)]
         let chunks_ok = std::fs::read_to_string(self.dir.join("fail-writes-after"))
             .ok()
@@ -232,7 +314,7 @@ impl Storage {
             log.faults.chunks_ok = chunks_ok;
         }
         let mark = log.mark();
-        match Self::append_chunks(log, messages) {
+        match Self::append_chunks(log, messages, ids) {
             Ok(first) => Ok(first),
             Err(e) => {
                 log.rollback(mark)?;
@@ -241,8 +323,16 @@ impl Storage {
         }
     }
 
-    fn append_chunks(log: &mut SegmentLog, messages: &[StoredMessage]) -> Result<u64, StoreError> {
+    fn append_chunks(
+        log: &mut SegmentLog,
+        messages: &[StoredMessage],
+        ids: Option<&[Option<String>]>,
+    ) -> Result<u64, StoreError> {
         let first = log.last_seq() + 1;
+        // Chunks holding an id say so in their version, so that rebuilding the dedup index
+        // at open reads only those.
+        let mut with_ids = false;
+        let mut chunk_ms = 0u64;
         // A chunk is a list of parts: small things are copied into one contiguous buffer, a
         // large payload stays in the received frame's memory and is written with writev.
         let mut parts: Vec<Bytes> = Vec::new();
@@ -254,10 +344,14 @@ impl Storage {
                 parts.clear();
                 cur.clear();
                 size = 5;
+                with_ids = false;
+                chunk_ms = m.timestamp_ms;
             }
+            let id = ids.and_then(|ids| ids.get(i)).and_then(|id| id.as_deref());
+            with_ids |= id.is_some();
             let at = cur.len();
             cur.extend_from_slice(&[0; 4]);
-            let crc = m.encode_head_into(&mut cur);
+            let crc = m.encode_head_with_id(id, &mut cur);
             let len = (cur.len() - at - 4 + m.payload.len()) as u32;
             cur[at..at + 4].copy_from_slice(&len.to_be_bytes());
             cur[at + 4..at + 8].copy_from_slice(&crc.finalize().to_be_bytes());
@@ -274,10 +368,14 @@ impl Storage {
                     parts.push(Bytes::from(std::mem::take(&mut cur)));
                 }
                 let mut head = Vec::with_capacity(5);
-                head.push(CHUNK_VERSION);
+                head.push(if with_ids {
+                    CHUNK_VERSION_IDS
+                } else {
+                    CHUNK_VERSION
+                });
                 head.extend_from_slice(&count.to_be_bytes());
                 parts.insert(0, Bytes::from(head));
-                log.append_chunk(count, &parts)?;
+                log.append_chunk_at(count, &parts, Some(chunk_ms))?;
                 count = 0;
             }
         }
@@ -297,6 +395,8 @@ impl Storage {
         let Some(log) = self.topics.get(topic) else {
             return Ok(out);
         };
+        // A read from below the floor starts at it (what lies between was removed).
+        out.floor = log.floor();
         let mut bytes = 0usize;
         log.scan(from, |item| {
             match item.map(|(first, body)| (first, decode_chunk(first, &body))) {
@@ -368,7 +468,11 @@ impl Storage {
 
     /// The record of a group, if it exists.
     pub fn group(&self, topic: &str, group: &str) -> Result<Option<GroupRecord>, StoreError> {
-        let Some(v) = self.topics.get(topic).and_then(|t| t.group(group)) else {
+        let v = match self.topics.get(topic) {
+            Some(t) => t.group(group),
+            None => self.waiting.get(topic).and_then(|w| w.get(group)),
+        };
+        let Some(v) = v else {
             return Ok(None);
         };
         sluice_protocol::decode(v)
@@ -383,8 +487,18 @@ impl Storage {
     /// Every group of every topic.
     pub fn all_groups(&self) -> Result<Vec<(String, String, GroupRecord)>, StoreError> {
         let mut out = Vec::new();
-        for (topic, log) in &self.topics {
-            for (group, v) in log.groups() {
+        let waiting = self.waiting.iter().map(|(t, w)| {
+            (
+                t,
+                w.iter().map(|(g, v)| (g.as_str(), v)).collect::<Vec<_>>(),
+            )
+        });
+        let logs = self
+            .topics
+            .iter()
+            .map(|(t, log)| (t, log.groups().collect::<Vec<_>>()));
+        for (topic, groups) in logs.chain(waiting) {
+            for (group, v) in groups {
                 match sluice_protocol::decode::<GroupRecord>(v) {
                     Ok(rec) => out.push((topic.clone(), group.to_string(), rec)),
                     Err(e) => tracing::error!(topic, group, error = %e, "undecodable group record"),
@@ -470,7 +584,7 @@ impl Storage {
     pub fn set_direct_writes(&mut self, on: bool) {
         self.direct_writes = on;
         self.spares = if on {
-            segment::Spares::open(self.dir.join("spare"), segment::SEGMENT_BYTES)
+            segment::Spares::open(self.dir.join("spare"), self.segment_bytes)
                 .inspect_err(
                     |e| tracing::warn!(error = %e, "no spare segments: new segments start empty"),
                 )
@@ -564,6 +678,9 @@ fn wait_out_stall() {
 /// Batch ids reserved per broker run (see [`Storage::batch_id_base`]).
 pub const BATCH_IDS_PER_RUN: u64 = 1 << 36;
 
+/// Where a deleted topic's directory goes (renamed) until its files are removed.
+pub(crate) const TRASH: &str = "trash";
+
 /// The fsyncs that make a set of writes durable, detached from [`Storage`] so they can run on a
 /// blocking thread. Holds every handle it needs, opened on the store's thread: running it opens
 /// nothing, so it fails only if the storage does.
@@ -636,14 +753,41 @@ const ZERO_COPY_PAYLOAD: usize = 16 * 1024;
 
 /// Target size of one stored chunk of messages (a single larger message is a chunk of its own).
 pub const CHUNK_BYTES: usize = 64 * 1024;
+/// Version of a chunk of messages none of which has an id.
 const CHUNK_VERSION: u8 = 1;
+/// Version of a chunk of messages some of which have an id (same layout; records say which).
+const CHUNK_VERSION_IDS: u8 = 2;
 
 type ChunkRecords = Vec<(u64, Result<StoredMessage, String>)>;
 
-/// Decodes a chunk: `version u8 | count u32 | (len u32 | record)*`; each record has its own CRC,
-/// so one bad record spoils only itself.
+/// Where each record of a chunk lies in `buf` (`version u8 | count u32 | (len u32 |
+/// record)*`), in seq order.
+fn chunk_records(buf: &[u8]) -> Result<Vec<std::ops::Range<usize>>, String> {
+    if buf.len() < 5 || !matches!(buf[0], CHUNK_VERSION | CHUNK_VERSION_IDS) {
+        return Err("bad chunk header".into());
+    }
+    let count = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    let mut out = Vec::with_capacity(count.min(buf.len() / 4));
+    let mut pos = 5;
+    for i in 0..count {
+        let Some(l) = buf.get(pos..pos + 4) else {
+            return Err(format!("chunk truncated at record {i}"));
+        };
+        let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
+        pos += 4;
+        if pos + len > buf.len() {
+            return Err(format!("chunk truncated at record {i}"));
+        }
+        out.push(pos..pos + len);
+        pos += len;
+    }
+    Ok(out)
+}
+
+/// Decodes a chunk (see [`chunk_records`]); each record has its own CRC, so one bad record
+/// spoils only itself.
 fn decode_chunk(first: u64, buf: &Bytes) -> Result<ChunkRecords, String> {
-    if buf.len() < 5 || buf[0] != CHUNK_VERSION {
+    if buf.len() < 5 || !matches!(buf[0], CHUNK_VERSION | CHUNK_VERSION_IDS) {
         return Err("bad chunk header".into());
     }
     let count = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;

@@ -1,10 +1,14 @@
 //! Binary encoding of a stored message, with a CRC-32 checked on every read.
 //!
 //! ```text
-//! crc32 u32 | timestamp_ms u64 | priority u8 | key_len u16 (0xFFFF = none) | key
+//! crc32 u32 | timestamp_ms u64 | priority u8 | [id_len u8 | id]  (only when priority's bit 7 is set)
+//!           | key_len u16 (0xFFFF = none) | key
 //!           | header_count u16 | (name_len u16 | name | value_len u16 | value)* | payload
 //! ```
-//! All integers big-endian; the CRC covers everything after itself.
+//! All integers big-endian; the CRC covers everything after itself. The idempotency id of a
+//! message (`NewMessage.id`, at most 128 bytes) is kept in the record so that the store's
+//! dedup index can be rebuilt from the log at open; a record written before ids existed has
+//! bit 7 of its priority clear (priorities are at most 9) and reads as having none.
 
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -39,6 +43,12 @@ impl RecordCrc {
 /// Longest key, header name or header value the record format holds.
 pub const MAX_FIELD: usize = 0xFFFE;
 
+/// Bit of the priority byte saying that an id follows it.
+const ID_FLAG: u8 = 0x80;
+
+/// Longest id the record format holds (`sluice_protocol::MAX_ID_LEN` is smaller).
+pub const MAX_STORED_ID: usize = 0xFF;
+
 impl StoredMessage {
     /// Appends the record encoding to `buf`. Field lengths must be `<= MAX_FIELD` (publish
     /// validates this).
@@ -50,14 +60,28 @@ impl StoredMessage {
     }
 
     /// Appends everything of the record but the payload, with a zero CRC placeholder, and
-    /// returns the CRC state over what was written; the caller feeds it the payload, then
-    /// stores `finalize()` in the first 4 bytes. Lets a large payload be written from its own
-    /// buffer instead of being copied next to its head.
+    /// returns the CRC of the whole record (payload included); the caller stores `finalize()`
+    /// in the first 4 bytes and writes the payload after the head. Lets a large payload be
+    /// written from its own buffer instead of being copied next to its head.
     pub fn encode_head_into(&self, buf: &mut Vec<u8>) -> RecordCrc {
+        self.encode_head_with_id(None, buf)
+    }
+
+    /// [`StoredMessage::encode_head_into`] with an idempotency id (at most
+    /// [`MAX_STORED_ID`] bytes; longer ones are cut, publish refuses them first).
+    pub fn encode_head_with_id(&self, id: Option<&str>, buf: &mut Vec<u8>) -> RecordCrc {
         let start = buf.len();
         buf.extend_from_slice(&[0; 4]);
         buf.extend_from_slice(&self.timestamp_ms.to_be_bytes());
-        buf.push(self.priority);
+        match id {
+            None => buf.push(self.priority & !ID_FLAG),
+            Some(id) => {
+                let id = &id.as_bytes()[..id.len().min(MAX_STORED_ID)];
+                buf.push(self.priority | ID_FLAG);
+                buf.push(id.len() as u8);
+                buf.extend_from_slice(id);
+            }
+        }
         match &self.key {
             None => buf.extend_from_slice(&0xFFFFu16.to_be_bytes()),
             Some(k) => put_str(buf, k),
@@ -81,7 +105,12 @@ impl StoredMessage {
             return Err("CRC mismatch".into());
         }
         let timestamp_ms = r.u64()?;
-        let priority = r.u8()?;
+        let mut priority = r.u8()?;
+        if priority & ID_FLAG != 0 {
+            priority &= !ID_FLAG;
+            let n = r.u8()? as usize;
+            r.take(n)?;
+        }
         let klen = r.u16()?;
         let key = if klen == 0xFFFF {
             None
@@ -107,6 +136,20 @@ impl StoredMessage {
             payload,
         })
     }
+}
+
+/// The timestamp and idempotency id of an encoded record, without checking its CRC (the
+/// chunk's was checked) nor decoding the rest: what the dedup index needs at open.
+pub fn decode_id(v: &[u8]) -> Option<(u64, &str)> {
+    let mut r = Reader { b: v, pos: 4 };
+    let ts = r.u64().ok()?;
+    if r.u8().ok()? & ID_FLAG == 0 {
+        return None;
+    }
+    let n = r.u8().ok()? as usize;
+    let at = r.pos;
+    let id = std::str::from_utf8(v.get(at..at + n)?).ok()?;
+    Some((ts, id))
 }
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
@@ -186,6 +229,17 @@ mod tests {
             StoredMessage::decode(9, &Bytes::from(buf.clone())).unwrap(),
             no_key
         );
+        // With an id: read back without it, the id where the index looks.
+        let mut with_id = Vec::new();
+        let crc = m.encode_head_with_id(Some("order-17"), &mut with_id);
+        with_id.extend_from_slice(&m.payload);
+        with_id[..4].copy_from_slice(&crc.finalize().to_be_bytes());
+        assert_eq!(
+            StoredMessage::decode(9, &Bytes::from(with_id.clone())).unwrap(),
+            m
+        );
+        assert_eq!(decode_id(&with_id), Some((42, "order-17")));
+        assert_eq!(decode_id(&buf), None, "a record without an id");
         buf[10] ^= 1;
         assert!(StoredMessage::decode(9, &Bytes::from(buf.clone())).is_err());
         assert!(StoredMessage::decode(9, &Bytes::copy_from_slice(&buf[..3])).is_err());

@@ -134,6 +134,24 @@ pub(super) fn is_zero(file: &File, from: u64, to: u64) -> std::io::Result<bool> 
     Ok(true)
 }
 
+/// Store time of the messages of the chunk at `pos` (its first record's: every message of a
+/// chunk comes from one publish), read without checking the CRC; `None` if it is not a chunk
+/// of messages.
+pub(super) fn chunk_time(file: &File, pos: u64) -> std::io::Result<Option<u64>> {
+    // header | version u8 | count u32 | record_len u32 | crc u32 | timestamp_ms u64
+    const AT: usize = 1 + 4 + 4 + 4;
+    let mut h = [0u8; HEADER];
+    file.read_exact_at(&mut h, pos)?;
+    match parse_header(&h) {
+        Some(hd) if !hd.group && hd.body_len >= AT + 8 => {
+            let mut ts = [0u8; 8];
+            file.read_exact_at(&mut ts, pos + (HEADER + AT) as u64)?;
+            Ok(Some(u64::from_be_bytes(ts)))
+        }
+        _ => Ok(None),
+    }
+}
+
 pub(super) struct Header {
     /// A group record rather than messages.
     pub(super) group: bool,

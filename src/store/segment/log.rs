@@ -42,6 +42,11 @@ pub(super) struct Segment {
     pub(super) from_spare: bool,
     /// A failed write could not be cut back off the file: a rollback must cut it.
     pub(super) write_failed: bool,
+    /// Store time (ms since the epoch) of its first and of its last chunk of messages (every
+    /// message of a chunk comes from one publish and has its time), if known: what retention
+    /// by age and `SeqAtTime` go by.
+    pub(super) first_ms: Option<u64>,
+    pub(super) last_ms: Option<u64>,
 }
 
 impl Segment {
@@ -58,6 +63,8 @@ impl Segment {
             sync_file: None,
             from_spare: false,
             write_failed: false,
+            first_ms: None,
+            last_ms: None,
         }
     }
 
@@ -159,6 +166,17 @@ impl SegmentLog {
     /// [`SegmentLog::sync`]. On error the chunk is not in the log, but a roll it started may
     /// be: a request of several chunks undoes itself with [`SegmentLog::rollback`].
     pub fn append_chunk(&mut self, count: u32, body: &[Bytes]) -> Result<u64, StoreError> {
+        self.append_chunk_at(count, body, None)
+    }
+
+    /// [`SegmentLog::append_chunk`] of messages stored at `ts_ms` (ms since the epoch), which
+    /// the segment remembers for retention by age.
+    pub fn append_chunk_at(
+        &mut self,
+        count: u32,
+        body: &[Bytes],
+        ts_ms: Option<u64>,
+    ) -> Result<u64, StoreError> {
         let first = self.next_seq()?;
         let last = first
             .checked_add(count.saturating_sub(1) as u64)
@@ -172,6 +190,12 @@ impl SegmentLog {
         let off = self.write_chunk(MAGIC, first, count, body)?;
         let seg = self.segments.last_mut().ok_or(StoreError::Unavailable)?;
         seg.chunks.push((first, off));
+        if let Some(ts) = ts_ms {
+            if seg.chunks.len() == 1 {
+                seg.first_ms = Some(ts);
+            }
+            seg.last_ms = Some(ts);
+        }
         self.last_seq = last;
         if small {
             self.note_small_write(size as u64);
@@ -200,6 +224,39 @@ impl SegmentLog {
         self.last_seq.checked_add(1).ok_or_else(seq_overflow)
     }
 
+    /// Writes a tombstone for `group` (an empty record): its records in older segments no
+    /// longer count, at open as now, and it is not copied into new segments. `false` if the
+    /// log has no record of it. Not durable until [`SegmentLog::sync`].
+    pub fn delete_group(&mut self, group: &str) -> Result<bool, StoreError> {
+        if !self.groups.contains_key(group) {
+            return Ok(false);
+        }
+        if self.segments.is_empty() {
+            // Never written (adopted from memory): nothing on disk to cancel.
+            self.groups.remove(group);
+            return Ok(true);
+        }
+        if group.len() > u16::MAX as usize {
+            return Err(StoreError::Io(std::io::Error::other("group name too long")));
+        }
+        let first = self.next_seq()?;
+        self.roll_if_full(first, true)?;
+        self.write_chunk(GROUP_MAGIC, first, 0, &[group_body(group, &[])])?;
+        self.groups.remove(group);
+        Ok(true)
+    }
+
+    /// Takes group records kept in memory while the topic did not exist (MessagePack by
+    /// name): they are written at the head of the first segment, like the copies at a roll.
+    pub fn adopt_groups(&mut self, records: impl IntoIterator<Item = (String, Bytes)>) {
+        for (name, rec) in records {
+            self.groups.entry(name).or_insert(rec);
+        }
+        if !self.segments.is_empty() && !self.groups.is_empty() {
+            self.copies_pending = true;
+        }
+    }
+
     /// Starts a new segment (named `first`) when there is none or the last one is full (or a
     /// busy topic can move to a spare), and makes sure it starts with a copy of every group's
     /// record (see the module docs). A segment without messages is never rolled: its
@@ -213,34 +270,46 @@ impl SegmentLog {
             }
         };
         if roll {
-            // A segment's direct writes are made before the next segment starts, so that after
-            // a crash only the last one can hold a chunk missing its middle (`open` checks it
-            // fully). A sync thread is normally done with them already.
-            if let Some(seg) = self.segments.last_mut() {
-                for (d, _) in &seg.direct {
-                    // On failure they stay, for the sync of the requests already written.
-                    d.run(&seg.file)?;
-                }
-                seg.direct.clear();
-                seg.direct_file = None;
+            self.start_segment(first, small)?;
+        }
+        self.write_copies(first)
+    }
+
+    /// Closes the last segment and starts segment `first` (see [`SegmentLog::roll_if_full`]);
+    /// the group copies are left pending for [`SegmentLog::write_copies`].
+    pub(super) fn start_segment(&mut self, first: u64, small: bool) -> Result<(), StoreError> {
+        // A segment's direct writes are made before the next segment starts, so that after
+        // a crash only the last one can hold a chunk missing its middle (`open` checks it
+        // fully). A sync thread is normally done with them already.
+        if let Some(seg) = self.segments.last_mut() {
+            for (d, _) in &seg.direct {
+                // On failure they stay, for the sync of the requests already written.
+                d.run(&seg.file)?;
             }
-            let rolled = !self.segments.is_empty();
-            self.new_segment(first, small)?;
-            self.copies_pending = !self.groups.is_empty();
-            self.next_spare_asked = false;
-            if rolled && small {
-                // A topic that fills segments is busy and will roll again: a spare for then,
-                // now if this segment did not get one (it moves to it early), else once this
-                // one is three quarters full.
-                self.busy = true;
-                let from_spare = self.segments.last().is_some_and(|s| s.from_spare);
-                if let Some(sp) = &self.spares {
-                    if !from_spare || sp.is_eager() {
-                        sp.prepare_soon();
-                    }
+            seg.direct.clear();
+            seg.direct_file = None;
+        }
+        let rolled = !self.segments.is_empty();
+        self.new_segment(first, small)?;
+        self.copies_pending = !self.groups.is_empty();
+        self.next_spare_asked = false;
+        if rolled && small {
+            // A topic that fills segments is busy and will roll again: a spare for then,
+            // now if this segment did not get one (it moves to it early), else once this
+            // one is three quarters full.
+            self.busy = true;
+            let from_spare = self.segments.last().is_some_and(|s| s.from_spare);
+            if let Some(sp) = &self.spares {
+                if !from_spare || sp.is_eager() {
+                    sp.prepare_soon();
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Writes the copies of every group's record a new segment still lacks.
+    pub(super) fn write_copies(&mut self, first: u64) -> Result<(), StoreError> {
         if self.copies_pending {
             let records: Vec<Bytes> = self
                 .groups
@@ -559,6 +628,11 @@ impl SegmentLog {
             }
         }
         self.dir_dirty = true;
+    }
+
+    /// The size at which segments roll ([`SEGMENT_BYTES`] unless configured smaller).
+    pub fn set_segment_bytes(&mut self, bytes: u64) {
+        self.segment_bytes = bytes;
     }
 
     /// Turns direct writes of big chunks on or off (on only where every commit is synced).

@@ -14,7 +14,10 @@
 //! publishes and acks of that topic durable together (with the cursors in sled, a commit
 //! holding both cost two fsyncs plus sled's flush). The newest record of a group wins; every
 //! new segment starts with a copy of each group's current record, so a segment never needs an
-//! older one (retention can drop whole segments).
+//! older one (retention can drop whole segments). A deleted group gets a tombstone (an empty
+//! record): its older records no longer count and it is not copied into new segments.
+//! Each segment remembers the store time of its first and last chunk of messages (read from
+//! the first record of those chunks at open): retention by age and `seq_at_time` go by them.
 //! An in-memory index (first seq → file offset per chunk) is rebuilt at open from the chunk
 //! headers alone; the last segment's message chunks (and every group record) are CRC-checked
 //! and a torn tail (a write cut by a crash, never acknowledged) is truncated. Durability: `sync`
@@ -42,7 +45,8 @@
 //!
 //! Files: `format` (the chunk format and file helpers), `log` (appends, reads, syncs),
 //! `recovery` (opening a log: index, torn tails), `rollback` (undoing a failed request),
-//! `direct` (direct writes of big chunks), `spares` (segments zeroed ahead of need).
+//! `direct` (direct writes of big chunks), `spares` (segments zeroed ahead of need), `trim`
+//! (retention's side: the floor, whole segments cut off the front, rolls by age, seqs by time).
 
 mod direct;
 mod format;
@@ -52,6 +56,7 @@ mod rollback;
 mod spares;
 #[cfg(test)]
 mod tests;
+mod trim;
 
 pub(crate) use direct::DirectWrite;
 pub use direct::DIRECT_MIN;
@@ -59,3 +64,4 @@ pub use format::HEADER;
 pub use log::{SegmentLog, SEGMENT_BYTES};
 pub use rollback::Mark;
 pub use spares::Spares;
+pub use trim::{Detached, SegmentInfo};

@@ -100,6 +100,10 @@ impl SegmentLog {
                         .then(|| parse_group_body(&body))
                         .flatten()
                     {
+                        // An empty record is a tombstone: the group was deleted.
+                        Some((name, rec)) if rec.is_empty() => {
+                            log.groups.remove(&name);
+                        }
                         Some((name, rec)) => {
                             log.groups.insert(name, rec);
                         }
@@ -163,6 +167,10 @@ impl SegmentLog {
             }
             file.seek(SeekFrom::Start(pos))?;
             seg.len = pos;
+            if let (Some(&(_, a)), Some(&(_, b))) = (seg.chunks.first(), seg.chunks.last()) {
+                seg.first_ms = chunk_time(&file, a)?;
+                seg.last_ms = chunk_time(&file, b)?;
+            }
             if !seg.chunks.is_empty() || last_segment {
                 log.last_seq = log.last_seq.max(expect.saturating_sub(1));
                 log.segments.push(seg);

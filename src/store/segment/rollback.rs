@@ -14,6 +14,8 @@ pub struct Mark {
     /// The last segment's end of chunks, file length, chunk count, direct write count and
     /// whether it had a sync handle open.
     pub(super) last: Option<(u64, u64, usize, usize, bool)>,
+    /// The last segment's first and last store times.
+    pub(super) last_times: (Option<u64>, Option<u64>),
     pub(super) last_seq: u64,
     pub(super) unsynced_from: Option<usize>,
     pub(super) dir_dirty: bool,
@@ -35,6 +37,10 @@ impl SegmentLog {
                     s.sync_file.is_some(),
                 )
             }),
+            last_times: self
+                .segments
+                .last()
+                .map_or((None, None), |s| (s.first_ms, s.last_ms)),
             last_seq: self.last_seq,
             unsynced_from: self.unsynced_from,
             dir_dirty: self.dir_dirty,
@@ -97,6 +103,7 @@ impl SegmentLog {
             let touched = seg.len != len || seg.file_len != file_len || seg.write_failed;
             seg.chunks.truncate(chunks);
             seg.direct.truncate(direct);
+            (seg.first_ms, seg.last_ms) = mark.last_times;
             if touched {
                 let cut = seg
                     .file

@@ -1,0 +1,294 @@
+//! Retention end to end: a topic's limits remove whole segments on the sweep, the disk shrinks
+//! (`du`: blocks actually allocated), the floor moves, and a restart comes back with the same
+//! floor and head; `discard = "acked"` removes nothing a group still needs.
+mod common;
+use bytes::Bytes;
+use common::*;
+use sluice_sdk::protocol::{
+    route, Discard, PublishReply, PublishRequest, TopicInfo, TopicSettings,
+};
+use sluice_sdk::{Admin, Consumer, ConsumerConfig, NewMessage};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+/// A broker with 128 KiB segments (many of them) and a sweep every 200 ms; its config file
+/// lives in `cfg`.
+fn broker(cfg: &tempfile::TempDir) -> TestBroker {
+    let path = cfg.path().join("sluice.toml");
+    std::fs::write(&path, "segment_bytes = \"128KiB\"\n").expect("config");
+    let path = path.to_str().expect("utf-8 path").to_string();
+    TestBroker::start_with(&["--config", &path, "--retention-interval", "200ms"])
+}
+
+async fn admin(b: &TestBroker) -> Admin {
+    Admin::connect(client_config(&b.addr(), "admin"))
+        .await
+        .expect("admin")
+}
+
+/// Publishes `n` messages of 100 bytes to `topic`, 1,000 per request.
+async fn publish_many(a: &Admin, topic: &str, n: usize) {
+    let mut done = 0;
+    while done < n {
+        let k = (n - done).min(1000);
+        let req = PublishRequest {
+            topic: topic.into(),
+            messages: (0..k)
+                .map(|i| NewMessage {
+                    payload: Bytes::from(format!("{:0100}", done + i)),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let r: PublishReply = a
+            .client()
+            .request(route::PUBLISH, &req)
+            .await
+            .expect("publish");
+        assert_eq!(r.last_seq + 1 - r.first_seq, k as u64);
+        done += k;
+    }
+}
+
+/// Disk blocks actually allocated under `dir`, in bytes (what `du` shows).
+fn du(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            // A file the remover unlinks meanwhile counts for nothing.
+            match std::fs::symlink_metadata(&p) {
+                Ok(md) if md.is_dir() => du(&p),
+                Ok(md) => md.blocks() * 512,
+                Err(_) => 0,
+            }
+        })
+        .sum()
+}
+
+async fn info(a: &Admin, topic: &str) -> TopicInfo {
+    a.topic_info(topic).await.expect("topic info")
+}
+
+/// Waits until `topic`'s info satisfies `f` (polling), returning it.
+async fn info_until(a: &Admin, topic: &str, f: impl Fn(&TopicInfo) -> bool) -> TopicInfo {
+    let start = std::time::Instant::now();
+    loop {
+        let i = info(a, topic).await;
+        if f(&i) {
+            return i;
+        }
+        assert!(start.elapsed() < T, "condition not met in time: {i:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Segment files in `dir`.
+fn seg_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until `dir` holds exactly `n` segment files: the remover has unlinked every segment
+/// taken out of the log (a kill before that brings them back, and the next sweep removes them
+/// again).
+async fn files_removed(dir: &Path, n: u32) {
+    let start = std::time::Instant::now();
+    while seg_files(dir) != n as usize {
+        assert!(
+            start.elapsed() < T,
+            "{} segment files, not {n}",
+            seg_files(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `du` of `dir` is below `bytes`.
+async fn du_below(dir: &Path, bytes: u64) -> u64 {
+    let start = std::time::Instant::now();
+    loop {
+        let d = du(dir);
+        if d < bytes {
+            return d;
+        }
+        assert!(start.elapsed() < T, "du {d} not below {bytes} in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_age_removes_every_expired_segment_and_a_restart_keeps_floor_and_head() {
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let mut b = broker(&cfg);
+    let a = admin(&b).await;
+    a.create_topic("aged", TopicSettings::default())
+        .await
+        .expect("create");
+    // A group, so that its record must survive every segment going.
+    let c = Consumer::subscribe(ConsumerConfig::new(
+        client_config(&b.addr(), "c"),
+        "aged",
+        "lagging",
+    ))
+    .await
+    .expect("subscribe");
+    info_until(&a, "aged", |i| !i.groups.is_empty()).await;
+    drop(c);
+    publish_many(&a, "aged", 100_000).await;
+    let dir = b.data_dir().join("topics/aged");
+    let before = du(&dir);
+    let i = info(&a, "aged").await;
+    assert_eq!((i.head_seq, i.floor_seq, i.messages), (100_000, 1, 100_000));
+    assert_eq!(i.groups, vec!["lagging".to_string()]);
+    assert!(i.segments > 50, "many segments: {i:?}");
+    assert!(before > 10_000_000, "du before: {before}");
+
+    a.alter_topic(
+        "aged",
+        TopicSettings {
+            max_age_ms: Some(2000),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("alter");
+    let i = info_until(&a, "aged", |i| i.floor_seq == 100_001).await;
+    assert_eq!(
+        (i.head_seq, i.messages, i.segments),
+        (100_000, 0, 1),
+        "{i:?}"
+    );
+    assert_eq!(i.oldest_ms, None);
+    let after = du_below(&dir, before / 10).await;
+    eprintln!("du of the topic: {before} bytes before, {after} after");
+    files_removed(&dir, i.segments).await;
+
+    b.restart();
+    let a = admin(&b).await;
+    let i = info(&a, "aged").await;
+    assert_eq!((i.head_seq, i.floor_seq, i.messages), (100_000, 100_001, 0));
+    assert_eq!(
+        i.groups,
+        vec!["lagging".to_string()],
+        "the group's record survived"
+    );
+    assert_eq!(i.settings.max_age_ms, Some(2000), "settings survived");
+    // The next message continues the seqs.
+    publish_many(&a, "aged", 1).await;
+    let i = info(&a, "aged").await;
+    assert_eq!((i.head_seq, i.floor_seq), (100_001, 100_001));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_bytes_removes_the_oldest_segments_and_a_restart_keeps_floor_and_head() {
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let mut b = broker(&cfg);
+    let a = admin(&b).await;
+    publish_many(&a, "sized", 100_000).await;
+    let dir = b.data_dir().join("topics/sized");
+    let before = du(&dir);
+    assert!(before > 10_000_000, "du before: {before}");
+    a.alter_topic(
+        "sized",
+        TopicSettings {
+            max_bytes: Some(512 * 1024),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("alter");
+    let i = info_until(&a, "sized", |i| i.floor_seq > 1).await;
+    assert!(i.bytes <= 512 * 1024, "{i:?}");
+    assert!(i.bytes > 256 * 1024, "no more than needed goes: {i:?}");
+    assert_eq!(i.head_seq, 100_000);
+    assert_eq!(i.messages, 100_001 - i.floor_seq);
+    let after = du_below(&dir, before / 10).await;
+    eprintln!("du of the topic: {before} bytes before, {after} after");
+    files_removed(&dir, i.segments).await;
+
+    b.restart();
+    let a = admin(&b).await;
+    let j = info(&a, "sized").await;
+    assert_eq!((j.head_seq, j.floor_seq), (i.head_seq, i.floor_seq));
+    // A new group starts at the floor: what is retained is readable.
+    let mut c = Consumer::subscribe(ConsumerConfig::new(
+        client_config(&b.addr(), "c"),
+        "sized",
+        "late",
+    ))
+    .await
+    .expect("subscribe");
+    let m = next_message(&mut c, T).await;
+    assert_eq!(m.seq(), i.floor_seq);
+    assert_eq!(
+        m.payload(),
+        &Bytes::from(format!("{:0100}", i.floor_seq - 1))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discard_acked_removes_only_what_every_group_acked() {
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let b = broker(&cfg);
+    let a = admin(&b).await;
+    let acked = TopicSettings {
+        discard: Some(Discard::Acked),
+        ..Default::default()
+    };
+    a.create_topic("work", acked.clone()).await.expect("create");
+    a.create_topic("keep", acked).await.expect("create");
+    publish_many(&a, "work", 20_000).await;
+    publish_many(&a, "keep", 20_000).await;
+    assert!(info(&a, "work").await.segments > 10);
+
+    // The group acks the first half.
+    let mut c = Consumer::subscribe(
+        ConsumerConfig::new(client_config(&b.addr(), "c"), "work", "g").window(2),
+    )
+    .await
+    .expect("subscribe");
+    for expected in 1..=10_000u64 {
+        let m = next_message(&mut c, T).await;
+        assert_eq!(m.seq(), expected);
+        c.ack(&m).expect("ack");
+    }
+    c.flush_acks().await.expect("acks durable");
+    c.close().await.expect("close");
+
+    let i = info_until(&a, "work", |i| i.floor_seq > 1).await;
+    assert!(
+        i.floor_seq <= 10_001,
+        "only segments wholly below the group's floor go: {i:?}"
+    );
+    assert_eq!(i.head_seq, 20_000);
+    // The sweep that moved it went over `keep` too, after both were published: a topic with
+    // no group keeps its data.
+    let k = info(&a, "keep").await;
+    assert_eq!((k.floor_seq, k.messages), (1, 20_000), "{k:?}");
+
+    // Everything the group still needs is there.
+    let mut c = Consumer::subscribe(ConsumerConfig::new(
+        client_config(&b.addr(), "c2"),
+        "work",
+        "g",
+    ))
+    .await
+    .expect("subscribe");
+    let m = next_message(&mut c, T).await;
+    assert_eq!(m.seq(), 10_001);
+    assert_eq!(m.payload(), &Bytes::from(format!("{:0100}", 10_000)));
+    let again = info(&a, "work").await;
+    assert!(again.floor_seq <= 10_001, "{again:?}");
+}
