@@ -322,8 +322,10 @@ impl GroupState {
         }
         let mut from_ready = Vec::new();
         let mut big_ready = Vec::new();
-        let bounded = !self.fresh_allowed();
-        if !full {
+        // At the cursor's range bound only hole-edge messages go; at the bound of delayed
+        // retries or of failed messages none does (each could add one more).
+        let bounded = self.above.range_count() >= super::MAX_ACK_RANGES;
+        if !full && self.waiting_allows_fresh() {
             for (i, p) in self.ready.iter().enumerate() {
                 if n >= max {
                     break;

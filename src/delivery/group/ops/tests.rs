@@ -1007,3 +1007,19 @@ fn failed_messages_are_bounded_so_the_record_stays_small() {
     read(&mut g, next, next);
     assert_eq!(seqs(&form(&mut g)[0]), vec![next]);
 }
+
+#[test]
+fn key_shared_at_the_bound_of_failed_messages_sends_no_fresh_message_not_even_at_a_hole_edge() {
+    let mut g = group_of(GroupMode::KeyShared, &[]);
+    ks_join(&mut g, 1, 10, 10, 1_000);
+    // As many failed messages as the bound allows (seqs far above: only their number counts).
+    g.ops
+        .failed
+        .extend(1_000_000..1_000_000 + MAX_ATTEMPTS as u64);
+    // Seq 1 is next to the floor (settling it would add no range), yet it waits.
+    g.offer_tail(&[Arc::new(keyed_msg(1, "a"))]);
+    assert!(batches_of(&mut g).is_empty());
+    assert_eq!(g.take_pressure_event(), Some("attempt counts"));
+    g.ops.failed.clear();
+    assert_eq!(batches_of(&mut g).len(), 1);
+}
