@@ -20,7 +20,9 @@
 //!   no member left the cursor stays as the last member left it (its unacked messages are not
 //!   settled: the next member gets them). The cursor only grows, and it is what the group record
 //!   holds: after a restart every member starts there (at least once).
-//! * **Joining later**: a new member starts at the group's cursor (its floor and settled ranges).
+//! * **Joining later**: a new member starts at the group's cursor (its floor and settled ranges)
+//!   with attempt counts of its own: only those of the record the group was loaded from (after a
+//!   restart) carry over, never the other members' live counts.
 //! * **Dead letters**: a member's messages past `max_retries` go to `<topic>.<group>.dlq` with
 //!   header `x-dlq-consumer = <conn>:<stream>` (the member); the other members' copies are not
 //!   affected. [`Pending::member`] carries the member through the orchestrator.

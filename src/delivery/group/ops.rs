@@ -591,18 +591,19 @@ impl GroupState {
         self.retry.insert(seq, p);
     }
 
-    /// After a read from `from` whose last seq was `last` (None: it found nothing at or after
-    /// `from`): due retries in that span it did not bring (corrupt, or gone from the log) cannot
-    /// be delivered again: settled, with an error log, as corrupt messages are.
+    /// After a read from `from` whose last seq was `last` (None: it brought nothing): due
+    /// retries in `from..=last` it did not bring (corrupt, or gone from the log) cannot be
+    /// delivered again: settled, with an error log, as corrupt messages are. A read that
+    /// brought nothing settles nothing (what retention removed goes by the floor move that
+    /// follows every read, `ReadResult.floor`).
     pub(super) fn due_read_end(&mut self, from: u64, last: Option<u64>, corrupt: &[u64]) {
+        let Some(last) = last.filter(|l| *l >= from) else {
+            return;
+        };
         if self.ops.due.is_empty() {
             return;
         }
-        let gone: Vec<u64> = match last {
-            Some(l) if l >= from => self.ops.due.range(from..=l).map(|(&s, _)| s).collect(),
-            Some(_) => Vec::new(),
-            None => self.ops.due.range(from..).map(|(&s, _)| s).collect(),
-        };
+        let gone: Vec<u64> = self.ops.due.range(from..=last).map(|(&s, _)| s).collect();
         for seq in gone {
             self.ops.due.remove(&seq);
             if corrupt.contains(&seq) {
