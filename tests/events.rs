@@ -535,15 +535,19 @@ async fn every_event_kind_is_seen_caused_for_real() {
     )
     .await;
 
-    // Actors restarted: the orchestrator and the store.
+    // Actors restarted: the orchestrator and the store, each its first restart (`count`).
     admin.fault("orchestrator-0").await.expect("fault");
     wait_for(&mut ev, &mut seen, "actor_restarted orchestrator", |e| {
-        e.kind == event_kind::ACTOR_RESTARTED && e.actor.as_deref() == Some("orchestrator-0")
+        e.kind == event_kind::ACTOR_RESTARTED
+            && e.actor.as_deref() == Some("orchestrator-0")
+            && e.count == Some(1)
     })
     .await;
     admin.fault("store").await.expect("fault");
     wait_for(&mut ev, &mut seen, "actor_restarted store", |e| {
-        e.kind == event_kind::ACTOR_RESTARTED && e.actor.as_deref() == Some("store")
+        e.kind == event_kind::ACTOR_RESTARTED
+            && e.actor.as_deref() == Some("store")
+            && e.count == Some(1)
     })
     .await;
 

@@ -995,7 +995,10 @@ fn failed_messages_are_bounded_so_the_record_stays_small() {
     let rec = g.record();
     assert_eq!(rec.attempts.len(), MAX_ATTEMPTS);
     let bytes = sluice_protocol::encode(&rec).unwrap().len();
-    assert!(bytes < 100_000, "the record rewritten by every failure: {bytes} bytes");
+    assert!(
+        bytes < 100_000,
+        "the record rewritten by every failure: {bytes} bytes"
+    );
     // They come back and are acked: fresh messages flow again.
     g.release_due(t0 + secs(60));
     while g.waiting_count() > 0 || !g.ready.is_empty() {
@@ -1027,4 +1030,22 @@ fn key_shared_at_the_bound_of_failed_messages_sends_no_fresh_message_not_even_at
     assert_eq!(g.take_pressure_event(), Some("attempt counts"));
     g.ops.failed.clear();
     assert_eq!(batches_of(&mut g).len(), 1);
+}
+
+#[test]
+fn acks_of_batches_voided_by_a_seek_apply_nothing_already_acked_below_the_target() {
+    let mut g = group(&[], 6, 2, 3);
+    let b = form(&mut g);
+    assert_eq!((seqs(&b[0]), seqs(&b[1])), (vec![1, 2, 3], vec![4, 5, 6]));
+    // Forward past the first batch, into the second.
+    g.seek(5);
+    let s = g.ack(1, b[0].batch_id, Some(vec![1, 3]));
+    assert_eq!((s.outcome, s.count), (AckOutcome::AlreadyAcked, 0));
+    let s = g.ack(1, b[0].batch_id, None);
+    assert_eq!(s.outcome, AckOutcome::UnknownBatch, "no seqs: unknown");
+    let s = g.ack(1, b[1].batch_id, Some(vec![4, 5]));
+    assert_eq!((s.outcome, s.rejected), (AckOutcome::UnknownBatch, vec![5]));
+    let s = g.nack(1, b[0].batch_id, Some(vec![1]), false, 3);
+    assert_eq!(s.outcome, AckOutcome::UnknownBatch);
+    assert_eq!(g.floor(), 4);
 }
