@@ -123,8 +123,11 @@ pub(super) struct GroupOps {
     retry_read: Option<(u64, usize)>,
     /// Attempt counts from the record loaded, `(deliveries, failures)` by seq, until settled.
     restored: HashMap<u64, (u32, u32)>,
-    /// Unsettled seqs that have failed (in memory, or known from the record loaded): bounded
-    /// by [`MAX_ATTEMPTS`]; a seq leaves it when it is settled.
+    /// Unsettled seqs that have failed since the group was loaded (their messages are in
+    /// `retry`, waiting, in flight or on their way to the dead letters, never in `ready`):
+    /// bounded by [`MAX_ATTEMPTS`]; a seq leaves it when it is settled. Seqs known only from
+    /// the record loaded (`restored`) do not count: after a restart their messages are read
+    /// back as fresh ones, and holding fresh messages back for them would hold them forever.
     failed: HashSet<u64>,
     activity: HashMap<ConsumerId, Activity>,
     /// Last ack by any consumer.
@@ -144,13 +147,12 @@ pub(super) struct GroupOps {
 
 impl GroupOps {
     /// From a durable record's schedule and attempt counts. (Records of earlier versions may
-    /// list more than [`MAX_ATTEMPTS`]: all are kept; fresh messages then wait until they settle.)
+    /// list up to 65,536: all are kept, until their messages settle.)
     pub(super) fn load(backoff: Vec<u64>, attempts: Vec<(u64, u32, u32)>) -> Self {
         let restored: HashMap<u64, (u32, u32)> =
             attempts.into_iter().map(|(s, d, f)| (s, (d, f))).collect();
         GroupOps {
             backoff,
-            failed: restored.keys().copied().collect(),
             restored,
             ..Default::default()
         }
@@ -225,7 +227,6 @@ impl GroupState {
     /// reloaded has none to give.
     pub(super) fn inherit_restored(&mut self, from: &GroupState) {
         self.ops.restored = from.ops.restored.clone();
-        self.ops.failed = self.ops.restored.keys().copied().collect();
         self.prune_restored();
     }
 
@@ -332,7 +333,8 @@ impl GroupState {
     /// The attempt counts for the durable record: every unsettled message in memory (or known
     /// from the record loaded) that has failed, lowest seq first, at most [`MAX_ATTEMPTS`].
     pub(super) fn attempts_record(&mut self) -> Vec<(u64, u32, u32)> {
-        if self.ops.failed.is_empty() && self.members().all(|m| m.ops.failed.is_empty()) {
+        let none = |g: &GroupState| g.ops.failed.is_empty() && g.ops.restored.is_empty();
+        if none(self) && self.members().all(none) {
             // No unsettled message has failed: nothing to scan, nothing to write.
             self.ops.attempts_cut = false;
             return Vec::new();

@@ -1049,3 +1049,32 @@ fn acks_of_batches_voided_by_a_seek_apply_nothing_already_acked_below_the_target
     assert_eq!(s.outcome, AckOutcome::UnknownBatch);
     assert_eq!(g.floor(), 4);
 }
+
+#[test]
+fn a_group_reloaded_with_a_full_attempt_list_still_delivers_those_messages() {
+    // A record written at the bound (the lowest 4,096 failed seqs) after a restart.
+    let mut rec = GroupState::new_record(GroupMode::Shared, BTreeMap::new());
+    rec.attempts = (1..=MAX_ATTEMPTS as u64).map(|s| (s, 1, 1)).collect();
+    let mut g = GroupState::from_record(rec);
+    g.join(joining(1, GroupMode::Shared, 1_000, 64, 1_000_000))
+        .unwrap();
+    let head = MAX_ATTEMPTS as u64 + 10;
+    let mut got = 0;
+    for _ in 0..1_000 {
+        fetch(&mut g, head);
+        let b = form(&mut g);
+        if b.is_empty() {
+            break;
+        }
+        for b in b {
+            for m in &b.messages {
+                let want = if m.seq <= MAX_ATTEMPTS as u64 { 2 } else { 1 };
+                assert_eq!(m.attempt, want, "seq {}", m.seq);
+            }
+            got += b.messages.len() as u64;
+            g.ack(1, b.batch_id, None);
+        }
+    }
+    assert_eq!((got, g.floor()), (head, head));
+    assert!(g.record().attempts.is_empty());
+}
