@@ -4,9 +4,11 @@
 //! ```text
 //! sluice-bench --workload w2 [--n N] [--size B] [--inflight K] [--rate R] [--groups G] ...
 //! sluice-bench report results.jsonl [--targets]
+//! sluice-bench ab results.jsonl --pair w1:new/base@0.95 --sweep sweep@2000
 //! ```
-//! See `BENCHMARKS.md` and `bench/compare.sh`.
+//! See `BENCHMARKS.md`, `bench/compare.sh` and `bench/issue11.sh`.
 
+mod ab;
 mod broker;
 mod opts;
 #[cfg(feature = "peers")]
@@ -253,6 +255,13 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match args.first().map(String::as_str) {
         Some("report") => match report::main(&args[1..]) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("{e:#}");
+                1
+            }
+        },
+        Some("ab") => match ab::main(&args[1..]) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("{e:#}");

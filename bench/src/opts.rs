@@ -7,6 +7,8 @@ use anyhow::{anyhow, bail, Result};
 pub const USAGE: &str = "\
 usage: sluice-bench [run] --workload w1|w2|w3|w4|w5|w6|w7 [flags]
        sluice-bench report FILE.jsonl [--targets]
+       sluice-bench ab FILE.jsonl [--pair W:NUM/DEN[@BOUND]]... [--sweep LABEL[@P99_US]]
+                  (runs told apart by --label, paired by --round: per-round ratios, medians)
 
 workloads (defaults):
   w1 publish      200,000 x 256 B, 1,000 publishes in flight, each confirmed durable
