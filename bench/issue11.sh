@@ -67,7 +67,7 @@ cleanup
 trap - EXIT INT TERM
 
 log "building sluice-bench and the broker of the working tree"
-cargo build --release -q -p sluice --bin sluice -p sluice-bench
+cargo build --release -q -p sluice -p sluice-bench --bin sluice --bin sluice-bench
 # Run copies, so that a rebuild in target/ during the run cannot swap the binaries.
 cp "$ROOT/target/release/sluice" "$OUT/sluice-new"
 cp "$ROOT/target/release/sluice-bench" "$OUT/sluice-bench"
