@@ -23,6 +23,12 @@ enum Command {
     Consume(sluice::cli::consume::ConsumeArgs),
     /// Show actor, group and connection stats.
     Stats(sluice::cli::stats::StatsArgs),
+    /// Create, alter, show, list and delete topics.
+    Topic(sluice::cli::topic::TopicArgs),
+    /// List, show, seek (move) and delete groups.
+    Group(sluice::cli::group::GroupArgs),
+    /// Tail lifecycle events; disconnect stale consumers.
+    Admin(sluice::cli::admin::AdminArgs),
 }
 
 fn client<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
@@ -42,6 +48,9 @@ fn main() {
         Command::Publish(a) => client(sluice::cli::publish::run(a)),
         Command::Consume(a) => client(sluice::cli::consume::run(a)),
         Command::Stats(a) => client(sluice::cli::stats::run(a)),
+        Command::Topic(a) => client(sluice::cli::topic::run(a)),
+        Command::Group(a) => client(sluice::cli::group::run(a)),
+        Command::Admin(a) => client(sluice::cli::admin::run(a)),
     };
     if let Err(e) = res {
         eprintln!("error: {}", sluice::cli::error_report(&e));

@@ -361,3 +361,37 @@ async fn a_message_is_dead_lettered_on_its_failed_delivery_number_max_retries_pl
         );
     }
 }
+
+/// The document names every route of the crate in §4's table, every error code with its name
+/// in §7.2's catalogue, and every lifecycle event kind in §6.15's table: a client written from
+/// the document alone knows them all.
+#[test]
+fn the_document_lists_every_route_error_code_and_event_kind() {
+    let doc = include_str!("../docs/protocol.md");
+    let section = |start: &str, end: &str| -> &str {
+        let from = doc.find(start).unwrap_or_else(|| panic!("no {start}"));
+        let to = doc[from..].find(end).map_or(doc.len(), |i| from + i);
+        &doc[from..to]
+    };
+    let routes = section("## 4. Routes", "## 5. Types");
+    for r in sluice_protocol::route::ALL {
+        assert!(
+            routes.contains(&format!("| `{r}` |")),
+            "route {r} missing from §4"
+        );
+    }
+    let catalogue = section("### 7.2 Catalogue", "## 8.");
+    for c in sluice_protocol::ErrorCode::ALL {
+        assert!(
+            catalogue.contains(&format!("| {} | {} |", c.as_u32(), c.name())),
+            "code {c} missing from §7.2"
+        );
+    }
+    let events = section("### 6.15 Lifecycle events", "## 7. Errors");
+    for k in sluice_protocol::event_kind::ALL {
+        assert!(
+            events.contains(&format!("| `{k}` |")),
+            "event kind {k} missing from §6.15"
+        );
+    }
+}

@@ -1,14 +1,23 @@
 //! Broker administration: stats, topics, groups, stale consumers and fault injection.
 //! (`admin.events` is a stream: see [`Admin::events`].)
 
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
 use sluice_protocol::{
-    route, BrokerStats, DisconnectStaleReply, DisconnectStaleRequest, FaultReply, FaultRequest,
-    GroupDeleted, GroupList, GroupName, GroupStats, ListRequest, SeekReply, SeekRequest, SeekTo,
-    StatsRequest, TopicDeleted, TopicInfo, TopicList, TopicName, TopicRequest, TopicSettings,
+    route, BrokerEvent, BrokerStats, DisconnectStaleReply, DisconnectStaleRequest, EventsRequest,
+    FaultReply, FaultRequest, GroupDeleted, GroupList, GroupName, GroupStats, ListRequest,
+    SeekReply, SeekRequest, SeekTo, StatsRequest, TopicDeleted, TopicInfo, TopicList, TopicName,
+    TopicRequest, TopicSettings,
 };
 
-use crate::client::{Client, ClientConfig};
+use crate::client::{decode_data, Client, ClientConfig};
 use crate::error::Result;
+
+/// The broker's lifecycle events, as [`Admin::events`] returns them. Ends (after an error)
+/// when its connection closes; dropping it closes its connection, which ends the subscription
+/// on the broker.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<BrokerEvent>> + Send>>;
 
 /// Administrative requests (`admin.*` routes). Cheap to clone.
 #[derive(Debug, Clone)]
@@ -174,6 +183,37 @@ impl Admin {
             group: group.into(),
         };
         self.client.request(route::GROUP_DELETE, &req).await
+    }
+
+    /// Subscribes to the broker's lifecycle events (`admin.events`): every event of `kinds`
+    /// (empty: every kind) that happens from now on, one [`BrokerEvent`] per item. A subscriber
+    /// that does not keep up loses the oldest events it has not read and gets one
+    /// `events_lost` event with their count. An unknown kind is refused
+    /// (`INVALID_REQUEST`, as the stream's first item).
+    ///
+    /// The stream runs on a connection of its own (same configuration as this admin's), so
+    /// that dropping it ends the subscription on the broker. It asks for unbounded credits:
+    /// read it, or the broker disconnects a client that leaves its events unread.
+    pub async fn events(&self, kinds: Vec<String>) -> Result<EventStream> {
+        let client = Client::connect(self.client.config().clone()).await?;
+        let raw = client.request_stream(route::ADMIN_EVENTS, &EventsRequest { kinds })?;
+        let items = futures::stream::unfold(Some((raw, client)), |state| async move {
+            let (mut raw, client) = state?;
+            let item = tokio::select! {
+                item = raw.next() => item,
+                _ = client.closed() => Some(Err(client.closed_error())),
+            };
+            match item {
+                Some(Ok(p)) => {
+                    let event = decode_data::<BrokerEvent>(route::ADMIN_EVENTS, &p);
+                    Some((event, Some((raw, client))))
+                }
+                // An error ends the stream (after it is returned).
+                Some(Err(e)) => Some((Err(e), None)),
+                None => None,
+            }
+        });
+        Ok(Box::pin(items))
     }
 
     /// Disconnects every consumer with lag and no ack for `older_than`; their batches go to

@@ -22,6 +22,18 @@
 //! Messages of a subscription that ended but were not handed out yet are dropped, not replayed:
 //! the broker redelivers them on the new subscription.
 //!
+//! Resets: when the broker moves the group's cursor itself — retention removed messages the
+//! group had not settled, or an operator ran `group.seek` — it sends the consumer a `reset`
+//! stream event (`ResetNotice`: reason, the seq the group continues from, how many unsettled
+//! messages were skipped). The consumer counts them ([`Consumer::resets`]), keeps the latest
+//! ([`Consumer::last_reset`]) and the recent ones for [`Consumer::take_resets`], and logs each
+//! at info level; messages keep coming. An application that keeps state derived from the
+//! messages (a replica, a running total) checks `resets()` after each message and
+//! resynchronises when it changed.
+//!
+//! Retry timing: [`ConsumerConfig::backoff`] gives a new group its redelivery schedule;
+//! [`Consumer::nack_with_delay`] asks for one message's redelivery after a given delay.
+//!
 //! Payloads are not copied out of the received frame: [`Received::payload`] is a slice of the
 //! batch as it arrived, so a message kept alive keeps that batch's memory alive (copy the
 //! payload, e.g. with `Bytes::copy_from_slice`, to keep one message of a big batch for long).
@@ -41,7 +53,7 @@ use rsocket_rust::prelude::Payload;
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use sluice_protocol::{
     route, AckReply, AckRequest, Batch, DeliveredMessage, ErrorCode, GroupMode, NackRequest,
-    StatusUpdate, SubscribeRequest,
+    ResetNotice, StatusUpdate, SubscribeRequest, MAX_BACKOFF_STEPS, MAX_NACK_DELAY_MS,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -54,6 +66,8 @@ use crate::producer::{validate_topic, FxBuildHasher};
 const MAX_ACK_ATTEMPTS: u32 = 5;
 /// Failed acks kept for [`Consumer::flush_acks`] to report.
 const MAX_KEPT_FAILURES: usize = 1024;
+/// Reset notices kept for [`Consumer::take_resets`] (the oldest go first).
+pub const MAX_KEPT_RESETS: usize = 64;
 
 /// What to consume and how to behave when the connection drops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +104,13 @@ pub struct ConsumerConfig {
     /// also bounds how many acked batches a broker crash can redeliver; more of them helps
     /// only when the broker's commits are slow.
     pub max_acks_in_flight: usize,
+    /// Redelivery schedule of the group, if this subscribe creates it: the n-th delivery of a
+    /// message not acked is redelivered after the n-th entry (the last repeats) instead of the
+    /// broker's `batch_timeout`, and a nack without a delay waits the entry of the message's
+    /// failure count. 1..=32 entries of 1 ms..=1 day. `None` (default): the topic's schedule,
+    /// else the broker's. An existing group with another schedule refuses the subscribe
+    /// (`MODE_CONFLICT`).
+    pub backoff: Option<Vec<Duration>>,
 }
 
 impl Default for ConsumerConfig {
@@ -107,6 +128,7 @@ impl Default for ConsumerConfig {
             reconnect_backoff_max: Duration::from_secs(5),
             max_reconnect_attempts: None,
             max_acks_in_flight: 8,
+            backoff: None,
         }
     }
 }
@@ -171,6 +193,12 @@ impl ConsumerConfig {
         self
     }
 
+    /// Sets the redelivery schedule of a group this subscribe creates.
+    pub fn backoff(mut self, schedule: Vec<Duration>) -> Self {
+        self.backoff = Some(schedule);
+        self
+    }
+
     /// Checks the values before they are used.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(SdkError::InvalidArgument(m.to_string()));
@@ -199,6 +227,19 @@ impl ConsumerConfig {
         {
             return bad("reconnect backoff must satisfy 0 < min <= max");
         }
+        if let Some(schedule) = &self.backoff {
+            let day = Duration::from_secs(24 * 3600);
+            if schedule.is_empty()
+                || schedule.len() > MAX_BACKOFF_STEPS
+                || schedule
+                    .iter()
+                    .any(|d| *d < Duration::from_millis(1) || *d > day)
+            {
+                return Err(SdkError::InvalidArgument(format!(
+                    "backoff must have 1..={MAX_BACKOFF_STEPS} entries of 1ms..=1day"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -210,7 +251,12 @@ impl ConsumerConfig {
             filters: self.filters.clone(),
             window: self.window,
             batch_size: self.batch_size,
-            backoff: None,
+            backoff: self.backoff.as_ref().map(|schedule| {
+                schedule
+                    .iter()
+                    .map(|d| humantime::format_duration(*d).to_string())
+                    .collect()
+            }),
         }
     }
 }
@@ -309,6 +355,8 @@ impl Consumer {
             ledger_changed: watch::Sender::new(0),
             connection: watch::Sender::new(Connection::Connecting),
             status: Mutex::new(None),
+            resets: AtomicU64::new(0),
+            reset_log: Mutex::new(ResetLog::default()),
         });
         let (events_tx, events) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
@@ -423,6 +471,20 @@ impl Consumer {
         self.settle(message, Settle::Nack)
     }
 
+    /// Negatively acknowledges a message, asking the broker to redeliver it no sooner than
+    /// `delay` from now (at most one day): once its batch is settled, one `nack` request per
+    /// distinct delay sends it. The delay holds whatever the group's backoff schedule says.
+    pub fn nack_with_delay(&self, message: &Received, delay: Duration) -> Result<()> {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        if ms > MAX_NACK_DELAY_MS {
+            return Err(SdkError::InvalidArgument(format!(
+                "a nack delay is at most one day, not {}",
+                humantime::format_duration(delay)
+            )));
+        }
+        self.settle(message, Settle::NackAfter(ms))
+    }
+
     /// Returns a message that was received but will not be processed (e.g. when stopping):
     /// once its batch is settled, one `nack` request with `release` sends it (with the batch's
     /// other released messages) back. Unlike [`Consumer::nack`] this counts no failure: the
@@ -472,6 +534,26 @@ impl Consumer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// How many reset notices the broker sent this consumer: the group's cursor was moved by
+    /// the broker, not by acks (retention removed unsettled messages, an operator ran
+    /// `group.seek`), so messages between the old cursor and the new floor are not delivered.
+    /// After a seek, messages already handed out may come again, and their acks may be
+    /// refused (`unknown_batch`).
+    pub fn resets(&self) -> u64 {
+        self.shared.resets.load(Ordering::Relaxed)
+    }
+
+    /// The latest reset notice, if any (see [`Consumer::resets`]).
+    pub fn last_reset(&self) -> Option<ResetNotice> {
+        self.shared.reset_log().last.clone()
+    }
+
+    /// The reset notices received since the last call, oldest first (at most the
+    /// [`MAX_KEPT_RESETS`] most recent; [`Consumer::resets`] counts them all).
+    pub fn take_resets(&self) -> Vec<ResetNotice> {
+        self.shared.reset_log().unread.drain(..).collect()
     }
 
     /// True while a subscription is established.
@@ -580,9 +662,42 @@ struct Shared {
     ledger_changed: watch::Sender<u64>,
     connection: watch::Sender<Connection>,
     status: Mutex<Option<StatusUpdate>>,
+    /// Reset notices received (all of them).
+    resets: AtomicU64,
+    reset_log: Mutex<ResetLog>,
+}
+
+/// Reset notices not yet taken by [`Consumer::take_resets`] (bounded), and the latest.
+#[derive(Default)]
+struct ResetLog {
+    unread: VecDeque<ResetNotice>,
+    last: Option<ResetNotice>,
 }
 
 impl Shared {
+    fn reset_log(&self) -> MutexGuard<'_, ResetLog> {
+        self.reset_log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a reset notice from the broker.
+    fn record_reset(&self, notice: ResetNotice) {
+        tracing::info!(
+            topic = %self.topic,
+            group = %self.group,
+            reason = %notice.reason,
+            floor_seq = notice.floor_seq,
+            skipped = notice.skipped,
+            "the broker moved the group's cursor"
+        );
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        let mut log = self.reset_log();
+        if log.unread.len() >= MAX_KEPT_RESETS {
+            log.unread.pop_front();
+        }
+        log.unread.push_back(notice.clone());
+        log.last = Some(notice);
+    }
+
     fn tracker(&self) -> MutexGuard<'_, AckTracker> {
         self.tracker.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -678,6 +793,8 @@ pub(crate) enum Settle {
     Nack,
     /// A nack with `release`: no failure counted, `attempt` not raised.
     Release,
+    /// A nack asking for redelivery no sooner than this many ms from now.
+    NackAfter(u64),
 }
 
 /// One `ack` or `nack` request to send.
@@ -702,6 +819,8 @@ struct TrackedBatch {
     acked: Vec<u64>,
     nacked: Vec<u64>,
     released: Vec<u64>,
+    /// Nacks with a delay: (delay ms, seq).
+    delayed: Vec<(u64, u64)>,
 }
 
 impl TrackedBatch {
@@ -720,11 +839,19 @@ impl TrackedBatch {
     /// The requests for what was settled since the last drain.
     fn drain(&mut self, batch_id: u64) -> Vec<AckJob> {
         let mut jobs = Vec::with_capacity(2);
-        for (kind, seqs) in [
+        let mut delayed: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for (delay, seq) in std::mem::take(&mut self.delayed) {
+            delayed.entry(delay).or_default().push(seq);
+        }
+        let plain = [
             (Settle::Ack, std::mem::take(&mut self.acked)),
             (Settle::Nack, std::mem::take(&mut self.nacked)),
             (Settle::Release, std::mem::take(&mut self.released)),
-        ] {
+        ];
+        let delayed = delayed
+            .into_iter()
+            .map(|(delay, seqs)| (Settle::NackAfter(delay), seqs));
+        for (kind, seqs) in plain.into_iter().chain(delayed) {
             if !seqs.is_empty() {
                 jobs.push(AckJob {
                     kind,
@@ -777,6 +904,7 @@ impl AckTracker {
                 acked: Vec::with_capacity(seqs.len()),
                 nacked: Vec::new(),
                 released: Vec::new(),
+                delayed: Vec::new(),
                 seqs,
             },
         );
@@ -796,6 +924,7 @@ impl AckTracker {
             Settle::Ack => batch.acked.push(at.seq),
             Settle::Nack => batch.nacked.push(at.seq),
             Settle::Release => batch.released.push(at.seq),
+            Settle::NackAfter(delay) => batch.delayed.push((delay, at.seq)),
         }
         if batch.unsettled == 0 {
             self.complete(key)
@@ -897,14 +1026,17 @@ async fn execute_ack(shared: &Shared, job: AckJob) -> Result<AckReply> {
                 };
                 client.request::<_, AckReply>(route::ACK, &req).await
             }
-            Settle::Nack | Settle::Release => {
+            Settle::Nack | Settle::Release | Settle::NackAfter(_) => {
                 let req = NackRequest {
                     topic: job.topic.clone(),
                     group: job.group.clone(),
                     batch_id: job.batch_id,
                     seqs: seqs.clone(),
                     release: job.kind == Settle::Release,
-                    delay_ms: None,
+                    delay_ms: match job.kind {
+                        Settle::NackAfter(ms) => Some(ms),
+                        _ => None,
+                    },
                 };
                 client.request::<_, AckReply>(route::NACK, &req).await
             }
@@ -1104,6 +1236,7 @@ async fn pump(
                         Ok(IncomingEvent::Status(status)) => {
                             *shared.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
                         }
+                        Ok(IncomingEvent::Reset(notice)) => shared.record_reset(notice),
                         Ok(IncomingEvent::Unknown(name)) => {
                             tracing::debug!(event = %name, "ignoring an unknown stream event");
                         }
@@ -1218,6 +1351,7 @@ fn jitter(d: Duration) -> Duration {
 enum IncomingEvent {
     Batch(Batch),
     Status(StatusUpdate),
+    Reset(ResetNotice),
     Unknown(String),
 }
 
@@ -1244,6 +1378,7 @@ impl<'de> Deserialize<'de> for IncomingEvent {
                     found = Some(match name.as_str() {
                         "batch" => IncomingEvent::Batch(map.next_value()?),
                         "status" => IncomingEvent::Status(map.next_value()?),
+                        "reset" => IncomingEvent::Reset(map.next_value()?),
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                             IncomingEvent::Unknown(name)
@@ -1412,6 +1547,25 @@ mod tests {
     }
 
     #[test]
+    fn delayed_nacks_go_out_one_request_per_delay() {
+        let mut t = AckTracker::default();
+        register(&mut t, key(1, 1), &[1, 2, 3, 4]);
+        t.settle(key(1, 1), at(0, 1), Settle::NackAfter(5000));
+        t.settle(key(1, 1), at(1, 2), Settle::Ack);
+        t.settle(key(1, 1), at(2, 3), Settle::NackAfter(100));
+        let jobs = t.settle(key(1, 1), at(3, 4), Settle::NackAfter(5000));
+        let jobs: Vec<(Settle, Vec<u64>)> = jobs.into_iter().map(|j| (j.kind, j.seqs)).collect();
+        assert_eq!(
+            jobs,
+            vec![
+                (Settle::Ack, vec![2]),
+                (Settle::NackAfter(100), vec![3]),
+                (Settle::NackAfter(5000), vec![1, 4]),
+            ]
+        );
+    }
+
+    #[test]
     fn double_and_unknown_settles_are_ignored() {
         let mut t = AckTracker::default();
         register(&mut t, key(1, 1), &[1, 2]);
@@ -1562,12 +1716,23 @@ mod tests {
             IncomingEvent::Status(s) if s == status
         ));
 
+        let notice = ResetNotice {
+            reason: "seek".into(),
+            floor_seq: 40,
+            skipped: 0,
+        };
+        let bytes = sluice_protocol::encode(&StreamEvent::Reset(notice.clone())).expect("encode");
+        assert!(matches!(
+            sluice_protocol::decode::<IncomingEvent>(&bytes).expect("decode"),
+            IncomingEvent::Reset(r) if r == notice
+        ));
+
         let mut future = BTreeMap::new();
-        future.insert("reset", BTreeMap::from([("epoch", 4u32)]));
+        future.insert("replica_epoch", BTreeMap::from([("epoch", 4u32)]));
         let bytes = sluice_protocol::encode(&future).expect("encode");
         assert!(matches!(
             sluice_protocol::decode::<IncomingEvent>(&bytes).expect("decode"),
-            IncomingEvent::Unknown(n) if n == "reset"
+            IncomingEvent::Unknown(n) if n == "replica_epoch"
         ));
         let empty: BTreeMap<String, u8> = BTreeMap::new();
         let bytes = sluice_protocol::encode(&empty).expect("encode");
@@ -1763,5 +1928,23 @@ mod tests {
             .subscribe_request();
         assert_eq!(req.mode, GroupMode::KeyShared);
         assert_eq!(req.filters.get("region").map(String::as_str), Some("eu"));
+        assert_eq!(req.backoff, None);
+
+        let with = ConsumerConfig::new(ClientConfig::default(), "orders", "billing")
+            .backoff(vec![Duration::from_millis(1500), Duration::from_secs(120)]);
+        assert!(with.validate().is_ok());
+        let sent = with.subscribe_request().backoff.expect("schedule sent");
+        assert_eq!(
+            sluice_protocol::parse_backoff(&sent).expect("the broker reads it"),
+            vec![1500, 120_000]
+        );
+        for bad in [
+            vec![],
+            vec![Duration::ZERO],
+            vec![Duration::from_secs(2 * 86400)],
+            vec![Duration::from_secs(1); MAX_BACKOFF_STEPS + 1],
+        ] {
+            assert!(with.clone().backoff(bad).validate().is_err());
+        }
     }
 }

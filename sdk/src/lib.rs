@@ -3,9 +3,9 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`client`] | [`Client`]: one RSocket connection (SETUP, routed MessagePack requests, timeouts, close detection) |
-//! | [`producer`] | [`Producer`]: `publish` with automatic batching of concurrent calls |
+//! | [`producer`] | [`Producer`]: `publish` with automatic batching of concurrent calls, message ids and resends after a dropped connection |
 //! | [`consumer`] | [`Consumer`]: subscribe, messages one by one, per-batch acks, auto-reconnect |
-//! | [`admin`] | [`Admin`]: `admin.stats`, `admin.fault` |
+//! | [`admin`] | [`Admin`]: stats, topics, groups, stale consumers, lifecycle events, `admin.fault` |
 //! | [`error`] | [`SdkError`] and the mapping of broker errors to [`ErrorCode`]s |
 //!
 //! Built on rsocket_rust's client and TCP transport; needs a tokio runtime.
@@ -36,7 +36,7 @@ pub mod consumer;
 pub mod error;
 pub mod producer;
 
-pub use admin::Admin;
+pub use admin::{Admin, EventStream};
 pub use client::{Client, ClientConfig, DEFAULT_ADDR};
 pub use consumer::{Consumer, ConsumerConfig, Received};
 pub use error::{parse_broker_error, Result, SdkError};
@@ -45,8 +45,9 @@ pub use producer::{Producer, ProducerOptions};
 /// The wire types, re-exported.
 pub use sluice_protocol as protocol;
 pub use sluice_protocol::{
-    BrokerStats, DeliveredMessage, ErrorCode, FaultReply, GroupMode, NewMessage, PublishReply,
-    StatusUpdate, SyncStats, WireError,
+    BrokerEvent, BrokerStats, DeliveredMessage, ErrorCode, FaultReply, GroupMode, NewMessage,
+    PublishReply, ResetNotice, SeekTo, StatusUpdate, SyncStats, TopicInfo, TopicSettings,
+    WireError,
 };
 
 #[cfg(test)]

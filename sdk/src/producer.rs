@@ -13,8 +13,18 @@
 //! ([`ProducerOptions::preserve_order`]) one topic has at most one request in flight, so the
 //! messages of a topic get sequence numbers in call order.
 //!
-//! The connection is re-opened on the next batch if it closed; a failed request is *not*
-//! retried (publish is not idempotent): its callers get the error.
+//! Idempotence: by default ([`ProducerOptions::idempotent`]) every message without an id gets
+//! one when it is queued, `<producer id>-<n>` (the producer id is 16 random hex digits, `n`
+//! counts this producer's messages from 1). When a request's connection drops, its request
+//! times out, or the broker answers `UNAVAILABLE`/`TIMEOUT`, the request is sent again — the
+//! same bytes, so the same ids — on a new connection, for up to
+//! [`ProducerOptions::resend_for`]: the broker keeps the ids it stored within the topic's
+//! `dedup_window` (2 min by default) and answers a repeat with the original sequence number
+//! (`PublishReply::duplicate`) instead of storing it again, so a resend never stores a message
+//! twice. A request with a message without an id (idempotence turned off and no id given) is
+//! not resent: its callers get the error, as the request may have been stored. The topic's
+//! order is kept: with `preserve_order`, nothing else of the topic is sent while a request is
+//! being resent.
 //!
 //! Per-message cost (the producer runs beside the broker, often on the same cores):
 //! - a publish is one entry on the queue (its message inline, its topic an `Arc<str>` shared
@@ -32,15 +42,17 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::poll_fn;
 use futures::stream::FuturesUnordered;
 use futures::task::AtomicWaker;
 use futures::StreamExt;
-use sluice_protocol::{route, ErrorCode, NewMessage, PublishReply, MAX_PRIORITY};
+use sluice_protocol::{route, ErrorCode, NewMessage, PublishReply, MAX_ID_LEN, MAX_PRIORITY};
 use tokio::sync::{oneshot, Mutex, Semaphore, TryAcquireError};
 
 use crate::client::{Client, ClientConfig};
@@ -70,6 +82,14 @@ pub struct ProducerOptions {
     /// `publish_batch`, always keep their order. Measured against the broker with 1,000
     /// publishes in flight, both settings gave the same throughput (the requests are large).
     pub preserve_order: bool,
+    /// Give every message without an id ([`NewMessage::id`]) one, `<producer id>-<n>`, so that
+    /// a resent request is not stored twice (default true). See the module documentation.
+    pub idempotent: bool,
+    /// How long a request is sent again after its connection dropped, it timed out or the
+    /// broker answered `UNAVAILABLE` (default 30 s; zero: never). Only requests whose every
+    /// message has an id are resent. Keep it below the broker's `dedup_window` (2 min by
+    /// default): a resend after the window would store the messages again.
+    pub resend_for: Duration,
 }
 
 impl Default for ProducerOptions {
@@ -81,6 +101,8 @@ impl Default for ProducerOptions {
             queue_capacity: 65_536,
             max_payload_bytes: sluice_protocol::DEFAULT_MAX_PAYLOAD,
             preserve_order: true,
+            idempotent: true,
+            resend_for: Duration::from_secs(30),
         }
     }
 }
@@ -112,6 +134,64 @@ pub struct Producer {
     queue: QueueSender,
     max_payload_bytes: usize,
     last_topic: TopicCache,
+    /// Where message ids come from (`None`: idempotence off).
+    ids: Option<Arc<IdSource>>,
+}
+
+/// The ids of one producer (shared by its clones): `<prefix>-<n>`, `n` from 1.
+#[derive(Debug)]
+pub(crate) struct IdSource {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl IdSource {
+    /// A source with a fresh random prefix (16 hex digits).
+    pub(crate) fn new() -> Self {
+        IdSource::with_prefix(format!("{:016x}", random_u64()))
+    }
+
+    pub(crate) fn with_prefix(prefix: String) -> Self {
+        IdSource {
+            prefix,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// The next id (written by hand: one allocation, no formatting machinery, on the
+    /// per-message path).
+    pub(crate) fn next_id(&self) -> String {
+        let mut n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let mut id = String::with_capacity(self.prefix.len() + 1 + digits.len() - at);
+        id.push_str(&self.prefix);
+        id.push('-');
+        id.extend(digits[at..].iter().map(|&d| char::from(d)));
+        id
+    }
+}
+
+/// 64 random bits: std's randomly seeded hasher over the time and the process id (no RNG
+/// crate needed for an id prefix).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 impl std::fmt::Debug for Producer {
@@ -154,17 +234,35 @@ impl Producer {
         // stops taking entries while its own queue is full).
         let (queue, rx) = queue(options.queue_capacity.clamp(1, 8192));
         let max_payload_bytes = options.max_payload_bytes;
+        let ids = options.idempotent.then(|| Arc::new(IdSource::new()));
         let slot = Arc::new(ClientSlot::new(client));
         tokio::spawn(run_pipeline(rx, slot, options));
         Producer {
             queue,
             max_payload_bytes,
             last_topic: TopicCache::default(),
+            ids,
         }
     }
 
+    /// The prefix of the ids this producer gives its messages (`None`: idempotence is off).
+    pub fn id_prefix(&self) -> Option<&str> {
+        self.ids.as_deref().map(|s| s.prefix.as_str())
+    }
+
+    /// `message` with an id: its own, or the next of this producer's (with idempotence on).
+    fn with_id(&self, mut message: NewMessage) -> NewMessage {
+        if message.id.is_none() {
+            if let Some(ids) = &self.ids {
+                message.id = Some(ids.next_id());
+            }
+        }
+        message
+    }
+
     /// Publishes one message; the returned future resolves with its sequence number once the
-    /// message is durable.
+    /// message is durable (for a message whose id the broker had stored already within the
+    /// topic's dedup window: the original's sequence number).
     ///
     /// The message is queued when `publish` is *called* (not when the future is first polled),
     /// so calls made one after the other are queued in call order; dropping the future does not
@@ -176,6 +274,7 @@ impl Producer {
         topic: impl Into<String>,
         message: NewMessage,
     ) -> impl Future<Output = Result<u64>> + Send + 'static {
+        let message = self.with_id(message);
         let checked = self
             .last_topic
             .intern(topic.into())
@@ -210,12 +309,16 @@ impl Producer {
 
     /// Publishes `messages` together: they get consecutive sequence numbers, in order, and are
     /// stored in one request (possibly together with other callers' messages). Queued when
-    /// called, like [`Producer::publish`]; resolves once they are durable.
+    /// called, like [`Producer::publish`]; resolves once they are durable. If some message of
+    /// the request they went out in repeated an id stored already, the reply has `duplicate`
+    /// set and `seqs` gives each of these messages' sequence number (a duplicate's is the
+    /// original's).
     pub fn publish_batch(
         &self,
         topic: impl Into<String>,
         messages: Vec<NewMessage>,
     ) -> impl Future<Output = Result<PublishReply>> + Send + 'static {
+        let messages: Vec<NewMessage> = messages.into_iter().map(|m| self.with_id(m)).collect();
         let checked = self.last_topic.intern(topic.into()).and_then(|topic| {
             if messages.is_empty() {
                 return Err(SdkError::InvalidArgument(
@@ -274,6 +377,14 @@ impl Producer {
     }
 
     fn validate_message(&self, m: &NewMessage) -> Result<()> {
+        if let Some(id) = &m.id {
+            if id.is_empty() || id.len() > MAX_ID_LEN {
+                return Err(SdkError::InvalidArgument(format!(
+                    "message id must be 1..={MAX_ID_LEN} bytes, not {}",
+                    id.len()
+                )));
+            }
+        }
         if m.priority > MAX_PRIORITY {
             return Err(SdkError::InvalidArgument(format!(
                 "priority {} is above the maximum {MAX_PRIORITY}",
@@ -503,6 +614,7 @@ pub(crate) fn estimated_size(m: &NewMessage) -> usize {
     const FIXED: usize = 48; // map header, four keys, markers, priority
     FIXED
         + m.payload.len()
+        + m.id.as_ref().map_or(0, |i| i.len() + 8)
         + m.key.as_ref().map_or(0, |k| k.len() + 5)
         + m.headers
             .iter()
@@ -531,6 +643,40 @@ impl Reply {
                     first_seq,
                     first_seq + count.saturating_sub(1) as u64,
                 )));
+            }
+        }
+    }
+
+    /// Answers from `reply`, whose messages `offset..offset + count` are this entry's.
+    fn send_from(self, reply: &PublishReply, offset: usize, count: usize) {
+        if !reply.duplicate {
+            let first = reply.first_seq + offset as u64;
+            return self.send(&reply.topic, first, count);
+        }
+        let seqs: Vec<u64> = (offset..offset + count)
+            .map_while(|i| reply.seq_of(i))
+            .collect();
+        if seqs.len() != count {
+            // `check_reply` made sure there is one seq per message.
+            return self.fail(SdkError::Protocol(
+                "publish reply without a seq per message".into(),
+            ));
+        }
+        match self {
+            Reply::One(tx) => {
+                let _ = tx.send(Ok(seqs[0]));
+            }
+            Reply::Many(tx) => {
+                let (lo, hi) = seqs
+                    .iter()
+                    .fold((u64::MAX, 0), |(lo, hi), &s| (lo.min(s), hi.max(s)));
+                let _ = tx.send(Ok(PublishReply {
+                    topic: reply.topic.clone(),
+                    first_seq: lo,
+                    last_seq: hi,
+                    duplicate: true,
+                    seqs,
+                }));
             }
         }
     }
@@ -834,7 +980,7 @@ async fn run_pipeline(mut rx: QueueReceiver, slot: Arc<ClientSlot>, options: Pro
             if options.preserve_order {
                 busy.insert(batch.topic.clone());
             }
-            in_flight.push(send_batch(slot.clone(), batch));
+            in_flight.push(send_batch(slot.clone(), batch, options.resend_for));
         }
         if !open && batcher.is_empty() && in_flight.is_empty() {
             break;
@@ -868,29 +1014,34 @@ fn refused_before_storing(e: &SdkError) -> bool {
 }
 
 /// Sends one planned batch and answers its callers; returns the topic.
-async fn send_batch(slot: Arc<ClientSlot>, batch: PlannedBatch<Reply>) -> Arc<str> {
+async fn send_batch(
+    slot: Arc<ClientSlot>,
+    batch: PlannedBatch<Reply>,
+    resend_for: Duration,
+) -> Arc<str> {
     let PlannedBatch { topic, entries } = batch;
-    match publish_entries(&slot, &topic, &entries).await {
-        Ok(first_seq) => {
-            let mut seq = first_seq;
+    match publish_entries(&slot, &topic, &entries, resend_for).await {
+        Ok(reply) => {
+            let mut offset = 0;
             for Entry {
-                messages, reply, ..
+                messages, reply: r, ..
             } in entries
             {
                 let count = messages.len();
-                reply.send(&topic, seq, count);
-                seq += count as u64;
+                r.send_from(&reply, offset, count);
+                offset += count;
             }
         }
         Err(e) if entries.len() > 1 && refused_before_storing(&e) => {
             tracing::debug!(error = %e, "batch refused; retrying its entries one by one");
             for entry in entries {
-                let sent = publish_entries(&slot, &topic, std::slice::from_ref(&entry)).await;
+                let sent =
+                    publish_entries(&slot, &topic, std::slice::from_ref(&entry), resend_for).await;
                 let Entry {
                     messages, reply, ..
                 } = entry;
                 match sent {
-                    Ok(first_seq) => reply.send(&topic, first_seq, messages.len()),
+                    Ok(answer) => reply.send_from(&answer, 0, messages.len()),
                     Err(e) => reply.fail(e),
                 }
             }
@@ -904,15 +1055,74 @@ async fn send_batch(slot: Arc<ClientSlot>, batch: PlannedBatch<Reply>) -> Arc<st
     topic
 }
 
-/// Sends the messages of `entries` as one `publish` request; returns the first sequence number
-/// after checking that the reply covers exactly those messages.
-async fn publish_entries<R>(slot: &ClientSlot, topic: &str, entries: &[Entry<R>]) -> Result<u64> {
+/// Errors after which a request whose every message has an id is sent again: the connection
+/// dropped or the request timed out (it may or may not have been stored), or the broker could
+/// not serve it now.
+fn worth_resending(e: &SdkError) -> bool {
+    e.is_connection_error() || matches!(e.code(), Some(ErrorCode::Unavailable | ErrorCode::Timeout))
+}
+
+/// Delay before resend number `attempt` (1, 2, ...): 50 ms doubling up to 2 s.
+fn resend_delay(attempt: u32) -> Duration {
+    Duration::from_millis(50)
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(10))
+        .min(Duration::from_secs(2))
+}
+
+/// Sends the messages of `entries` as one `publish` request and checks that the reply covers
+/// exactly those messages. A request whose every message has an id is sent again (the same
+/// bytes, on a new connection if needed) after a dropped connection, a timeout or
+/// `UNAVAILABLE`, for up to `resend_for`.
+async fn publish_entries<R>(
+    slot: &ClientSlot,
+    topic: &str,
+    entries: &[Entry<R>],
+    resend_for: Duration,
+) -> Result<PublishReply> {
     let count = entries.iter().map(|e| e.messages.len()).sum();
     let data = Bytes::from(encode_publish(topic, entries, count)?);
-    let client = slot.get().await?;
-    let reply: PublishReply = client.request_data(route::PUBLISH, data).await?;
-    check_reply(topic, count, &reply)?;
-    Ok(reply.first_seq)
+    let resendable = !resend_for.is_zero()
+        && entries
+            .iter()
+            .all(|e| e.messages.as_slice().iter().all(|m| m.id.is_some()));
+    let deadline = tokio::time::Instant::now() + resend_for;
+    let mut attempt = 0u32;
+    loop {
+        let sent = async {
+            let client = slot.get().await?;
+            client
+                .request_data::<PublishReply>(route::PUBLISH, data.clone())
+                .await
+        }
+        .await;
+        match sent {
+            Ok(reply) => {
+                check_reply(topic, count, &reply)?;
+                if attempt > 0 {
+                    tracing::info!(
+                        topic,
+                        messages = count,
+                        resends = attempt,
+                        duplicate = reply.duplicate,
+                        "publish stored after a resend"
+                    );
+                }
+                return Ok(reply);
+            }
+            Err(e) if resendable && worth_resending(&e) => {
+                attempt += 1;
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    tracing::warn!(topic, error = %e, resends = attempt - 1, "publish failed; giving up resending");
+                    return Err(e);
+                }
+                let delay = resend_delay(attempt).min(deadline - now);
+                tracing::warn!(topic, messages = count, error = %e, attempt, retry_in = ?delay, "publish unconfirmed; resending with the same ids");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Room for a `PublishRequest`'s own fields around its messages: map header, the two keys,
@@ -937,20 +1147,28 @@ fn encode_publish<R>(topic: &str, entries: &[Entry<R>], count: usize) -> Result<
     Ok(buf)
 }
 
-/// A [`NewMessage`] as `sluice_protocol::encode` writes it: a map of its four fields, in
-/// declaration order, by name.
+/// A [`NewMessage`] as `sluice_protocol::encode` writes it: a map of its fields, in
+/// declaration order, by name (`id` only when present).
 fn encode_message(buf: &mut Vec<u8>, m: &NewMessage) -> Result<()> {
+    match &m.id {
+        // fixmap(4)
+        None => buf.push(0x84),
+        // fixmap(5), "id": str
+        Some(id) => {
+            buf.extend_from_slice(b"\x85\xa2id");
+            msgpack::str(buf, id)?;
+        }
+    }
     if m.key.is_none() && m.headers.is_empty() && m.priority < 0x80 {
         // The usual message: everything up to the payload in one go.
-        // fixmap(4), "key": nil, "headers": fixmap(0), "priority": fixint, "payload": ...
-        const PLAIN: &[u8] = b"\x84\xa3key\xc0\xa7headers\x80\xa8priority";
+        // "key": nil, "headers": fixmap(0), "priority": fixint, "payload": ...
+        const PLAIN: &[u8] = b"\xa3key\xc0\xa7headers\x80\xa8priority";
         buf.extend_from_slice(PLAIN);
         buf.push(m.priority);
         buf.extend_from_slice(b"\xa7payload");
         return msgpack::bin(buf, &m.payload);
     }
-    // fixmap(4), "key"
-    buf.extend_from_slice(b"\x84\xa3key");
+    buf.extend_from_slice(b"\xa3key");
     match &m.key {
         None => buf.push(msgpack::NIL),
         Some(key) => msgpack::str(buf, key)?,
@@ -1064,6 +1282,15 @@ mod msgpack {
 }
 
 fn check_reply(topic: &str, expected: usize, reply: &PublishReply) -> Result<()> {
+    if reply.duplicate {
+        if reply.seqs.len() != expected || reply.seqs.contains(&0) {
+            return Err(SdkError::Protocol(format!(
+                "publish of {expected} messages to '{topic}' answered with {} seqs",
+                reply.seqs.len()
+            )));
+        }
+        return Ok(());
+    }
     let expected = expected as u64;
     let got = reply
         .last_seq
@@ -1327,6 +1554,16 @@ mod tests {
         for priority in 0..=MAX_PRIORITY {
             cases.push(message(None, 0, priority, 1));
         }
+        for id_len in [1, 31, 32, 128] {
+            cases.push(NewMessage {
+                id: Some("i".repeat(id_len)),
+                ..message(None, 0, 0, 5)
+            });
+            cases.push(NewMessage {
+                id: Some("j".repeat(id_len)),
+                ..message(Some(3), 2, 4, 5)
+            });
+        }
         for topic in ["t".repeat(31), "t".repeat(32), "t".repeat(120)] {
             for n in [1, 15, 16, cases.len()] {
                 let messages = cases[..n].to_vec();
@@ -1380,6 +1617,7 @@ mod tests {
             queue,
             max_payload_bytes: 1024,
             last_topic: TopicCache::default(),
+            ids: None,
         };
         (producer, rx)
     }
@@ -1469,6 +1707,95 @@ mod tests {
         assert_eq!(rx1.try_recv().expect("sent").expect("ok"), 10);
         let r = rx2.try_recv().expect("sent").expect("ok");
         assert_eq!((r.first_seq, r.last_seq), (11, 14));
+    }
+
+    #[test]
+    fn ids_are_given_in_call_order_and_kept_when_set() {
+        let (mut producer, _rx) = unspawned_producer(16);
+        producer.ids = Some(Arc::new(IdSource::with_prefix("p".into())));
+        let a = producer.with_id(msg(1));
+        let b = producer.with_id(NewMessage {
+            id: Some("mine".into()),
+            ..msg(1)
+        });
+        let c = producer.clone().with_id(msg(1));
+        assert_eq!(
+            (a.id.as_deref(), b.id.as_deref(), c.id.as_deref()),
+            (Some("p-1"), Some("mine"), Some("p-2"))
+        );
+        let big = IdSource::with_prefix("q".into());
+        big.next.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(big.next_id(), format!("q-{}", u64::MAX));
+        big.next.store(0, Ordering::Relaxed);
+        assert_eq!(big.next_id(), "q-0");
+        big.next.store(1_000_000_007, Ordering::Relaxed);
+        assert_eq!(big.next_id(), "q-1000000007");
+        let random = IdSource::new();
+        assert_eq!(random.prefix.len(), 16);
+        assert_ne!(random.prefix, IdSource::new().prefix);
+        assert!(random.next_id().len() <= MAX_ID_LEN);
+        // Ids are checked before sending: a bad one fails alone.
+        let too_long = NewMessage {
+            id: Some("x".repeat(MAX_ID_LEN + 1)),
+            ..msg(1)
+        };
+        assert!(producer.validate_message(&too_long).is_err());
+        assert!(producer
+            .validate_message(&NewMessage {
+                id: Some(String::new()),
+                ..msg(1)
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn duplicate_replies_give_each_entry_its_seqs() {
+        let dup = PublishReply {
+            duplicate: true,
+            seqs: vec![7, 3, 8],
+            ..PublishReply::stored("t", 3, 8)
+        };
+        assert!(check_reply("t", 3, &dup).is_ok());
+        assert!(check_reply("t", 2, &dup).is_err());
+        let (tx1, mut rx1) = oneshot::channel();
+        let (tx2, mut rx2) = oneshot::channel();
+        Reply::One(tx1).send_from(&dup, 0, 1);
+        Reply::Many(tx2).send_from(&dup, 1, 2);
+        assert_eq!(rx1.try_recv().expect("sent").expect("ok"), 7);
+        let r = rx2.try_recv().expect("sent").expect("ok");
+        assert_eq!(
+            (r.first_seq, r.last_seq, r.duplicate, r.seqs),
+            (3, 8, true, vec![3, 8])
+        );
+        let plain = PublishReply::stored("t", 10, 12);
+        let (tx, mut rx) = oneshot::channel();
+        Reply::Many(tx).send_from(&plain, 1, 2);
+        let r = rx.try_recv().expect("sent").expect("ok");
+        assert_eq!((r.first_seq, r.last_seq, r.duplicate), (11, 12, false));
+    }
+
+    #[test]
+    fn resends_only_what_may_not_have_been_stored() {
+        assert!(worth_resending(&SdkError::Closed("x".into())));
+        assert!(worth_resending(&SdkError::Timeout {
+            route: "publish".into(),
+            after: Duration::from_secs(1)
+        }));
+        assert!(worth_resending(&SdkError::Broker(
+            sluice_protocol::WireError::new(ErrorCode::Unavailable, "restarting")
+        )));
+        for refused in [
+            ErrorCode::InvalidRequest,
+            ErrorCode::StorageError,
+            ErrorCode::UnknownTopic,
+        ] {
+            assert!(!worth_resending(&SdkError::Broker(
+                sluice_protocol::WireError::new(refused, "no")
+            )));
+        }
+        assert_eq!(resend_delay(1), Duration::from_millis(50));
+        assert_eq!(resend_delay(3), Duration::from_millis(200));
+        assert_eq!(resend_delay(30), Duration::from_secs(2));
     }
 
     #[test]

@@ -11,8 +11,8 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use sluice_sdk::protocol::route;
 use sluice_sdk::{
-    Admin, ClientConfig, Consumer, ConsumerConfig, ErrorCode, NewMessage, Producer, SdkError,
-    WireError,
+    Admin, BrokerEvent, ClientConfig, Consumer, ConsumerConfig, ErrorCode, NewMessage, Producer,
+    ProducerOptions, ResetNotice, SdkError, WireError,
 };
 
 fn config(broker: &FakeBroker) -> ClientConfig {
@@ -157,7 +157,12 @@ async fn silent_broker_times_out_and_producer_reconnects() {
     let broker = FakeBroker::start().await;
     broker.script().silent_routes.insert(route::PUBLISH.into());
     let cfg = config(&broker).request_timeout(Duration::from_millis(300));
-    let producer = Producer::connect(cfg).await.expect("connect");
+    // Not resent: this test is about the timeout itself.
+    let options = ProducerOptions {
+        resend_for: Duration::ZERO,
+        ..Default::default()
+    };
+    let producer = Producer::connect_with(cfg, options).await.expect("connect");
     let started = Instant::now();
     let err = within("timeout", producer.send("t", "x"))
         .await
@@ -461,4 +466,180 @@ async fn released_messages_go_back_in_a_release_nack() {
         vec![(false, Some(vec![2])), (true, Some(vec![4, 3]))]
     );
     assert_eq!(broker.acked("t", "g"), BTreeSet::from([1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unconfirmed_publishes_are_resent_with_their_ids_and_stored_once() {
+    let broker = FakeBroker::start().await;
+    // The first two publish requests are stored, then their connection drops before the reply.
+    broker.script().lose_publish_replies = 2;
+    let producer = Producer::connect(config(&broker)).await.expect("connect");
+    let prefix = producer.id_prefix().expect("ids by default").to_string();
+    let mut pending: FuturesUnordered<_> = (0..500u32)
+        .map(|i| {
+            let publish = producer.send("orders", format!("m{i}"));
+            async move { (i, publish.await) }
+        })
+        .collect();
+    let mut answers = Vec::new();
+    while let Some((i, seq)) = within("publishes", pending.next()).await {
+        answers.push((i, seq.expect("stored despite the lost replies")));
+    }
+    let log = broker.stored("orders");
+    assert_eq!(log.len(), 500, "every message stored exactly once");
+    for (i, seq) in answers {
+        assert_eq!(
+            log[(seq - 1) as usize].1.as_ref(),
+            format!("m{i}").as_bytes()
+        );
+    }
+    let rec = broker.recorded();
+    assert!(rec.duplicates > 0, "the resent requests repeated ids");
+    assert!(rec.setups.len() >= 3, "reconnected after each lost reply");
+    drop(rec);
+    // The ids were this producer's, given in call order.
+    let data_ids = broker.ids("orders");
+    assert_eq!(data_ids.len(), 500);
+    assert!(
+        data_ids.contains(&format!("{prefix}-1")) && data_ids.contains(&format!("{prefix}-500"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_ids_an_unconfirmed_publish_fails_instead_of_being_resent() {
+    let broker = FakeBroker::start().await;
+    broker.script().lose_publish_replies = 1;
+    let options = ProducerOptions {
+        idempotent: false,
+        ..Default::default()
+    };
+    let producer = Producer::connect_with(config(&broker), options)
+        .await
+        .expect("connect");
+    assert!(producer.id_prefix().is_none());
+    let err = within("publish", producer.send("t", "x"))
+        .await
+        .expect_err("the reply was lost");
+    assert!(err.is_connection_error(), "{err:?}");
+    // It was stored: a resend would have stored it twice.
+    assert_eq!(broker.stored("t").len(), 1);
+    assert_eq!(broker.recorded().publish_requests, 1);
+    // A message with its own id is resent even so.
+    broker.script().lose_publish_replies = 1;
+    let reply = within(
+        "publish with an id",
+        producer.publish_batch(
+            "t",
+            vec![NewMessage {
+                id: Some("order-7".into()),
+                payload: "y".into(),
+                ..Default::default()
+            }],
+        ),
+    )
+    .await
+    .expect("resent");
+    assert!(reply.duplicate, "{reply:?}");
+    assert_eq!((reply.seqs.clone(), reply.first_seq), (vec![2], 2));
+    assert_eq!(broker.stored("t").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_reports_resets_and_sends_backoff_and_delayed_nacks() {
+    let broker = FakeBroker::start().await;
+    let notice = ResetNotice {
+        reason: "retention".into(),
+        floor_seq: 1,
+        skipped: 7,
+    };
+    broker.script().reset_notice = Some(notice.clone());
+    let producer = Producer::connect(config(&broker)).await.expect("connect");
+    for i in 0..2 {
+        producer.send("t", format!("m{i}")).await.expect("publish");
+    }
+    let cfg = ConsumerConfig::new(config(&broker), "t", "g")
+        .batch_size(2)
+        .backoff(vec![Duration::from_secs(1), Duration::from_millis(2500)]);
+    let mut consumer = Consumer::subscribe(cfg).await.expect("subscribe");
+    assert_eq!(consumer.resets(), 0);
+    let first = within("next", consumer.next())
+        .await
+        .expect("open")
+        .expect("msg");
+    // The reset came before the batch, on the same stream.
+    assert_eq!(consumer.resets(), 1);
+    assert_eq!(consumer.last_reset(), Some(notice.clone()));
+    assert_eq!(consumer.take_resets(), vec![notice.clone()]);
+    assert!(consumer.take_resets().is_empty());
+    assert_eq!(consumer.last_reset(), Some(notice));
+    let second = within("next", consumer.next())
+        .await
+        .expect("open")
+        .expect("msg");
+    consumer
+        .nack_with_delay(&first, Duration::from_millis(2500))
+        .expect("nack");
+    assert!(consumer
+        .nack_with_delay(&second, Duration::from_secs(2 * 86400))
+        .is_err());
+    consumer.ack(&second).expect("ack");
+    within("flush", consumer.flush_acks()).await.expect("flush");
+    let rec = broker.recorded();
+    assert_eq!(
+        rec.subscribes[0].backoff,
+        Some(vec!["1s".to_string(), "2s 500ms".to_string()])
+    );
+    assert_eq!(rec.nacks.len(), 1);
+    assert_eq!(
+        (
+            rec.nacks[0].seqs.clone(),
+            rec.nacks[0].delay_ms,
+            rec.nacks[0].release
+        ),
+        (Some(vec![first.seq()]), Some(2500), false)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_events_stream_on_a_connection_of_its_own() {
+    let broker = FakeBroker::start().await;
+    let events = vec![
+        BrokerEvent::now("topic_created").topic("t"),
+        BrokerEvent::now("events_lost").count(3),
+    ];
+    broker.script().events = events.clone();
+    let admin = Admin::connect(config(&broker)).await.expect("connect");
+    let mut stream = admin
+        .events(vec!["topic_created".into()])
+        .await
+        .expect("subscribe");
+    for want in &events {
+        let got = within("event", stream.next())
+            .await
+            .expect("open")
+            .expect("event");
+        assert_eq!(&got, want);
+    }
+    assert_eq!(
+        broker.recorded().events_requests[0].kinds,
+        vec!["topic_created".to_string()]
+    );
+    wait_open_connections(&broker, 2).await;
+    // Dropping the stream closes its connection (the broker ends the subscription); the
+    // admin's own connection stays.
+    drop(stream);
+    wait_open_connections(&broker, 1).await;
+    within("stats", admin.stats()).await.expect("stats");
+    // A closed connection ends the stream with an error.
+    let mut stream = admin.events(Vec::new()).await.expect("subscribe");
+    for _ in 0..2 {
+        within("event", stream.next())
+            .await
+            .expect("open")
+            .expect("event");
+    }
+    broker.kill_connections();
+    let end = within("end", stream.next()).await.expect("an error first");
+    assert!(end.is_err(), "{end:?}");
+    assert!(within("end", stream.next()).await.is_none());
 }

@@ -10,6 +10,7 @@
 //! at once) and the writer drains and drops the socket (or, for a client that does not read,
 //! drops what is queued at once).
 
+mod events;
 mod manage;
 
 use super::messages::{
@@ -87,6 +88,8 @@ pub struct ConnectionCounters {
     pub lifetimes_expired: AtomicU64,
     /// KEEPALIVE frames with RESPOND sent to quiet clients.
     pub keepalive_pings: AtomicU64,
+    /// Lifecycle events dropped for `admin.events` subscribers that had no credit for them.
+    pub events_lost: AtomicU64,
 }
 
 impl ConnectionCounters {
@@ -101,6 +104,7 @@ impl ConnectionCounters {
             oversize_batches_dropped: self.oversize_batches_dropped.load(Ordering::Relaxed),
             lifetimes_expired: self.lifetimes_expired.load(Ordering::Relaxed),
             keepalive_pings: self.keepalive_pings.load(Ordering::Relaxed),
+            events_lost: self.events_lost.load(Ordering::Relaxed),
         }
     }
 }
@@ -173,6 +177,8 @@ enum StreamState {
     Request,
     /// A subscribe stream.
     Subscription(Box<Subscription>),
+    /// An `admin.events` stream.
+    Events(Box<events::EventsSub>),
 }
 
 /// The connection actor.
@@ -292,11 +298,27 @@ impl ConnectionActor {
             limit,
             "client does not read: more than the limit waits to be written to it; disconnecting (its batches are redelivered)"
         );
+        self.memory_pressure(format!(
+            "more than max_queued_bytes ({limit}) waits to be written to it"
+        ));
         if let Some(w) = self.writer.take() {
             w.abort();
         }
         self.closing = true;
         ctx.stop();
+    }
+
+    /// A `memory_pressure` event: this client is disconnected for not reading (`why`).
+    fn memory_pressure(&self, why: String) {
+        self.links.events.emit(
+            sluice_protocol::BrokerEvent::now(sluice_protocol::event_kind::MEMORY_PRESSURE)
+                .actor(format!("connection-{}", self.id))
+                .detail(format!(
+                    "client '{}' at {} does not read ({why}): disconnected, its batches redelivered",
+                    self.client_id.as_deref().unwrap_or(""),
+                    self.peer
+                )),
+        );
     }
 
     fn send_error(&mut self, sid: u32, code: u32, text: String, ctx: &mut Context<Self>) {
@@ -418,8 +440,8 @@ impl ConnectionActor {
                 let (d, m) = p.split();
                 self.on_payload(sid, m, d, follows, ctx)
             }
-            Body::RequestN(n) => self.on_request_n(sid, n.get_n() as u64),
-            Body::Cancel() => self.end_stream(sid, "cancelled"),
+            Body::RequestN(n) => self.on_request_n(sid, n.get_n() as u64, ctx),
+            Body::Cancel() => self.end_stream(sid, "cancelled", ctx),
             Body::Error(e) => {
                 if sid == 0 {
                     let text = e.get_data_utf8().unwrap_or("").to_string();
@@ -427,7 +449,7 @@ impl ConnectionActor {
                     self.closing = true;
                     ctx.stop();
                 } else {
-                    self.end_stream(sid, "client error");
+                    self.end_stream(sid, "client error", ctx);
                 }
             }
         }
@@ -669,6 +691,7 @@ impl ConnectionActor {
             (route::ACK, Response | FireAndForget) => self.settle(sid, kind, data, true, ctx),
             (route::NACK, Response | FireAndForget) => self.settle(sid, kind, data, false, ctx),
             (route::SUBSCRIBE, Stream(n)) => self.subscribe(sid, n as u64, data, ctx),
+            (route::ADMIN_EVENTS, Stream(n)) => self.events_stream(sid, n as u64, &data, ctx),
             (route::ADMIN_STATS, Response) => {
                 if let Err(e) = decode::<StatsRequest>(&data) {
                     return self.request_error(sid, kind, e, ctx);
@@ -953,10 +976,12 @@ impl ConnectionActor {
         }));
     }
 
-    fn on_request_n(&mut self, sid: u32, n: u64) {
+    fn on_request_n(&mut self, sid: u32, n: u64, ctx: &mut Context<Self>) {
         let conn = self.id;
-        let Some(StreamState::Subscription(sub)) = self.streams.get_mut(&sid) else {
-            return;
+        let sub = match self.streams.get_mut(&sid) {
+            Some(StreamState::Subscription(sub)) => sub,
+            Some(StreamState::Events(_)) => return self.events_credits(sid, n, ctx),
+            _ => return,
         };
         sub.credits = sub.credits.saturating_add(n);
         if sub.joined {
@@ -973,13 +998,20 @@ impl ConnectionActor {
         }
     }
 
-    fn end_stream(&mut self, sid: u32, why: &str) {
+    fn end_stream(&mut self, sid: u32, why: &str, ctx: &mut Context<Self>) {
         if let Some(p) = self.partials.remove(&sid) {
             self.partial_bytes -= p.len();
         }
-        if let Some(StreamState::Subscription(sub)) = self.streams.remove(&sid) {
-            tracing::debug!(conn_id = self.id, sid, why, "subscription ended");
-            self.leave(sid, &sub);
+        match self.streams.remove(&sid) {
+            Some(StreamState::Subscription(sub)) => {
+                tracing::debug!(conn_id = self.id, sid, why, "subscription ended");
+                self.leave(sid, &sub);
+            }
+            Some(StreamState::Events(sub)) => {
+                tracing::debug!(conn_id = self.id, sid, why, "admin.events ended");
+                self.end_events(*sub, ctx);
+            }
+            Some(StreamState::Request) | None => {}
         }
     }
 
@@ -1171,6 +1203,7 @@ impl Handler<WriterEnded> for ConnectionActor {
                     error = %e,
                     "client does not read: nothing could be written to it for its lifetime; disconnecting (its batches are redelivered)"
                 );
+                self.memory_pressure("nothing could be written to it for its lifetime".into());
             } else {
                 tracing::debug!(conn_id = self.id, error = %e, "write failed");
             }
@@ -1244,7 +1277,7 @@ impl Handler<KickConsumer> for ConnectionActor {
         }
         tracing::info!(conn_id = self.id, sid, error = %msg.error, "subscription ended by the broker");
         // Its batches go back to the group at once, as on a disconnect.
-        self.end_stream(sid, "ended by the broker");
+        self.end_stream(sid, "ended by the broker", ctx);
         self.send_error(sid, ERR_APPLICATION_ERROR, msg.error.to_text(), ctx);
     }
 }

@@ -15,7 +15,7 @@ use crate::delivery::{GroupState, Joining};
 use crate::store::{GroupRecord, StoreError};
 use actix::prelude::*;
 use sluice_protocol::{
-    AckOutcome, AckReply, ErrorCode, GroupStats, NewMessage, StreamEvent, WireError,
+    AckOutcome, AckReply, BrokerEvent, ErrorCode, GroupStats, NewMessage, StreamEvent, WireError,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -94,7 +94,10 @@ struct TopicState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Settle {
     Ack,
-    Nack { release: bool },
+    Nack {
+        release: bool,
+        delay: Option<Duration>,
+    },
 }
 
 /// The orchestrator actor: moves messages between the groups' [`GroupState`]s, the store and
@@ -117,6 +120,8 @@ pub struct OrchestratorActor {
     counters: ActorCounters,
     /// Lifecycle events.
     events: crate::events::EventBus,
+    /// Kicks, notices, retry timers (`group_ops.rs`).
+    ops: group_ops::OrchOps,
 }
 
 impl OrchestratorActor {
@@ -143,6 +148,7 @@ impl OrchestratorActor {
             batch_ids,
             counters: ActorCounters::default(),
             events: crate::events::EventBus::default(),
+            ops: Default::default(),
         }
     }
 
@@ -173,14 +179,24 @@ impl OrchestratorActor {
 
     /// Delivers as much as consumers can take, and reads ahead when the buffer runs low.
     fn pump(&mut self, topic: &str, group: &str, ctx: &mut Context<Self>) {
+        self.send_notices(topic, group);
         let limits = self.limits();
         let ids = self.batch_ids.clone();
+        let batch_timeout = self.cfg.batch_timeout;
         let Some((g, head)) = self.group_mut(topic, group) else {
             return;
         };
         let formed = g.form_batches(topic, group, limits, || ids.fetch_add(1, Ordering::Relaxed));
         let need_read = g.wants_read(head);
-        for out in formed.batches {
+        // By the group's schedule, else the broker's batch timeout.
+        let timeouts: Vec<Duration> = formed
+            .batches
+            .iter()
+            .map(|o| g.redelivery_timeout(&o.batch).unwrap_or(batch_timeout))
+            .collect();
+        let pressure = g.take_pressure_event();
+        let attempts_moved = g.take_attempts_dirty();
+        for (out, timeout) in formed.batches.into_iter().zip(timeouts) {
             let batch_id = out.batch.batch_id;
             let count = out.batch.messages.len() as u32;
             let consumer = out.consumer;
@@ -190,7 +206,7 @@ impl OrchestratorActor {
                     group: group.to_string(),
                     batch_id,
                 },
-                self.cfg.batch_timeout,
+                timeout,
             );
             self.timers.insert(batch_id, timer);
             let Some(recipient) = self.recipients.get(&consumer) else {
@@ -221,6 +237,12 @@ impl OrchestratorActor {
                 ctx,
             );
         }
+        if let Some(what) = pressure {
+            self.memory_pressure(topic, group, what);
+        }
+        if attempts_moved {
+            self.persist(topic, group);
+        }
         if need_read {
             self.read_ahead(topic, group, ctx);
         }
@@ -244,7 +266,12 @@ impl OrchestratorActor {
             };
             match res {
                 Ok(Ok(r)) => {
+                    let floor = r.floor;
                     g.finish_read(from, Some((r.messages, r.corrupt)));
+                    if floor > 0 {
+                        // Retention removed what lay below: the group moves up to it.
+                        act.move_group_to_floor(&t, &gr, floor);
+                    }
                     act.pump(&t, &gr, ctx);
                 }
                 Ok(Err(e)) => {
@@ -283,6 +310,10 @@ impl OrchestratorActor {
         let Some(dead) = g.fail_batch(batch_id, counts_as_failure, max_retries) else {
             return;
         };
+        if counts_as_failure {
+            // The attempt counts survive a restart.
+            self.persist(topic, group);
+        }
         tracing::debug!(
             topic,
             group,
@@ -351,6 +382,7 @@ impl OrchestratorActor {
             .collect();
         tracing::warn!(topic, group, count = dead.len(), %dlq, why, "dead-lettering messages");
         let (t, gr) = (topic.to_string(), group.to_string());
+        let why = why.to_string();
         ctx.spawn(
             self.store
                 .append
@@ -363,6 +395,17 @@ impl OrchestratorActor {
                     let ok = matches!(res, Ok(Ok(_)));
                     if !ok {
                         tracing::error!(topic = %t, "dead-letter append failed; messages stay pending");
+                    }
+                    if ok {
+                        let first = dead.iter().map(|p| p.msg.seq).min().unwrap_or(0);
+                        act.emit(
+                            BrokerEvent::now(sluice_protocol::event_kind::MESSAGE_DEAD_LETTERED)
+                                .topic(&t)
+                                .group(&gr)
+                                .count(dead.len() as u64)
+                                .seq(first)
+                                .detail(why),
+                        );
                     }
                     if let Some((g, _)) = act.group_mut(&t, &gr) {
                         g.dead_lettered(dead, ok);
@@ -409,6 +452,7 @@ impl Actor for OrchestratorActor {
         if let Some(r) = &self.registry {
             r.do_send(OrchestratorStarted { shard: self.shard });
         }
+        self.start_stale_timer(ctx);
     }
 }
 
@@ -421,6 +465,8 @@ impl Supervised for OrchestratorActor {
         self.recipients.clear();
         self.joining.clear();
         self.timers.clear();
+        self.reset_ops();
+        self.emit(BrokerEvent::now(sluice_protocol::event_kind::ACTOR_RESTARTED).actor(&self.name));
         tracing::warn!(name = %self.name, restarts = self.counters.restarts, "orchestrator restarting; in-flight batches will be redelivered");
     }
 }
@@ -464,6 +510,7 @@ impl OrchestratorActor {
         &mut self,
         msg: &JoinGroup,
         loaded: Loaded,
+        fresh: Option<group_ops::NewGroup>,
     ) -> Result<Option<GroupRecord>, WireError> {
         if !self.joining.remove(&msg.consumer) {
             // Left (cancelled, disconnected) while the group loaded: not added.
@@ -478,7 +525,11 @@ impl OrchestratorActor {
             let rec = match rec {
                 Some(r) => r,
                 None => {
-                    let r = GroupState::new_record(msg.mode, msg.filters.clone());
+                    let mut r = GroupState::new_record(msg.mode, msg.filters.clone());
+                    if let Some(f) = fresh {
+                        r.backoff_ms = f.backoff_ms;
+                        r.acked_floor = f.acked_floor;
+                    }
                     // A concurrent join may have created it meanwhile: persist a new record
                     // only for a group not in memory yet.
                     if !exists {
@@ -493,6 +544,8 @@ impl OrchestratorActor {
         let (g, _) = self
             .group_mut(&msg.topic, &msg.group)
             .ok_or_else(|| WireError::new(ErrorCode::Internal, "group vanished"))?;
+        g.check_backoff(msg.backoff_ms.as_deref())
+            .map_err(|e| WireError::new(e.code, format!("group '{}': {}", msg.group, e.message)))?;
         g.join(Joining {
             consumer: msg.consumer,
             mode: msg.mode,
@@ -505,6 +558,7 @@ impl OrchestratorActor {
         .map_err(|e| WireError::new(e.code, format!("group '{}': {}", msg.group, e.message)))?;
         let mode = g.mode();
         self.recipients.insert(msg.consumer, msg.recipient.clone());
+        self.register_links(msg);
         tracing::info!(topic = %msg.topic, group = %msg.group, consumer = %msg.consumer, %mode, "consumer joined");
         Ok(create)
     }
@@ -528,23 +582,32 @@ impl Handler<JoinGroup> for OrchestratorActor {
                 group: msg.group.clone(),
             }))
         };
+        let query = self.new_group_query(&msg);
         Box::pin(
             async move {
-                match load {
+                let loaded: Loaded = match load {
                     None => Ok(None),
                     Some(f) => match f.await {
                         Ok(Ok(r)) => Ok(Some(r)),
                         Ok(Err(e)) => Err(WireError::from(e)),
                         Err(e) => Err(WireError::new(ErrorCode::Unavailable, e.to_string())),
                     },
-                }
+                };
+                // A new group: its schedule and floor.
+                let fresh = match &loaded {
+                    Ok(Some((None, _))) => Some(query.fetch().await),
+                    _ => None,
+                };
+                (loaded, fresh)
             }
             .into_actor(self)
-            .then(move |loaded, act, _ctx| {
-                let res = act.join_loaded(&msg, loaded);
+            .then(move |(loaded, fresh), act, _ctx| {
+                let res = act.join_loaded(&msg, loaded, fresh);
                 let joined = res.is_ok();
+                let mode = msg.mode;
                 let consumer = msg.consumer;
                 let (t, gr) = (msg.topic.clone(), msg.group.clone());
+                let created = matches!(&res, Ok(Some(_)));
                 let persist = match &res {
                     Ok(Some(record)) => Some(act.store.commit.send(CommitGroup {
                         topic: t.clone(),
@@ -569,11 +632,26 @@ impl Handler<JoinGroup> for OrchestratorActor {
                 .into_actor(act)
                 .map(move |res, act, ctx| {
                     if res.is_ok() {
+                        if created {
+                            act.emit(
+                                BrokerEvent::now(sluice_protocol::event_kind::GROUP_CREATED)
+                                    .topic(&t)
+                                    .group(&gr)
+                                    .detail(mode.as_str()),
+                            );
+                        }
+                        act.emit(
+                            BrokerEvent::now(sluice_protocol::event_kind::CONSUMER_JOINED)
+                                .topic(&t)
+                                .group(&gr)
+                                .consumer(consumer)
+                                .detail(mode.as_str()),
+                        );
                         act.pump(&t, &gr, ctx);
                     } else if joined {
                         // Joined, but the new group's record could not be stored: the client
                         // gets the error, so the consumer must not stay in the group.
-                        act.recipients.remove(&consumer);
+                        act.forget_links(consumer);
                         if let Some((g, _)) = act.group_mut(&t, &gr) {
                             g.leave(consumer);
                         }
@@ -589,29 +667,8 @@ impl Handler<LeaveGroup> for OrchestratorActor {
     type Result = ();
     fn handle(&mut self, msg: LeaveGroup, ctx: &mut Context<Self>) {
         self.counters.handled += 1;
-        self.recipients.remove(&msg.consumer);
         self.joining.remove(&msg.consumer);
-        let Some((g, _)) = self.group_mut(&msg.topic, &msg.group) else {
-            return;
-        };
-        let (batches, promoted) = g.leave(msg.consumer);
-        tracing::info!(topic = %msg.topic, group = %msg.group, consumer = %msg.consumer, returned = batches.len(), "consumer left");
-        if let Some(p) = promoted {
-            tracing::info!(topic = %msg.topic, group = %msg.group, consumer = %p, "failover: standby promoted");
-        }
-        for b in batches {
-            self.fail_batch(
-                &msg.topic,
-                &msg.group,
-                b,
-                "consumer disconnected",
-                false,
-                ctx,
-            );
-        }
-        // A broadcast member's leaving may settle messages for the group.
-        self.persist(&msg.topic, &msg.group);
-        self.pump(&msg.topic, &msg.group, ctx);
+        self.remove_consumer(&msg.topic, &msg.group, msg.consumer, ctx);
     }
 }
 
@@ -711,7 +768,15 @@ impl OrchestratorActor {
         };
         let s = match kind {
             Settle::Ack => g.ack(conn, batch_id, seqs),
-            Settle::Nack { release } => g.nack(conn, batch_id, seqs, release, max_retries),
+            Settle::Nack { release, delay } => g.nack_delayed(
+                conn,
+                batch_id,
+                seqs,
+                release,
+                max_retries,
+                delay,
+                std::time::Instant::now(),
+            ),
         };
         // An ack that says "acked" (now or already) waits for a durable cursor: the one it
         // changed, or, for a repeat, a commit after the one that settled it (it may still be
@@ -749,6 +814,9 @@ impl OrchestratorActor {
                 record,
             })
         });
+        if matches!(kind, Settle::Nack { .. }) {
+            self.arm_retry(&topic, &group, ctx);
+        }
         self.pump(&topic, &group, ctx);
         let reply = AckReply {
             outcome: s.outcome,
@@ -807,6 +875,7 @@ impl Handler<NackBatch> for OrchestratorActor {
             seqs: msg.seqs,
             kind: Settle::Nack {
                 release: msg.release,
+                delay: msg.delay,
             },
         };
         self.settle_and_persist(req, ctx)

@@ -2,10 +2,10 @@
 //! restart, stats gathering and fault injection by actor name.
 
 use super::messages::{
-    ConnectionClosed, ConnectionLinks, DisconnectStaleAll, GetConnectionStats, GetGroupStats,
-    GetStats, GetSyncStats, InjectFaultByName, ListGroupStats, ListGroups, OrchestratorLinks,
-    OrchestratorStarted, RegisterConnection, RegistryLinks, Rejoin, SetPeers, StoreLinks,
-    SubscriptionOpened,
+    ConnectionClosed, ConnectionLinks, DisconnectStale, DisconnectStaleAll, GetConnectionStats,
+    GetGroupStats, GetStats, GetSyncStats, InjectFaultByName, ListGroupStats, ListGroups,
+    OrchestratorLinks, OrchestratorStarted, RegisterConnection, RegistryLinks, Rejoin, SetPeers,
+    StoreLinks, SubscriptionOpened,
 };
 use super::{ActorCounters, FaultKind, GetActorStats, InjectFault};
 use actix::prelude::*;
@@ -63,6 +63,11 @@ impl Supervised for RegistryActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.counters.restarts += 1;
         tracing::warn!(restarts = self.counters.restarts, "registry restarting");
+        self.events.emit(
+            sluice_protocol::BrokerEvent::now(sluice_protocol::event_kind::ACTOR_RESTARTED)
+                .actor("registry")
+                .count(u64::from(self.counters.restarts)),
+        );
     }
 }
 
@@ -81,24 +86,137 @@ impl RegistryLinks {
     }
 }
 
-// ---- issue 11 (not implemented yet) ----
+// ---- groups and stale consumers across every shard ----
+
+/// How long the registry waits for one actor's answer when gathering.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every group (of `topic`, of `group`): those loaded in an orchestrator as it reports them
+/// (`loaded: true`), then those only stored, from their durable records (`loaded: false`),
+/// sorted by (topic, group). `strict`: an orchestrator or the store that does not answer is an
+/// error (`UNAVAILABLE` / the store's error) instead of being left out (stats are best effort;
+/// `group.list` must not pass off a loaded group as unloaded).
+async fn gather_groups(
+    store: Option<StoreLinks>,
+    orchs: Vec<OrchestratorLinks>,
+    topic: Option<String>,
+    group: Option<String>,
+    strict: bool,
+) -> Result<Vec<GroupStats>, WireError> {
+    let wanted = |t: &str, g: &str| {
+        topic.as_deref().is_none_or(|x| x == t) && group.as_deref().is_none_or(|x| x == g)
+    };
+    // One topic lives on one shard: ask only that one.
+    let shards: Vec<&OrchestratorLinks> = match &topic {
+        Some(t) if !orchs.is_empty() => vec![&orchs[super::shard_for(t, orchs.len())]],
+        _ => orchs.iter().collect(),
+    };
+    let mut live: HashMap<(String, String), GroupStats> = HashMap::new();
+    for (i, o) in shards.into_iter().enumerate() {
+        match o
+            .group_stats
+            .send(GetGroupStats)
+            .timeout(GATHER_TIMEOUT)
+            .await
+        {
+            Ok(gs) => {
+                for g in gs.into_iter().filter(|g| wanted(&g.topic, &g.group)) {
+                    live.insert((g.topic.clone(), g.group.clone()), g);
+                }
+            }
+            Err(e) if strict => {
+                return Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("an orchestrator did not answer ({e}); retry"),
+                ))
+            }
+            Err(e) => tracing::debug!(shard = i, error = %e, "no group stats from an orchestrator"),
+        }
+    }
+    let stored = match &store {
+        Some(s) => match s.list_groups.send(ListGroups).timeout(GATHER_TIMEOUT).await {
+            Ok(Ok(list)) => list,
+            Ok(Err(e)) if strict => return Err(WireError::from(e)),
+            Err(e) if strict => {
+                return Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("the store did not answer ({e}); retry"),
+                ))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "no stored groups from the store");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no stored groups from the store");
+                Vec::new()
+            }
+        },
+        None if strict => {
+            return Err(WireError::new(
+                ErrorCode::Unavailable,
+                "the broker is starting; retry",
+            ))
+        }
+        None => Vec::new(),
+    };
+    for (t, g, rec, head) in stored {
+        if !wanted(&t, &g) {
+            continue;
+        }
+        let key = (t, g);
+        if live.contains_key(&key) {
+            continue;
+        }
+        let mut stats = crate::delivery::GroupState::from_record(rec).stats(&key.0, &key.1, head);
+        stats.loaded = false;
+        live.insert(key, stats);
+    }
+    let mut groups: Vec<GroupStats> = live.into_values().collect();
+    groups.sort_by(|a, b| (&a.topic, &a.group).cmp(&(&b.topic, &b.group)));
+    Ok(groups)
+}
 
 impl Handler<ListGroupStats> for RegistryActor {
     type Result = ResponseFuture<Result<Vec<GroupStats>, WireError>>;
-    fn handle(&mut self, _: ListGroupStats, _: &mut Context<Self>) -> Self::Result {
-        Box::pin(async {
-            Err(WireError::new(
-                ErrorCode::Unavailable,
-                "group.list is not implemented yet",
-            ))
-        })
+    fn handle(&mut self, msg: ListGroupStats, _: &mut Context<Self>) -> Self::Result {
+        self.counters.handled += 1;
+        let (store, orchs) = (self.store.clone(), self.orchestrators.clone());
+        Box::pin(gather_groups(store, orchs, msg.topic, msg.group, true))
     }
 }
 
 impl Handler<DisconnectStaleAll> for RegistryActor {
     type Result = ResponseFuture<Vec<sluice_protocol::StaleConsumer>>;
-    fn handle(&mut self, _: DisconnectStaleAll, _: &mut Context<Self>) -> Self::Result {
-        Box::pin(async { Vec::new() })
+    fn handle(&mut self, msg: DisconnectStaleAll, _: &mut Context<Self>) -> Self::Result {
+        self.counters.handled += 1;
+        let orchs = self.orchestrators.clone();
+        Box::pin(async move {
+            let asks = orchs.iter().map(|o| {
+                o.disconnect_stale
+                    .send(DisconnectStale {
+                        older_than: msg.older_than,
+                    })
+                    .timeout(GATHER_TIMEOUT)
+            });
+            let mut all = Vec::new();
+            for (shard, answer) in futures::future::join_all(asks)
+                .await
+                .into_iter()
+                .enumerate()
+            {
+                match answer {
+                    Ok(found) => all.extend(found),
+                    Err(e) => {
+                        tracing::warn!(shard, error = %e, "an orchestrator did not answer disconnect_stale")
+                    }
+                }
+            }
+            all.sort_by(|a, b| {
+                (&a.topic, &a.group, &a.consumer).cmp(&(&b.topic, &b.group, &b.consumer))
+            });
+            all
+        })
     }
 }
 
@@ -190,40 +308,22 @@ impl Handler<GetStats> for RegistryActor {
                 ..Default::default()
             };
             stats.actors.push(own);
-            let mut stored: Vec<(String, String, crate::store::GroupRecord, u64)> = Vec::new();
             if let Some(s) = &store {
                 if let Ok(a) = s.actor_stats.send(GetActorStats).timeout(t).await {
                     stats.actors.push(a);
-                }
-                if let Ok(Ok(list)) = s.list_groups.send(ListGroups).timeout(t).await {
-                    stored = list;
                 }
                 if let Ok(syncs) = s.sync_stats.send(GetSyncStats).timeout(t).await {
                     stats.syncs = Some(syncs);
                 }
             }
-            let mut live: HashMap<(String, String), GroupStats> = HashMap::new();
             for o in &orchs {
                 if let Ok(a) = o.actor_stats.send(GetActorStats).timeout(t).await {
                     stats.actors.push(a);
                 }
-                if let Ok(gs) = o.group_stats.send(GetGroupStats).timeout(t).await {
-                    for g in gs {
-                        live.insert((g.topic.clone(), g.group.clone()), g);
-                    }
-                }
             }
-            for (topic, group, rec, head) in stored {
-                let key = (topic.clone(), group.clone());
-                if live.contains_key(&key) {
-                    continue;
-                }
-                let g = crate::delivery::GroupState::from_record(rec);
-                live.insert(key, g.stats(&topic, &group, head));
-            }
-            let mut groups: Vec<GroupStats> = live.into_values().collect();
-            groups.sort_by(|a, b| (&a.topic, &a.group).cmp(&(&b.topic, &b.group)));
-            stats.groups = groups;
+            stats.groups = gather_groups(store, orchs, None, None, false)
+                .await
+                .unwrap_or_default();
             for c in conns {
                 if let Ok((a, cs)) = c.send(GetConnectionStats).timeout(t).await {
                     stats.actors.push(a);

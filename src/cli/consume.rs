@@ -51,6 +51,10 @@ pub struct ConsumeArgs {
     /// or once this consumer disconnects (for inspecting a group, or tests).
     #[arg(long)]
     pub no_ack: bool,
+    /// Redelivery schedule of the group, if this creates it: humantime entries separated by
+    /// commas (e.g. 1s,5s,30s,2m); an existing group with another schedule refuses it.
+    #[arg(long, value_name = "DUR,DUR,...", value_parser = super::parse_backoff_list)]
+    pub backoff: Option<super::Schedule>,
 }
 
 /// Batch size of `--count` rounds when `--batch-size` is not given.
@@ -96,6 +100,7 @@ impl ConsumeArgs {
             window: self.window,
             batch_size: round.map(|r| r.batch_size).or(self.batch_size),
             max_batches: round.map(|r| r.credits),
+            backoff: self.backoff.clone().map(|s| s.0),
             ..Default::default()
         }
     }
@@ -377,6 +382,15 @@ mod tests {
         assert!(parse(&["--topic", "t", "--group", "g", "--mode", "nope"]).is_err());
         assert!(parse(&["--topic", "t", "--group", "g", "--window", "0"]).is_err());
         assert!(parse(&["--topic", "t", "--group", "g", "--idle-timeout", "x"]).is_err());
+        for mode in ["key_shared", "broadcast"] {
+            assert!(parse(&["--topic", "t", "--group", "g", "--mode", mode]).is_ok());
+        }
+        let b = parse(&["--topic", "t", "--group", "g", "--backoff", "1s,5s"]).expect("parse");
+        assert_eq!(
+            b.consumer_config(None).backoff,
+            Some(vec![Duration::from_secs(1), Duration::from_secs(5)])
+        );
+        assert!(parse(&["--topic", "t", "--group", "g", "--backoff", "1s,x"]).is_err());
     }
 
     #[test]

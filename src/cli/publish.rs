@@ -1,5 +1,6 @@
-//! `sluice publish`: generated messages (`--count N --size BYTES`, many in flight) or one message
-//! per stdin line (in order).
+//! `sluice publish`: generated messages (`--count N --size BYTES`, many in flight), one message
+//! per stdin line (in order), or one message (`--payload TEXT`, or `--id ID` with one stdin
+//! line) whose reply says whether it was a duplicate.
 
 use std::collections::BTreeMap;
 
@@ -42,6 +43,14 @@ pub struct PublishArgs {
     /// Publish N generated messages instead of reading stdin.
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
+    /// Publish one message with this idempotency id (1..=128 bytes): within the topic's dedup
+    /// window a repeat is not stored again; the reply says `duplicate` and gives the original
+    /// seq. The payload is --payload, or stdin (one line).
+    #[arg(long, value_name = "ID", conflicts_with = "count")]
+    pub id: Option<String>,
+    /// Publish one message with this payload instead of reading stdin.
+    #[arg(long, value_name = "TEXT", conflicts_with = "count")]
+    pub payload: Option<String>,
     /// Payload size of each generated message, in bytes (with --count).
     #[arg(long, value_name = "BYTES", default_value_t = 100, requires = "count")]
     pub size: usize,
@@ -105,9 +114,82 @@ impl Summary {
     }
 }
 
+/// What `--id` / `--payload` published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct One {
+    /// Topic.
+    pub topic: String,
+    /// The id it was sent with, if given.
+    pub id: Option<String>,
+    /// Its seq (a duplicate's: the original's).
+    pub seq: u64,
+    /// The id was stored already within the topic's dedup window: not stored again.
+    pub duplicate: bool,
+}
+
+impl One {
+    /// The line printed.
+    pub fn render(&self, json: bool) -> String {
+        if json {
+            let mut v = serde_json::json!({
+                "topic": self.topic,
+                "count": 1,
+                "first_seq": self.seq,
+                "last_seq": self.seq,
+                "duplicate": self.duplicate,
+            });
+            if let (Some(obj), Some(id)) = (v.as_object_mut(), &self.id) {
+                obj.insert("id".into(), serde_json::Value::String(id.clone()));
+            }
+            format!("{v}\n")
+        } else if self.duplicate {
+            format!(
+                "duplicate: id {} is stored already on {} as seq {} (not stored again)\n",
+                self.id.as_deref().unwrap_or("-"),
+                self.topic,
+                self.seq
+            )
+        } else {
+            format!("published 1 message to {}: seq {}\n", self.topic, self.seq)
+        }
+    }
+}
+
 /// Runs `sluice publish`.
 pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     validate_topic(&args.topic)?;
+    if let Some(id) = &args.id {
+        if id.is_empty() || id.len() > sluice_sdk::protocol::MAX_ID_LEN {
+            anyhow::bail!(
+                "--id must be 1..={} bytes, not {}",
+                sluice_sdk::protocol::MAX_ID_LEN,
+                id.len()
+            );
+        }
+    }
+    if args.id.is_some() || args.payload.is_some() {
+        let payload = match &args.payload {
+            Some(p) => Bytes::from(p.clone().into_bytes()),
+            None => read_one_line().await?,
+        };
+        let producer = Producer::connect(args.conn.client_config("publish")).await?;
+        let message = NewMessage {
+            id: args.id.clone(),
+            payload,
+            ..template(&args)
+        };
+        let reply = producer
+            .publish_batch(args.topic.clone(), vec![message])
+            .await
+            .with_context(|| format!("publish to {} failed", args.topic))?;
+        let one = One {
+            topic: args.topic.clone(),
+            id: args.id.clone(),
+            seq: reply.seq_of(0).unwrap_or(reply.first_seq),
+            duplicate: reply.duplicate,
+        };
+        return super::output(&one.render(args.json));
+    }
     let config = args.conn.client_config("publish");
     // preserve_order (the default) keeps stdin lines and generated messages in seq order.
     let producer = Producer::connect_with(config, ProducerOptions::default()).await?;
@@ -228,6 +310,32 @@ fn record_batch(
     Ok(())
 }
 
+/// The one message of `--id` without `--payload`: stdin, which must hold one line (its
+/// newline, if any, removed).
+async fn read_one_line() -> anyhow::Result<Bytes> {
+    let all = tokio::task::spawn_blocking(|| {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf).map(|_| buf)
+    })
+    .await
+    .context("cannot read stdin")?
+    .context("cannot read stdin")?;
+    one_line(all)
+}
+
+fn one_line(all: Vec<u8>) -> anyhow::Result<Bytes> {
+    if all.is_empty() {
+        anyhow::bail!("no message: stdin is empty (give one line, or --payload TEXT)");
+    }
+    let line = strip_newline(all);
+    if line.contains(&b'\n') {
+        anyhow::bail!(
+            "--id publishes one message: stdin has several lines (give one, or --payload TEXT)"
+        );
+    }
+    Ok(Bytes::from(line))
+}
+
 /// Sends every line of `input` (without its newline) until EOF, a read error (sent too) or the
 /// receiver is gone.
 fn read_lines(mut input: impl std::io::BufRead, tx: &mpsc::Sender<std::io::Result<Bytes>>) {
@@ -322,6 +430,56 @@ mod tests {
         assert!(parse(&["--topic", "t", "--priority", "10"]).is_err());
         assert!(parse(&["--topic", "t", "--header", "nokv"]).is_err());
         assert!(parse(&[]).is_err(), "--topic is required");
+    }
+
+    #[test]
+    fn one_message_with_an_id() {
+        let a = parse(&[
+            "--topic",
+            "t",
+            "--id",
+            "order-1",
+            "--payload",
+            "hi",
+            "--json",
+        ])
+        .expect("parse");
+        assert_eq!(
+            (a.id.as_deref(), a.payload.as_deref()),
+            (Some("order-1"), Some("hi"))
+        );
+        assert!(parse(&["--topic", "t", "--id", "x", "--count", "3"]).is_err());
+        let one = One {
+            topic: "t".into(),
+            id: Some("order-1".into()),
+            seq: 5,
+            duplicate: true,
+        };
+        let v: serde_json::Value = serde_json::from_str(&one.render(true)).expect("json");
+        assert_eq!(
+            (
+                v["duplicate"].as_bool(),
+                v["first_seq"].as_u64(),
+                v["id"].as_str()
+            ),
+            (Some(true), Some(5), Some("order-1"))
+        );
+        assert!(one.render(false).contains("duplicate") && one.render(false).contains("seq 5"));
+        let fresh = One {
+            duplicate: false,
+            ..one
+        };
+        assert_eq!(fresh.render(false), "published 1 message to t: seq 5\n");
+        assert_eq!(
+            one_line(b"hello\n".to_vec()).expect("one"),
+            Bytes::from_static(b"hello")
+        );
+        assert_eq!(
+            one_line(b"\n".to_vec()).expect("empty message"),
+            Bytes::new()
+        );
+        assert!(one_line(Vec::new()).is_err());
+        assert!(one_line(b"a\nb\n".to_vec()).is_err());
     }
 
     #[test]

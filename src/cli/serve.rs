@@ -72,6 +72,42 @@ pub struct ServeArgs {
     /// Enable the admin.fault route (tests only).
     #[arg(long, env = "SLUICE_ENABLE_FAULT_INJECTION")]
     pub enable_fault_injection: bool,
+    /// A publish to an unknown topic creates it: true or false (false: `sluice topic create`
+    /// first; publishing elsewhere is refused with UNKNOWN_TOPIC).
+    #[arg(long, env = "SLUICE_AUTO_CREATE_TOPICS", value_name = "BOOL")]
+    pub auto_create_topics: Option<bool>,
+    /// Default retention: messages older than this are removed (humantime, e.g. 7d).
+    #[arg(long, env = "SLUICE_RETENTION_MAX_AGE", value_name = "DURATION", value_parser = parse_duration)]
+    pub retention_max_age: Option<Duration>,
+    /// Default retention: most bytes per topic (e.g. 1GiB, 500MB, 4096).
+    #[arg(long, env = "SLUICE_RETENTION_MAX_BYTES", value_name = "BYTES", allow_hyphen_values = true, value_parser = super::parse_size)]
+    pub retention_max_bytes: Option<u64>,
+    /// Default retention: most messages per topic.
+    #[arg(long, env = "SLUICE_RETENTION_MAX_MESSAGES", value_name = "N", allow_hyphen_values = true, value_parser = super::parse_count)]
+    pub retention_max_messages: Option<u64>,
+    /// Default retention: age (limits only) or acked (also once every group acked them).
+    #[arg(long, env = "SLUICE_RETENTION_DISCARD", value_name = "age|acked")]
+    pub retention_discard: Option<sluice_protocol::Discard>,
+    /// A segment is closed once its first message is this old (humantime).
+    #[arg(long, env = "SLUICE_SEGMENT_MAX_AGE", value_name = "DURATION", value_parser = parse_duration)]
+    pub segment_max_age: Option<Duration>,
+    /// Message ids are remembered this long per topic (humantime; 0s: no deduplication).
+    #[arg(long, env = "SLUICE_DEDUP_WINDOW", value_name = "DURATION", value_parser = parse_duration)]
+    pub dedup_window: Option<Duration>,
+    /// Default redelivery schedule of new groups: humantime entries separated by commas
+    /// (e.g. 1s,5s,30s,2m).
+    #[arg(long, env = "SLUICE_BACKOFF", value_name = "DUR,DUR,...", value_parser = super::parse_backoff_list)]
+    pub backoff: Option<super::Schedule>,
+    /// A consumer with lag and no ack for this long is flagged stale (humantime).
+    #[arg(long, env = "SLUICE_STALE_AFTER", value_name = "DURATION", value_parser = parse_duration)]
+    pub stale_after: Option<Duration>,
+    /// Size at which a topic's segment file is closed (e.g. 64MiB; 64KiB..=1GiB; smaller
+    /// segments let retention free disk in smaller steps; for tests and small disks).
+    #[arg(long, env = "SLUICE_SEGMENT_BYTES", value_name = "BYTES", allow_hyphen_values = true, value_parser = super::parse_size)]
+    pub segment_bytes: Option<u64>,
+    /// A consumer stale for this long is disconnected (humantime; default: never).
+    #[arg(long, env = "SLUICE_STALE_DISCONNECT_AFTER", value_name = "DURATION", value_parser = parse_duration)]
+    pub stale_disconnect_after: Option<Duration>,
 }
 
 impl ServeArgs {
@@ -100,8 +136,31 @@ impl ServeArgs {
             max_queued_bytes,
             preallocate_segment,
             cache_capacity,
-            retention_interval
+            auto_create_topics,
+            retention_interval,
+            segment_max_age,
+            dedup_window,
+            stale_after,
+            segment_bytes
         );
+        if let Some(b) = self.backoff {
+            c.backoff = b.0;
+        }
+        if self.stale_disconnect_after.is_some() {
+            c.stale_disconnect_after = self.stale_disconnect_after;
+        }
+        if let Some(v) = self.retention_max_age {
+            c.retention.max_age = Some(v);
+        }
+        if let Some(v) = self.retention_max_bytes {
+            c.retention.max_bytes = Some(v);
+        }
+        if let Some(v) = self.retention_max_messages {
+            c.retention.max_messages = Some(v);
+        }
+        if let Some(v) = self.retention_discard {
+            c.retention.discard = v;
+        }
         if self.enable_fault_injection {
             c.enable_fault_injection = true;
         }
@@ -132,6 +191,7 @@ pub fn with_defaults_in_help(serve: clap::Command) -> clap::Command {
         let shown = match defaults.get(&id) {
             Some(toml::Value::String(s)) => s.clone(),
             Some(toml::Value::Boolean(_)) | None => return cmd,
+            Some(toml::Value::Array(a)) if a.is_empty() => return cmd,
             Some(v) => v.to_string(),
         };
         cmd.mut_arg(id, |a| {
@@ -267,6 +327,68 @@ mod tests {
         let w = config_warnings(&c);
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("lifetime 3s 999ms") && w[0].contains("keepalive 2s"));
+    }
+
+    #[test]
+    fn issue_11_flags_reach_the_config() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Probe {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let p = Probe::try_parse_from([
+            "serve",
+            "--retention-interval",
+            "1s",
+            "--auto-create-topics",
+            "false",
+            "--retention-max-age",
+            "7d",
+            "--retention-max-bytes",
+            "1GiB",
+            "--retention-max-messages",
+            "1000",
+            "--retention-discard",
+            "acked",
+            "--segment-max-age",
+            "10m",
+            "--dedup-window",
+            "5m",
+            "--backoff",
+            "1s,5s",
+            "--stale-after",
+            "30s",
+            "--stale-disconnect-after",
+            "2m",
+            "--segment-bytes",
+            "128KiB",
+        ])
+        .expect("parse");
+        let c = p.args.into_config().expect("valid");
+        assert_eq!(c.retention_interval, Duration::from_secs(1));
+        assert!(!c.auto_create_topics);
+        assert_eq!(c.retention.max_age, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(c.retention.max_bytes, Some(1 << 30));
+        assert_eq!(c.retention.max_messages, Some(1000));
+        assert_eq!(c.retention.discard, sluice_protocol::Discard::Acked);
+        assert_eq!(c.segment_max_age, Duration::from_secs(600));
+        assert_eq!(c.dedup_window, Duration::from_secs(300));
+        assert_eq!(
+            c.backoff,
+            vec![Duration::from_secs(1), Duration::from_secs(5)]
+        );
+        assert_eq!(c.stale_after, Duration::from_secs(30));
+        assert_eq!(c.stale_disconnect_after, Some(Duration::from_secs(120)));
+        assert_eq!(c.segment_bytes, 128 * 1024);
+        for bad in [
+            &["serve", "--retention-max-bytes", "-1"][..],
+            &["serve", "--backoff", "soon"],
+            &["serve", "--retention-discard", "never"],
+            &["serve", "--stale-after", "x"],
+        ] {
+            assert!(Probe::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `sluice stats`: the broker's actor, group and connection stats, as tables or JSON.
 
 use anyhow::Context as _;
+use sluice_sdk::protocol::GroupStats;
 use sluice_sdk::{Admin, BrokerStats, SyncStats};
 
 use super::{format_ms, is_broken_pipe, write_stdout, ConnectionArgs};
@@ -35,7 +36,7 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
 
 /// Column alignment.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Align {
+pub(crate) enum Align {
     Left,
     Right,
 }
@@ -43,7 +44,7 @@ enum Align {
 use Align::{Left as L, Right as R};
 
 /// A plain-text table: a header row and aligned columns separated by two spaces.
-fn table(headers: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(headers: &[(&str, Align)], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|(h, _)| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -98,7 +99,121 @@ fn sync_line(s: &SyncStats) -> Option<String> {
     ))
 }
 
-/// The three tables of `sluice stats`, under a one-line broker summary.
+/// `-` for nothing, else the value.
+fn opt_ms(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_string(), format_ms)
+}
+
+/// Hash ranges as `start-end,start-end` (`-` for none).
+pub(crate) fn hash_ranges(ranges: &[(u32, u32)]) -> String {
+    if ranges.is_empty() {
+        return "-".into();
+    }
+    ranges
+        .iter()
+        .map(|(a, b)| format!("{a}-{b}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One row per group: cursor, lag, in-flight, failures, consumers and their staleness.
+pub(crate) fn groups_table(groups: &[GroupStats]) -> String {
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            vec![
+                g.topic.clone(),
+                g.group.clone(),
+                g.mode.to_string(),
+                if g.loaded { "yes" } else { "no" }.to_string(),
+                g.head_seq.to_string(),
+                g.acked_floor.to_string(),
+                g.lag.to_string(),
+                g.in_flight_batches.to_string(),
+                g.in_flight_messages.to_string(),
+                g.redeliveries.to_string(),
+                g.dead_letters.to_string(),
+                g.consumers.to_string(),
+                g.stale_consumers.to_string(),
+                g.last_ack_ms_ago
+                    .map_or_else(|| "-".to_string(), |ms| format!("{} ago", format_ms(ms))),
+                opt_ms(g.oldest_unacked_age_ms),
+                g.skipped_by_retention.to_string(),
+                g.ack_ranges.to_string(),
+                g.rejected_acks.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("TOPIC", L),
+            ("GROUP", L),
+            ("MODE", L),
+            ("LOADED", L),
+            ("HEAD", R),
+            ("ACKED", R),
+            ("LAG", R),
+            ("IN-FLIGHT", R),
+            ("IN-FLIGHT MSGS", R),
+            ("REDELIVERED", R),
+            ("DEAD", R),
+            ("CONSUMERS", R),
+            ("STALE", R),
+            ("LAST ACK", R),
+            ("OLDEST UNACKED", R),
+            ("SKIPPED", R),
+            ("ACK RANGES", R),
+            ("REJECTED", R),
+        ],
+        &rows,
+    )
+}
+
+/// One row per consumer of every group.
+pub(crate) fn consumers_table(groups: &[GroupStats]) -> String {
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .flat_map(|g| {
+            g.consumer_details.iter().map(move |c| {
+                vec![
+                    g.topic.clone(),
+                    g.group.clone(),
+                    c.consumer.clone(),
+                    if c.active { "yes" } else { "no" }.to_string(),
+                    c.in_flight_batches.to_string(),
+                    c.in_flight_messages.to_string(),
+                    c.delivered.to_string(),
+                    c.acked.to_string(),
+                    c.lag.to_string(),
+                    format!("{} ago", format_ms(c.last_ack_ms_ago)),
+                    opt_ms(c.oldest_unacked_age_ms),
+                    if c.stale { "STALE" } else { "-" }.to_string(),
+                    hash_ranges(&c.hash_ranges),
+                ]
+            })
+        })
+        .collect();
+    table(
+        &[
+            ("TOPIC", L),
+            ("GROUP", L),
+            ("CONSUMER", L),
+            ("ACTIVE", L),
+            ("IN-FLIGHT", R),
+            ("IN-FLIGHT MSGS", R),
+            ("DELIVERED", R),
+            ("ACKED", R),
+            ("LAG", R),
+            ("LAST ACK", R),
+            ("OLDEST UNACKED", R),
+            ("STALE", L),
+            ("HASH RANGES", L),
+        ],
+        &rows,
+    )
+}
+
+/// The tables of `sluice stats`, under a one-line broker summary.
 pub fn render(stats: &BrokerStats) -> String {
     let mut out = format!(
         "broker {}  up {}  fsync {}\n",
@@ -109,10 +224,16 @@ pub fn render(stats: &BrokerStats) -> String {
     if let Some(line) = stats.syncs.as_ref().and_then(sync_line) {
         out.push_str(&line);
     }
+    if let Some(s) = &stats.syncs {
+        out.push_str(&format!(
+            "store  dedup ids {} (forgotten early {})  groups waiting for their topic {} (refused {})\n",
+            s.dedup_ids, s.dedup_ids_forgotten, s.waiting_groups, s.waiting_groups_refused
+        ));
+    }
     if let Some(l) = &stats.limits {
         out.push_str(&format!(
-            "limits  slow clients disconnected {}  oversize batches dropped {}  lifetimes expired {}  keepalive pings {}\n",
-            l.slow_clients_disconnected, l.oversize_batches_dropped, l.lifetimes_expired, l.keepalive_pings
+            "limits  slow clients disconnected {}  oversize batches dropped {}  lifetimes expired {}  keepalive pings {}  events lost {}\n",
+            l.slow_clients_disconnected, l.oversize_batches_dropped, l.lifetimes_expired, l.keepalive_pings, l.events_lost
         ));
     }
 
@@ -145,45 +266,12 @@ pub fn render(stats: &BrokerStats) -> String {
     ));
 
     out.push_str(&format!("\nGROUPS ({})\n", stats.groups.len()));
-    let rows: Vec<Vec<String>> = stats
-        .groups
-        .iter()
-        .map(|g| {
-            vec![
-                g.topic.clone(),
-                g.group.clone(),
-                g.mode.to_string(),
-                g.head_seq.to_string(),
-                g.acked_floor.to_string(),
-                g.lag.to_string(),
-                g.in_flight_batches.to_string(),
-                g.in_flight_messages.to_string(),
-                g.redeliveries.to_string(),
-                g.dead_letters.to_string(),
-                g.consumers.to_string(),
-                g.ack_ranges.to_string(),
-                g.rejected_acks.to_string(),
-            ]
-        })
-        .collect();
-    out.push_str(&table(
-        &[
-            ("TOPIC", L),
-            ("GROUP", L),
-            ("MODE", L),
-            ("HEAD", R),
-            ("ACKED", R),
-            ("LAG", R),
-            ("IN-FLIGHT", R),
-            ("IN-FLIGHT MSGS", R),
-            ("REDELIVERED", R),
-            ("DEAD", R),
-            ("CONSUMERS", R),
-            ("ACK RANGES", R),
-            ("REJECTED", R),
-        ],
-        &rows,
-    ));
+    out.push_str(&groups_table(&stats.groups));
+    let consumers: usize = stats.groups.iter().map(|g| g.consumer_details.len()).sum();
+    if consumers > 0 {
+        out.push_str(&format!("\nCONSUMERS ({consumers})\n"));
+        out.push_str(&consumers_table(&stats.groups));
+    }
 
     out.push_str(&format!("\nCONNECTIONS ({})\n", stats.connections.len()));
     let rows: Vec<Vec<String>> = stats
@@ -271,6 +359,24 @@ mod tests {
                 consumers: 3,
                 ack_ranges: 1,
                 rejected_acks: 5,
+                stale_consumers: 1,
+                last_ack_ms_ago: Some(90_000),
+                skipped_by_retention: 12,
+                loaded: true,
+                consumer_details: vec![sluice_sdk::protocol::ConsumerStats {
+                    consumer: "7:1".into(),
+                    conn_id: 7,
+                    in_flight_batches: 2,
+                    in_flight_messages: 8,
+                    delivered: 40,
+                    acked: 32,
+                    lag: 10,
+                    oldest_unacked_age_ms: Some(61_000),
+                    last_ack_ms_ago: 90_000,
+                    stale: true,
+                    active: true,
+                    hash_ranges: vec![(0, 32767), (49152, 65535)],
+                }],
                 ..Default::default()
             }],
             connections: vec![ConnectionStats {
@@ -315,6 +421,13 @@ mod tests {
             "ACK RANGES",
             "250ms ago",
             "1h",
+            "STALE",
+            "1m 30s ago",
+            "SKIPPED",
+            "CONSUMERS (1)",
+            "0-32767,49152-65535",
+            "events lost 0",
+            "store  dedup ids 0 (forgotten early 0)",
         ] {
             assert!(out.contains(needle), "missing {needle} in\n{out}");
         }

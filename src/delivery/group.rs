@@ -200,6 +200,8 @@ pub struct GroupState {
     dirty: bool,
     /// The cursor passed [`MAX_ACK_RANGES`] (logged once).
     warned_ranges: bool,
+    /// Backoff, attempts, activity, notices (`ops.rs`).
+    ops: ops::GroupOps,
     /// `key_shared`: hash ranges, keys in flight, parked hashes (`key_shared.rs`).
     ks: Option<Box<KeyShared>>,
     /// `broadcast`: one state per member (`broadcast.rs`); this state then keeps only the
@@ -231,6 +233,7 @@ impl GroupState {
             rejected_acks: 0,
             dirty: false,
             warned_ranges: false,
+            ops: ops::GroupOps::load(rec.backoff_ms, rec.attempts),
             ks: None,
             bc: None,
         };
@@ -251,6 +254,7 @@ impl GroupState {
         }
         g.advance_floor();
         g.next_read = g.floor + 1;
+        g.prune_restored();
         g
     }
 
@@ -289,8 +293,8 @@ impl GroupState {
             acked_above: vec![],
             acked_ranges: self.above.ranges().collect(),
             created_ms: self.created_ms,
-            backoff_ms: vec![],
-            attempts: vec![],
+            backoff_ms: self.backoff().to_vec(),
+            attempts: self.attempts_record(),
         }
     }
 
@@ -389,6 +393,7 @@ impl GroupState {
             in_flight_bytes: 0,
             max_in_flight_bytes: j.max_in_flight_bytes.max(1),
         });
+        self.note_join(j.consumer);
         Ok(())
     }
 
@@ -403,6 +408,7 @@ impl GroupState {
         }
         let was_active = self.consumers.first().is_some_and(|c| c.id == consumer);
         self.consumers.retain(|c| c.id != consumer);
+        self.note_leave(consumer);
         let mut batches: Vec<u64> = self
             .in_flight
             .iter()
@@ -501,6 +507,7 @@ impl GroupState {
                 && !self.seq_batch.contains_key(&m.seq)
                 && !self.retry.contains_key(&m.seq)
                 && !self.dead_lettering.contains(&m.seq)
+                && !self.is_waiting(m.seq)
             {
                 self.push_ready(Pending::fresh(Arc::new(m)));
             }
@@ -509,11 +516,12 @@ impl GroupState {
         true
     }
 
-    fn push_ready(&mut self, p: Pending) {
+    fn push_ready(&mut self, mut p: Pending) {
         if self.key_shared_parked(&p) {
             // Its hash waits for a replay from the log (key_shared.rs).
             return;
         }
+        self.revive(&mut p);
         self.ready_bytes += p.size;
         self.ready.push_back(p);
     }
@@ -573,7 +581,7 @@ impl GroupState {
 
     /// Whether fresh messages may be handed out (the cursor has room for more ack ranges).
     fn fresh_allowed(&self) -> bool {
-        self.above.range_count() < MAX_ACK_RANGES
+        self.above.range_count() < MAX_ACK_RANGES && self.waiting_allows_fresh()
     }
 
     /// Takes up to `max` messages and `max_bytes` (wire bytes; at least one message when it
@@ -727,6 +735,7 @@ impl GroupState {
         for p in &formed.undeliverable {
             self.dead_lettering.insert(p.msg.seq);
         }
+        self.note_pressure();
         formed
     }
 
@@ -765,6 +774,7 @@ impl GroupState {
             self.key_shared_hold(consumer, &p);
             map.insert(p.msg.seq, p);
         }
+        self.note_delivered(consumer, &map);
         self.in_flight.insert(
             batch_id,
             InFlight {
@@ -815,8 +825,12 @@ impl GroupState {
         if self.bc.is_some() {
             return self.broadcast_settle(batch_id, conn, |m| m.ack(conn, batch_id, seqs));
         }
+        let owner = self.batch_owner(conn, batch_id);
         let s = self.ack_inner(conn, batch_id, seqs);
         self.rejected_acks += s.rejected.len() as u64;
+        if let Some(c) = owner {
+            self.note_ack(c, s.count);
+        }
         s
     }
 
@@ -878,12 +892,19 @@ impl GroupState {
         max_retries: u32,
     ) -> Settlement {
         if self.bc.is_some() {
-            return self.broadcast_settle(batch_id, conn, |m| {
+            let s = self.broadcast_settle(batch_id, conn, |m| {
                 m.nack(conn, batch_id, seqs, release, max_retries)
             });
+            if !release && s.count > 0 {
+                self.note_failure();
+            }
+            return s;
         }
         let s = self.nack_inner(conn, batch_id, seqs, release, max_retries);
         self.rejected_acks += s.rejected.len() as u64;
+        if !release && s.count > 0 {
+            self.note_failure();
+        }
         s
     }
 
@@ -949,7 +970,11 @@ impl GroupState {
         max_retries: u32,
     ) -> Option<Vec<Pending>> {
         if self.bc.is_some() {
-            return self.broadcast_fail_batch(batch_id, counts_as_failure, max_retries);
+            let dead = self.broadcast_fail_batch(batch_id, counts_as_failure, max_retries);
+            if counts_as_failure && dead.is_some() {
+                self.note_failure();
+            }
+            return dead;
         }
         let b = self.in_flight.remove(&batch_id)?;
         if let Some(c) = self.consumers.iter_mut().find(|c| c.id == b.consumer) {
@@ -964,6 +989,9 @@ impl GroupState {
             }
             self.return_or_dead_letter(p, max_retries, &mut dead);
         }
+        if counts_as_failure {
+            self.note_failure();
+        }
         Some(dead)
     }
 
@@ -971,6 +999,10 @@ impl GroupState {
     /// (with 3: on its 4th failed delivery) goes to `dead`; any other waits for redelivery.
     fn return_or_dead_letter(&mut self, p: Pending, max_retries: u32, dead: &mut Vec<Pending>) {
         let seq = p.msg.seq;
+        if self.is_settled(seq) {
+            // Below a floor the group was moved up to meanwhile: nothing to redeliver.
+            return;
+        }
         if p.failures > max_retries {
             self.dead_lettering.insert(seq);
             dead.push(p);
@@ -994,7 +1026,10 @@ impl GroupState {
             return self.broadcast_each_member(dead, |m, d| m.dead_lettered(d, ok));
         }
         for p in dead {
-            self.dead_lettering.remove(&p.msg.seq);
+            if !self.dead_lettering.remove(&p.msg.seq) {
+                // The group was moved (seek) meanwhile: its cursor says what happens next.
+                continue;
+            }
             if ok {
                 if self.settle(p.msg.seq) {
                     self.dead_letters += 1;
@@ -1019,15 +1054,17 @@ impl GroupState {
 
     /// Stats for `admin.stats`.
     pub fn stats(&self, topic: &str, group: &str, head: u64) -> GroupStats {
-        if let Some(bc) = &self.bc {
-            return bc.stats(self.own_stats(topic, group, head), head);
-        }
-        self.own_stats(topic, group, head)
+        let mut s = match &self.bc {
+            Some(bc) => bc.stats(self.own_stats(topic, group, head), head),
+            None => self.own_stats(topic, group, head),
+        };
+        self.fill_group_stats(&mut s);
+        s
     }
 
     /// Stats of this state alone (a broadcast member's, or a group that has no members).
     fn own_stats(&self, topic: &str, group: &str, head: u64) -> GroupStats {
-        GroupStats {
+        let mut s = GroupStats {
             topic: topic.to_string(),
             group: group.to_string(),
             mode: self.mode,
@@ -1045,7 +1082,9 @@ impl GroupState {
             loaded: true,
             consumer_details: self.consumer_details(head),
             ..Default::default()
-        }
+        };
+        self.fill_details(&mut s.consumer_details);
+        s
     }
 
     /// One entry per consumer: what this state knows of it (in flight, lag, whether it
@@ -1112,6 +1151,9 @@ fn settlement(outcome: AckOutcome, count: u32, rejected: Vec<u64>) -> Settlement
         dead: vec![],
     }
 }
+
+mod ops;
+pub use ops::{Moved, MAX_ATTEMPTS, MAX_WAITING};
 
 #[cfg(test)]
 mod tests;

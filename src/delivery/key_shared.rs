@@ -233,7 +233,8 @@ impl GroupState {
     ) {
         let n = self.consumers.len();
         let mut done = vec![false; n];
-        let mut held_back = HashSet::new();
+        // A message waiting for its delayed redelivery holds its key's later ones back.
+        let mut held_back: HashSet<u16> = self.waiting_hashes();
         loop {
             let mut progressed = false;
             let start = self.rr;
@@ -563,6 +564,7 @@ impl GroupState {
                 && !self.is_settled(m.seq)
                 && !self.seq_batch.contains_key(&m.seq)
                 && !self.retry.contains_key(&m.seq)
+                && !self.is_waiting(m.seq)
                 && !self.dead_lettering.contains(&m.seq)
             {
                 fresh.push(Pending::fresh(Arc::new(m)));
@@ -593,9 +595,12 @@ impl GroupState {
     }
 
     /// Merges `fresh` (seq order) into the buffer, keeping it in seq order.
-    fn merge_ready(&mut self, fresh: Vec<Pending>) {
+    fn merge_ready(&mut self, mut fresh: Vec<Pending>) {
         if fresh.is_empty() {
             return;
+        }
+        for p in fresh.iter_mut() {
+            self.revive(p);
         }
         self.ready_bytes += fresh.iter().map(|p| p.size).sum::<usize>();
         let mut out = VecDeque::with_capacity(self.ready.len() + fresh.len());

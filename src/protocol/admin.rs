@@ -42,6 +42,10 @@ pub struct LimitStats {
     pub lifetimes_expired: u64,
     /// KEEPALIVE frames with RESPOND sent to quiet clients.
     pub keepalive_pings: u64,
+    /// Lifecycle events dropped for `admin.events` subscribers that had no credit for them
+    /// (each subscriber is told with one `events_lost` event).
+    #[serde(default)]
+    pub events_lost: u64,
 }
 
 /// Upper bounds (µs) of the buckets of [`SyncStats::buckets`]; a last bucket holds the rest.
@@ -265,6 +269,11 @@ pub struct GroupStats {
     /// One entry per connected consumer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumer_details: Vec<ConsumerStats>,
+    /// Times a memory bound held the group's fresh messages back (4,096 ack ranges, 65,536
+    /// delayed retries) or cut its record's attempt counts (65,536): each is also a
+    /// `memory_pressure` event.
+    #[serde(default)]
+    pub memory_pressure: u64,
 }
 
 /// State of one consumer of a group.

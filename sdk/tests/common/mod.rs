@@ -39,6 +39,13 @@ pub struct Script {
     pub fail_routes: HashMap<String, WireError>,
     /// Never answer requests on these routes.
     pub silent_routes: BTreeSet<String>,
+    /// Store the next this-many publish requests, then close the connection instead of
+    /// replying (a broker that crashed after storing): the producer must resend them.
+    pub lose_publish_replies: usize,
+    /// Sent first on every subscription (it takes a credit, as on the real broker).
+    pub reset_notice: Option<sluice_protocol::ResetNotice>,
+    /// Sent to every `admin.events` stream, in order.
+    pub events: Vec<sluice_protocol::BrokerEvent>,
 }
 
 #[derive(Default)]
@@ -53,6 +60,10 @@ pub struct Recorded {
     pub subscribe_credits: Vec<u32>,
     pub routes_without_metadata: usize,
     pub open_connections: usize,
+    /// Messages that repeated an id already stored (not stored again).
+    pub duplicates: usize,
+    /// Every decodable `admin.events` request.
+    pub events_requests: Vec<sluice_protocol::EventsRequest>,
 }
 
 struct Stored {
@@ -64,6 +75,8 @@ struct Stored {
 #[derive(Default)]
 struct Data {
     topics: HashMap<String, Vec<Stored>>,
+    /// (topic, id) → seq: the fake's dedup index (no window).
+    ids: HashMap<(String, String), u64>,
     /// (topic, group) → acked seqs
     acked: HashMap<(String, String), BTreeSet<u64>>,
 }
@@ -135,6 +148,15 @@ impl FakeBroker {
             .acked
             .get(&(topic.to_string(), group.to_string()))
             .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Ids of the messages stored on `topic`.
+    pub fn ids(&self, topic: &str) -> BTreeSet<String> {
+        lock(&self.data)
+            .topics
+            .get(topic)
+            .map(|v| v.iter().filter_map(|s| s.message.id.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -302,10 +324,38 @@ fn handle_frame(frame: Frame, ctx: &Ctx, tx: &Tx, streams: &mut Vec<JoinHandle<(
             }
             let data = r.get_data().cloned().unwrap_or_default();
             let answer = request_response(ctx, &route, &data);
+            if route == sluice_protocol::route::PUBLISH && answer.is_ok() {
+                let mut script = lock(&ctx.script);
+                if script.lose_publish_replies > 0 {
+                    script.lose_publish_replies -= 1;
+                    return false;
+                }
+            }
             let _ = tx.send(Some(match answer {
                 Ok(bytes) => reply_frame(sid, bytes),
                 Err(e) => error_frame(sid, ERR_APPLICATION, &e),
             }));
+            true
+        }
+        Body::RequestStream(r) if route_of(r.get_metadata()).as_deref() == Some("admin.events") => {
+            let req: sluice_protocol::EventsRequest =
+                match sluice_protocol::decode(r.get_data().map(|b| &b[..]).unwrap_or(&[])) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let e = WireError::new(ErrorCode::BadPayload, e.to_string());
+                        let _ = tx.send(Some(error_frame(sid, ERR_APPLICATION, &e)));
+                        return true;
+                    }
+                };
+            lock(&ctx.recorded).events_requests.push(req);
+            for event in lock(&ctx.script).events.clone() {
+                if let Ok(bytes) = encode(&event) {
+                    let frame = frame::Payload::builder(sid, Frame::FLAG_NEXT)
+                        .set_data(bytes)
+                        .build();
+                    let _ = tx.send(Some(frame));
+                }
+            }
             true
         }
         Body::RequestStream(r) => {
@@ -357,20 +407,40 @@ fn request_response(ctx: &Ctx, route: &str, data: &[u8]) -> Result<Bytes, WireEr
             }
             lock(&ctx.recorded).publish_requests += 1;
             let mut d = lock(&ctx.data);
-            let log = d.topics.entry(req.topic.clone()).or_default();
-            let first_seq = log.len() as u64 + 1;
+            let Data { topics, ids, .. } = &mut *d;
+            let log = topics.entry(req.topic.clone()).or_default();
+            let mut seqs = Vec::new();
+            let mut duplicates = 0;
             for m in req.messages {
+                if let Some(id) = &m.id {
+                    if let Some(&seq) = ids.get(&(req.topic.clone(), id.clone())) {
+                        seqs.push(seq);
+                        duplicates += 1;
+                        continue;
+                    }
+                }
                 let seq = log.len() as u64 + 1;
+                if let Some(id) = &m.id {
+                    ids.insert((req.topic.clone(), id.clone()), seq);
+                }
+                seqs.push(seq);
                 log.push(Stored {
                     seq,
                     message: m,
                     deliveries: 0,
                 });
             }
-            let last_seq = log.len() as u64;
-            enc(encode(&PublishReply::stored(
-                req.topic, first_seq, last_seq,
-            )))
+            drop(d);
+            lock(&ctx.recorded).duplicates += duplicates;
+            let (lo, hi) = seqs
+                .iter()
+                .fold((u64::MAX, 0), |(lo, hi), &s| (lo.min(s), hi.max(s)));
+            let mut reply = PublishReply::stored(req.topic, lo, hi);
+            if duplicates > 0 {
+                reply.duplicate = true;
+                reply.seqs = seqs;
+            }
+            enc(encode(&reply))
         }
         sluice_protocol::route::ACK => {
             let req: AckRequest = sluice_protocol::decode(data).map_err(bad)?;
@@ -432,6 +502,18 @@ async fn deliver(ctx: Ctx, tx: Tx, sid: u32, req: SubscribeRequest, credits: u32
     let mut sent: BTreeSet<u64> = BTreeSet::new();
     // `None`: unbounded.
     let mut credits = (credits < frame::REQUEST_MAX).then_some(credits);
+    let reset = lock(&ctx.script).reset_notice.clone();
+    if let Some(notice) = reset {
+        if let Ok(bytes) = encode(&StreamEvent::Reset(notice)) {
+            let frame = frame::Payload::builder(sid, Frame::FLAG_NEXT)
+                .set_data(bytes)
+                .build();
+            let _ = tx.send(Some(frame));
+            if let Some(n) = credits.as_mut() {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
     loop {
         if credits == Some(0) {
             return;
@@ -502,7 +584,7 @@ async fn deliver(ctx: Ctx, tx: Tx, sid: u32, req: SubscribeRequest, credits: u32
             *n -= 1;
         }
         let mut unknown = BTreeMap::new();
-        unknown.insert("reset", 1u8);
+        unknown.insert("future_event", 1u8);
         if let Ok(bytes) = encode(&unknown) {
             let frame = frame::Payload::builder(sid, Frame::FLAG_NEXT)
                 .set_data(bytes)

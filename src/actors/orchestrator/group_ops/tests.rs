@@ -1,0 +1,259 @@
+//! The orchestrator's group operations against a probe store and a probe connection: what it
+//! commits, sends and emits when the store says a topic's floor moved or the topic is gone.
+
+use super::super::*;
+use crate::actors::messages::{
+    DeleteGroupRecord, FloorMoved, GetSyncStats, GetTopicSettings, KickConsumer, ListGroups,
+    SeqAtTime, StreamNotice, TopicRemoved,
+};
+use crate::store::record::StoredMessage;
+use crate::store::ReadResult;
+use bytes::Bytes;
+use sluice_protocol::{event_kind, ActorStats, BrokerEvent, GroupMode, SyncStats};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// A store holding messages 1..=`head` of topic `t` and no group; it keeps the records
+/// committed.
+struct Store {
+    head: u64,
+    commits: Arc<Mutex<Vec<GroupRecord>>>,
+}
+
+impl Actor for Store {
+    type Context = Context<Self>;
+}
+
+impl Handler<ReadRange> for Store {
+    type Result = Result<ReadResult, StoreError>;
+    fn handle(&mut self, m: ReadRange, _: &mut Context<Self>) -> Self::Result {
+        let to = self.head.min(m.from + m.max as u64 - 1);
+        let messages = (m.from..=to)
+            .map(|seq| StoredMessage {
+                seq,
+                timestamp_ms: 1,
+                key: None,
+                headers: BTreeMap::new(),
+                priority: 0,
+                payload: Bytes::from_static(b"x"),
+            })
+            .collect();
+        Ok(ReadResult {
+            messages,
+            ..Default::default()
+        })
+    }
+}
+
+impl Handler<CommitGroup> for Store {
+    type Result = Result<(), StoreError>;
+    fn handle(&mut self, m: CommitGroup, _: &mut Context<Self>) -> Self::Result {
+        if let Ok(mut c) = self.commits.lock() {
+            c.push(m.record);
+        }
+        Ok(())
+    }
+}
+
+macro_rules! answers {
+    ($($msg:ty => $value:expr),* $(,)?) => {$(
+        impl Handler<$msg> for Store {
+            type Result = MessageResult<$msg>;
+            fn handle(&mut self, _: $msg, _: &mut Context<Self>) -> Self::Result {
+                MessageResult($value)
+            }
+        }
+    )*};
+}
+
+answers! {
+    LoadGroup => Ok((None, 10)),
+    AppendMessages => Ok(crate::store::Appended::stored(1, 0)),
+    ListGroups => Ok(vec![]),
+    GetSyncStats => SyncStats::default(),
+    GetActorStats => ActorStats::default(),
+    InjectFault => (),
+    SeqAtTime => Ok(1),
+    DeleteGroupRecord => Ok(true),
+    GetTopicSettings => Ok(Default::default()),
+}
+
+/// What a connection got.
+#[derive(Default)]
+struct Seen {
+    batches: Vec<DeliverBatch>,
+    notices: Vec<StreamEvent>,
+    kicks: Vec<KickConsumer>,
+}
+
+struct Conn(Arc<Mutex<Seen>>);
+impl Actor for Conn {
+    type Context = Context<Self>;
+}
+impl Handler<DeliverBatch> for Conn {
+    type Result = ();
+    fn handle(&mut self, m: DeliverBatch, _: &mut Context<Self>) {
+        if let Ok(mut s) = self.0.lock() {
+            s.batches.push(m);
+        }
+    }
+}
+impl Handler<StreamNotice> for Conn {
+    type Result = ();
+    fn handle(&mut self, m: StreamNotice, _: &mut Context<Self>) {
+        if let (Ok(mut s), Ok(e)) = (self.0.lock(), sluice_protocol::decode(&m.data)) {
+            s.notices.push(e);
+        }
+    }
+}
+impl Handler<KickConsumer> for Conn {
+    type Result = ();
+    fn handle(&mut self, m: KickConsumer, _: &mut Context<Self>) {
+        if let Ok(mut s) = self.0.lock() {
+            s.kicks.push(m);
+        }
+    }
+}
+
+async fn until(mut f: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached");
+}
+
+async fn next_event(
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<BrokerEvent>>,
+    kind: &str,
+) -> BrokerEvent {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("event in time")
+            .expect("bus open");
+        if e.kind == kind {
+            return (*e).clone();
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_floor_move_persists_tells_the_consumer_and_a_topic_removal_kicks_it() {
+    let commits = Arc::new(Mutex::new(Vec::new()));
+    let store = Store {
+        head: 10,
+        commits: commits.clone(),
+    }
+    .start();
+    let links = StoreLinks {
+        append: store.clone().recipient(),
+        commit: store.clone().recipient(),
+        read: store.clone().recipient(),
+        load: store.clone().recipient(),
+        list_groups: store.clone().recipient(),
+        sync_stats: store.clone().recipient(),
+        actor_stats: store.clone().recipient(),
+        fault: store.clone().recipient(),
+        seq_at_time: store.clone().recipient(),
+        delete_group: store.clone().recipient(),
+        topic_settings: store.clone().recipient(),
+    };
+    let bus = crate::events::EventBus::default();
+    let mut rx = bus.subscribe();
+    let orch = OrchestratorActor::new(
+        0,
+        DeliveryConfig::default(),
+        links,
+        None,
+        Arc::new(AtomicU64::new(1)),
+    )
+    .with_events(bus)
+    .start();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let conn = Conn(seen.clone()).start();
+    let consumer = ConsumerId { conn: 7, stream: 1 };
+    let joined = orch
+        .send(JoinGroup {
+            consumer,
+            topic: "t".into(),
+            group: "g".into(),
+            mode: GroupMode::Shared,
+            filters: BTreeMap::new(),
+            window: 1,
+            batch_size: 3,
+            credits: 10,
+            recipient: conn.clone().recipient(),
+            backoff_ms: None,
+            kick: conn.clone().recipient(),
+            notice: conn.clone().recipient(),
+        })
+        .await
+        .expect("mailbox");
+    assert!(joined.is_ok(), "{joined:?}");
+    assert_eq!(
+        next_event(&mut rx, event_kind::GROUP_CREATED)
+            .await
+            .group
+            .as_deref(),
+        Some("g")
+    );
+    next_event(&mut rx, event_kind::CONSUMER_JOINED).await;
+    until(|| seen.lock().is_ok_and(|s| s.batches.len() == 1)).await;
+    let first = seen.lock().map(|s| s.batches[0].batch_id).unwrap_or(0);
+
+    // Retention removed 1..=5: seqs 1..=3 are in flight, 4 and 5 were read ahead.
+    orch.do_send(FloorMoved {
+        topic: "t".into(),
+        floor_seq: 6,
+    });
+    let e = next_event(&mut rx, event_kind::GROUP_MOVED_TO_FLOOR).await;
+    assert_eq!((e.seq, e.count), (Some(6), Some(5)));
+    until(|| seen.lock().is_ok_and(|s| s.notices.len() == 1)).await;
+    match seen.lock().map(|s| s.notices[0].clone()) {
+        Ok(StreamEvent::Reset(n)) => {
+            assert_eq!(
+                (n.reason.as_str(), n.floor_seq, n.skipped),
+                ("retention", 6, 5)
+            )
+        }
+        other => panic!("expected a reset notice, got {:?}", other.ok()),
+    }
+    until(|| {
+        commits
+            .lock()
+            .is_ok_and(|c| c.last().is_some_and(|r| r.acked_floor == 5))
+    })
+    .await;
+    // The batch in flight below the floor: acked already.
+    let r = orch
+        .send(AckBatch {
+            conn: 7,
+            topic: "t".into(),
+            group: "g".into(),
+            batch_id: first,
+            seqs: None,
+        })
+        .await
+        .expect("mailbox")
+        .expect("ack");
+    assert_eq!((r.outcome, r.count), (AckOutcome::AlreadyAcked, 0));
+    until(|| seen.lock().is_ok_and(|s| s.batches.len() == 2)).await;
+    let stats = orch.send(GetGroupStats).await.expect("mailbox");
+    assert_eq!(stats[0].skipped_by_retention, 5);
+    assert_eq!(stats[0].acked_floor, 5);
+
+    // The topic is deleted: the consumer is told and its stream ended.
+    orch.do_send(TopicRemoved { topic: "t".into() });
+    let e = next_event(&mut rx, event_kind::GROUP_DELETED).await;
+    assert_eq!(e.group.as_deref(), Some("g"));
+    until(|| seen.lock().is_ok_and(|s| s.kicks.len() == 1)).await;
+    let kick = seen.lock().map(|s| s.kicks[0].clone()).expect("kick");
+    assert_eq!(
+        (kick.consumer, kick.error.code),
+        (consumer, ErrorCode::Deleted)
+    );
+    assert!(orch.send(GetGroupStats).await.expect("mailbox").is_empty());
+}
