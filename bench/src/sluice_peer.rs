@@ -81,6 +81,8 @@ pub fn producer_options(o: &Opts) -> ProducerOptions {
         max_batch_messages: o.max_batch_messages,
         // room for the whole window of the pump (and more), so publish never waits to queue
         queue_capacity: (o.inflight * 2).max(ProducerOptions::default().queue_capacity),
+        // `--ids`: an id on every message (the SDK's default) or none (a broker before ids)
+        idempotent: o.ids,
         ..ProducerOptions::default()
     }
 }
@@ -229,6 +231,7 @@ impl Target for Sluice {
                     "max_in_flight_requests": p.max_in_flight_requests,
                     "max_batch_messages": p.max_batch_messages,
                     "max_batch_bytes": p.max_batch_bytes,
+                    "idempotent": p.idempotent,
                 }),
             );
             if o.groups > 0 {
@@ -357,6 +360,7 @@ pub async fn fill(addr: &str, topic: &str, o: &Opts) -> Result<(f64, f64)> {
         max_in_flight_requests: o.inflight,
         max_batch_messages: o.fill_batch.max(1),
         max_batch_bytes: (o.fill_batch * (o.size + 64)).max(1 << 20),
+        idempotent: o.ids,
         ..ProducerOptions::default()
     };
     let cfg = ClientConfig::new(addr.to_string())
