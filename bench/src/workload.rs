@@ -451,6 +451,32 @@ mod tests {
     }
 
     #[test]
+    fn windows_take_the_messages_sent_in_them() {
+        let mut r = Recv::new(4);
+        r.lat_ns = vec![1_000, 5_000, 9_000, 2_000];
+        r.sent_ns = vec![10, 20, 30, 40];
+        let w = Window {
+            name: "sweep".into(),
+            from_ns: 20,
+            to_ns: 30,
+        };
+        let m = window_fields(&w, &[r], 25);
+        assert_eq!(m["sweep_msgs"], json!(2));
+        assert_eq!(m["sweep_lat_max_us"], json!(9.0));
+        assert_eq!(m["sweep_in_run"], json!(true));
+        let late = Window {
+            name: "late".into(),
+            from_ns: 26,
+            to_ns: 100,
+        };
+        let m = window_fields(&late, &[Recv::new(1)], 25);
+        assert_eq!(
+            (&m["late_msgs"], &m["late_in_run"]),
+            (&json!(0), &json!(false))
+        );
+    }
+
+    #[test]
     fn percentiles() {
         let v: Vec<u64> = (1..=100).collect();
         assert_eq!(pct(&v, 50.0), Some(51.0));
