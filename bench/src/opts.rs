@@ -32,9 +32,11 @@ flags:
                              `retention_interval = DUR` (a sweep every DUR, humantime) ...
   --retention-max-age DUR    ... and `[retention] max_age = DUR` (keep it far above the run, e.g. 1h)
   --sweep-gib G              w4, sluice: before the timed phase fill another topic with G GiB of
-                             1 MiB messages; --sweep-after S seconds into the timed phase [2] set
-                             its max_age to 1s, so the next sweep removes it while w4 runs; the
-                             line records when (sweep_*) and w4's latency around it
+                             1 MiB messages (then a 2 s pause); --sweep-after S seconds into the
+                             timed phase [2] set its max_age to 1s, so the next sweep removes it
+                             while w4 runs; the line records when (sweep_*: polls of topic.info
+                             and du every 50 ms) and the latency of the messages sent around it
+                             (sweep_lat_p99_us); sweeps come every --retention-interval
   --addr HOST:PORT           use a running broker (loopback only); without it (sluice) the bench
                              starts `sluice serve --listen 127.0.0.1:0` on a temp dir itself
   --server-pid PID           PID of a broker started by someone else (CPU, RSS figures)

@@ -500,6 +500,9 @@ async fn fill_sweep_topic(s: &Sluice, admin: &Admin, o: &Opts) -> Result<Map<Str
     let (secs, _) = fill(&s.addr, &topic, &f)
         .await
         .context("filling the sweep topic")?;
+    // Let the broker finish what the fill started (the next spare segment after its last
+    // roll is made in the background) before the clock starts.
+    tokio::time::sleep(SWEEP_SETTLE).await;
     let info = admin.topic_info(topic.clone()).await?;
     let du = s.topic_dir(&topic).map(|d| sys::dir_bytes(&d));
     if o.progress {
@@ -542,6 +545,8 @@ struct Swept {
     du_after: Option<u64>,
 }
 
+/// The pause between the sweep topic's fill and the timed phase.
+const SWEEP_SETTLE: Duration = Duration::from_secs(2);
 /// Poll period of the sweep watcher (`topic.info` is one small request to the store actor).
 const SWEEP_POLL: Duration = Duration::from_millis(50);
 /// How long the watcher waits for the sweep after the cut.
