@@ -225,3 +225,27 @@ async fn a_duplicate_is_answered_only_once_its_original_is_durable() {
         "the duplicate is answered after its original"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_id_is_refused_and_nothing_is_stored() {
+    let b = TestBroker::start();
+    let a = admin(&b).await;
+    publish(&a, "ids", vec![with_id(None, "first")])
+        .await
+        .expect("publish");
+    let e = publish(
+        &a,
+        "ids",
+        vec![with_id(Some("ok"), "fine"), with_id(Some(""), "empty id")],
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(e.code(), Some(ErrorCode::InvalidRequest), "{e}");
+    assert!(e.to_string().contains("empty"), "{e}");
+    assert_eq!(head(&a, "ids").await, 1, "nothing of the request stored");
+    // One byte is the shortest.
+    let r = publish(&a, "ids", vec![with_id(Some("x"), "short")])
+        .await
+        .expect("publish");
+    assert_eq!((r.first_seq, r.duplicate), (2, false));
+}

@@ -571,7 +571,7 @@ impl Handler<AppendMessages> for StoreActor {
         if let Some(e) = self.refusal() {
             return Box::pin(async move { Err(e) });
         }
-        if let Err(e) = self.may_write(&msg.topic) {
+        if let Err(e) = self.may_write(&msg.topic, msg.dead_letter) {
             return Box::pin(async move { Err(e) });
         }
         let (tx, rx) = oneshot::channel();
@@ -598,7 +598,7 @@ impl Handler<CommitGroup> for StoreActor {
         if let Some(e) = self.refusal() {
             return Box::pin(async move { Err(e) });
         }
-        if let Err(e) = self.may_write(&msg.topic) {
+        if let Err(e) = self.may_write(&msg.topic, false) {
             return Box::pin(async move { Err(e) });
         }
         if !self.storage.exists(&msg.topic) && !self.appends_pending_for(&msg.topic) {
@@ -686,7 +686,7 @@ impl Handler<LoadGroup> for StoreActor {
     type Result = Result<(Option<GroupRecord>, u64), StoreError>;
     fn handle(&mut self, msg: LoadGroup, _: &mut Context<Self>) -> Self::Result {
         self.counters.handled += 1;
-        self.may_write(&msg.topic)?;
+        self.may_write(&msg.topic, false)?;
         // A group record still waiting for its commit is the newest truth.
         if let Some((rec, _)) = self
             .pending_groups
@@ -789,6 +789,7 @@ mod tests {
                     payload: Bytes::from_static(p.as_bytes()),
                     ..Default::default()
                 }],
+                dead_letter: false,
             };
             assert_eq!(
                 store.send(publish("a")).await.unwrap().unwrap(),
@@ -847,6 +848,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            dead_letter: false,
         }
     }
 

@@ -43,12 +43,6 @@ pub struct StoreLimits {
 #[rtype(result = "()")]
 pub(super) struct FilesRemoved(pub Removed);
 
-/// Whether `topic` is a dead-letter topic, which the broker creates when it needs it whatever
-/// `auto_create_topics` says.
-fn is_dead_letter_topic(topic: &str) -> bool {
-    topic.ends_with(".dlq")
-}
-
 fn ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -59,16 +53,14 @@ fn storage_wire(e: StoreError) -> WireError {
 
 impl StoreActor {
     /// Whether `topic` may be written (a publish, a group record): not while it is being
-    /// deleted, and only if it exists when `auto_create_topics` is off (dead-letter topics
-    /// excepted).
-    pub(super) fn may_write(&self, topic: &str) -> Result<(), StoreError> {
+    /// deleted, and only if it exists when `auto_create_topics` is off, unless `dead_letter`:
+    /// the orchestrator's dead-letter appends create their topic whatever the setting (a
+    /// client's publish to a name ending in `.dlq` does not).
+    pub(super) fn may_write(&self, topic: &str, dead_letter: bool) -> Result<(), StoreError> {
         if self.deleting.contains(topic) {
             return Err(StoreError::UnknownTopic(topic.to_string()));
         }
-        if !self.config.auto_create_topics
-            && !self.storage.exists(topic)
-            && !is_dead_letter_topic(topic)
-        {
+        if !self.config.auto_create_topics && !self.storage.exists(topic) && !dead_letter {
             return Err(StoreError::UnknownTopic(topic.to_string()));
         }
         Ok(())
