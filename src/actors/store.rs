@@ -157,6 +157,8 @@ impl StoreActor {
         events: crate::events::EventBus,
     ) -> Self {
         self.storage.set_defaults(config.default_topic_settings());
+        self.storage
+            .set_dedup_max_ids(usize::try_from(config.dedup_max_ids).unwrap_or(usize::MAX));
         self.config = config;
         self.events = events;
         self.rebuild_dedup();
@@ -237,8 +239,8 @@ impl StoreActor {
         };
         let now = msgs.first().map_or_else(now_ms, |m| m.timestamp_ms);
         let (kept, appended, forgotten) = self.storage.append_dedup(topic, msgs, ids, now)?;
-        if forgotten > 0 {
-            self.dedup_full(topic, forgotten);
+        if forgotten.total() > 0 {
+            self.dedup_full(Some(topic), forgotten);
         }
         Ok((kept, appended.duplicate.then_some(appended)))
     }

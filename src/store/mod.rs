@@ -186,8 +186,8 @@ pub struct Storage {
     /// Group records of topics that do not exist yet (a subscribe to a missing topic creates
     /// no file): by topic, then group; written at the head of the topic's first segment.
     waiting: HashMap<String, BTreeMap<String, Bytes>>,
-    /// Each topic's idempotent-publish index.
-    dedup: HashMap<String, dedup::DedupIndex>,
+    /// Every topic's idempotent-publish index, under the per-topic and the broker's bounds.
+    dedup: dedup::Dedup,
     /// Roll size of segments ([`segment::SEGMENT_BYTES`] unless configured smaller).
     segment_bytes: u64,
     /// Big chunks are written with direct I/O by the syncs ([`Storage::set_direct_writes`]).
@@ -230,7 +230,7 @@ impl Storage {
             overrides,
             defaults: TopicSettings::default(),
             waiting: HashMap::new(),
-            dedup: HashMap::new(),
+            dedup: dedup::Dedup::default(),
             segment_bytes: segment::SEGMENT_BYTES,
             direct_writes: false,
             spares: None,

@@ -3,7 +3,7 @@
 //! seqs by time, retention's cuts and the idempotent-publish index. The design is in
 //! `store/retention.md`.
 
-use super::dedup::DedupIndex;
+use super::dedup::{Dedup, Forgot};
 use super::record::{decode_id, StoredMessage};
 use super::retention::{plan, Limits};
 use super::segment::Detached;
@@ -109,6 +109,12 @@ impl Storage {
         self.defaults = defaults;
     }
 
+    /// Most ids the dedup indexes of every topic hold together (`dedup_max_ids`); ids held now
+    /// are forgotten (set it before [`Storage::rebuild_dedup`]).
+    pub fn set_dedup_max_ids(&mut self, max: usize) {
+        self.dedup = Dedup::new(max);
+    }
+
     /// The size at which segments roll (tests and small disks; spares take it too, so set it
     /// before [`Storage::set_direct_writes`]).
     pub fn set_segment_bytes(&mut self, bytes: u64) {
@@ -206,7 +212,7 @@ impl Storage {
         std::fs::rename(topics_dir.join(topic), &trash)?;
         self.topics.remove(topic);
         self.overrides.remove(topic);
-        self.dedup.remove(topic);
+        self.dedup.remove_topic(topic);
         self.waiting.remove(topic);
         Ok(RemovedTopic {
             topic: topic.to_string(),
@@ -370,7 +376,7 @@ impl Storage {
         messages: Vec<StoredMessage>,
         ids: Vec<Option<String>>,
         now_ms: u64,
-    ) -> Result<(Vec<StoredMessage>, Appended, u64), StoreError> {
+    ) -> Result<(Vec<StoredMessage>, Appended, Forgot), StoreError> {
         let window = self.settings(topic).dedup_window_ms.unwrap_or(0);
         // Where each message's seq comes from: the index, a message kept earlier in this
         // call, or its own place among the kept ones.
@@ -384,11 +390,11 @@ impl Storage {
         let mut kept_ids: Vec<Option<String>> = Vec::with_capacity(n);
         let mut duplicate = false;
         {
-            let index = self.dedup.get(topic);
+            let index = &self.dedup;
             let mut seen: HashMap<&str, usize> = HashMap::new();
             for (m, id) in messages.into_iter().zip(ids.iter()) {
                 if let (Some(id), true) = (id, window > 0) {
-                    if let Some(seq) = index.and_then(|ix| ix.get(id, now_ms, window)) {
+                    if let Some(seq) = index.get(topic, id, now_ms, window) {
                         from.push(Seq::Known(seq));
                         duplicate = true;
                         continue;
@@ -405,17 +411,16 @@ impl Storage {
                 kept_ids.push(id.clone());
             }
         }
-        let mut forgotten = 0;
+        let mut forgotten = Forgot::default();
         if !kept.is_empty() {
             let first = self.append_ids(topic, &kept, Some(&kept_ids))?;
             for (i, m) in kept.iter_mut().enumerate() {
                 m.seq = first + i as u64;
             }
             if window > 0 {
-                let index = self.dedup.entry(topic.to_string()).or_default();
                 for (m, id) in kept.iter().zip(&kept_ids) {
                     if let Some(id) = id {
-                        forgotten += index.insert(id, m.seq, m.timestamp_ms);
+                        forgotten.add(self.dedup.insert(topic, id, m.seq, m.timestamp_ms));
                     }
                 }
             }
@@ -445,37 +450,29 @@ impl Storage {
 
     /// Forgets ids whose window ended, at most `max` per topic; returns how many were.
     pub fn expire_ids(&mut self, now_ms: u64, max: usize) -> usize {
-        let mut n = 0;
-        let windows: Vec<(String, u64)> = self
-            .dedup
-            .keys()
-            .map(|t| (t.clone(), self.settings(t).dedup_window_ms.unwrap_or(0)))
-            .collect();
-        for (topic, window) in windows {
-            if let Some(ix) = self.dedup.get_mut(&topic) {
-                n += ix.expire(now_ms, window, max);
-                if ix.is_empty() {
-                    self.dedup.remove(&topic);
-                }
-            }
-        }
-        n
+        let (overrides, defaults) = (&self.overrides, &self.defaults);
+        let window = |topic: &str| {
+            let o = overrides.get(topic).cloned().unwrap_or_default();
+            settings::in_force(&o, defaults)
+                .dedup_window_ms
+                .unwrap_or(0)
+        };
+        self.dedup.expire(window, now_ms, max)
     }
 
     /// Ids remembered (every topic) and ids forgotten early for want of room.
     pub fn dedup_counts(&self) -> (u64, u64) {
-        self.dedup
-            .values()
-            .fold((0, 0), |(n, f), ix| (n + ix.len() as u64, f + ix.forgotten))
+        (self.dedup.len() as u64, self.dedup.forgotten())
     }
 
     /// Rebuilds every topic's dedup index from its log at `now_ms`: the ids of the messages
     /// stored within the topic's window, read from the chunks that hold ids in the segments
     /// that can hold such messages (the durable ones: open made the tails durable). Returns
-    /// how many ids were found.
-    pub fn rebuild_dedup(&mut self, now_ms: u64) -> Result<usize, StoreError> {
+    /// how many ids were found, and how many of them the bounds left out.
+    pub fn rebuild_dedup(&mut self, now_ms: u64) -> Result<(usize, Forgot), StoreError> {
         self.dedup.clear();
-        let mut total = 0;
+        let mut found = 0;
+        let mut forgot = Forgot::default();
         for topic in self.topic_names() {
             let window = self.settings(&topic).dedup_window_ms.unwrap_or(0);
             let Some(log) = self.topics.get(&topic) else {
@@ -485,7 +482,7 @@ impl Storage {
                 continue;
             }
             let since = now_ms.saturating_sub(window);
-            let mut index = DedupIndex::new();
+            let dedup = &mut self.dedup;
             log.scan_tagged(since, CHUNK_VERSION_IDS, |first, body| {
                 let Ok(records) = chunk_records(&body) else {
                     return;
@@ -493,17 +490,14 @@ impl Storage {
                 for (i, r) in records.into_iter().enumerate() {
                     if let Some((ts, id)) = decode_id(&body[r]) {
                         if ts.saturating_add(window) > now_ms {
-                            index.insert(id, first + i as u64, ts);
+                            found += 1;
+                            forgot.add(dedup.insert(&topic, id, first + i as u64, ts));
                         }
                     }
                 }
             })?;
-            if !index.is_empty() {
-                total += index.len();
-                self.dedup.insert(topic, index);
-            }
         }
-        Ok(total)
+        Ok((found, forgot))
     }
 }
 
@@ -771,7 +765,7 @@ mod tests {
             dedup_window_ms: Some(10_000),
             ..Default::default()
         });
-        assert_eq!(s.rebuild_dedup(5000).unwrap(), 2);
+        assert_eq!(s.rebuild_dedup(5000).unwrap().0, 2);
         let (kept, a, _) = s
             .append_dedup("t", vec![msg(5000, "a")], ids(&[Some("a")]), 5000)
             .unwrap();

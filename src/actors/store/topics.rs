@@ -12,6 +12,7 @@ use crate::actors::messages::{
 use crate::actors::now_ms;
 use crate::config::FsyncPolicy;
 use crate::store::commit::{lock, Retired, Written};
+use crate::store::dedup::Forgot;
 use crate::store::remover::{Removed, SegmentsRemoved};
 use crate::store::{settings, GroupRecord, StoreError};
 use actix::prelude::*;
@@ -33,7 +34,8 @@ const MAX_EXPIRE_PER_TICK: usize = 100_000;
 pub struct StoreLimits {
     /// Subscribes refused: too many groups waiting for topics that do not exist yet.
     pub waiting_groups_refused: u64,
-    /// Ids forgotten before their window ended: a topic's dedup index was full.
+    /// Ids forgotten before their window ended: a topic's dedup index was full, or every
+    /// topic's together (`dedup_max_ids`).
     pub dedup_ids_forgotten: u64,
     last_dedup_event: Option<std::time::Instant>,
 }
@@ -88,10 +90,10 @@ impl StoreActor {
             })
     }
 
-    /// A topic's dedup index was full and forgot `n` ids early: counted, and an event (at most
-    /// one every 10 s).
-    pub(super) fn dedup_full(&mut self, topic: &str, n: u64) {
-        self.limits.dedup_ids_forgotten += n;
+    /// The dedup index forgot ids early to stay within its bounds (the topic's, or every
+    /// topic's together): counted, and an event (at most one every 10 s).
+    pub(super) fn dedup_full(&mut self, topic: Option<&str>, forgot: Forgot) {
+        self.limits.dedup_ids_forgotten += forgot.total();
         let now = std::time::Instant::now();
         if self
             .limits
@@ -101,21 +103,31 @@ impl StoreActor {
             return;
         }
         self.limits.last_dedup_event = Some(now);
+        let bound = if forgot.broker_bound > 0 {
+            format!(
+                "the broker's dedup indexes are full (dedup_max_ids = {} ids, every topic)",
+                self.config.dedup_max_ids
+            )
+        } else {
+            format!(
+                "the topic's dedup index is full ({} ids)",
+                crate::store::dedup::MAX_IDS_PER_TOPIC
+            )
+        };
         tracing::warn!(
-            topic,
+            topic = topic.unwrap_or(""),
             forgotten = self.limits.dedup_ids_forgotten,
-            max = crate::store::dedup::MAX_IDS_PER_TOPIC,
-            "dedup index full: the oldest ids are forgotten before their window ends"
+            "{bound}: the oldest ids are forgotten before their window ends"
         );
-        self.events.emit(
-            BrokerEvent::now(event_kind::MEMORY_PRESSURE)
-                .topic(topic)
-                .count(n)
-                .detail(format!(
-                    "dedup index full ({} ids): the oldest forgotten before their window ends",
-                    crate::store::dedup::MAX_IDS_PER_TOPIC
-                )),
-        );
+        let mut e = BrokerEvent::now(event_kind::MEMORY_PRESSURE)
+            .count(forgot.total())
+            .detail(format!(
+                "{bound}: the oldest forgotten before their window ends"
+            ));
+        if let Some(t) = topic {
+            e = e.topic(t);
+        }
+        self.events.emit(e);
     }
 
     /// A `storage_error` event (write and sync failures; callers rate-limit the former).
@@ -131,8 +143,11 @@ impl StoreActor {
     pub(super) fn rebuild_dedup(&mut self) {
         let started = std::time::Instant::now();
         match self.storage.rebuild_dedup(now_ms()) {
-            Ok(ids) => {
-                tracing::info!(ids, elapsed = ?started.elapsed(), "dedup index rebuilt from the logs")
+            Ok((ids, forgot)) => {
+                tracing::info!(ids, elapsed = ?started.elapsed(), "dedup index rebuilt from the logs");
+                if forgot.total() > 0 {
+                    self.dedup_full(None, forgot);
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot rebuild the dedup index: ids stored before this start are not recognised");
