@@ -188,6 +188,10 @@ pub struct Storage {
     waiting: HashMap<String, BTreeMap<String, Bytes>>,
     /// Every topic's idempotent-publish index, under the per-topic and the broker's bounds.
     dedup: dedup::Dedup,
+    /// When each topic created since the storage was opened came to exist (ms since the
+    /// epoch): a group record made before then belongs to an earlier topic of that name
+    /// ([`Storage::stale_group_record`]).
+    born: HashMap<String, u64>,
     /// Roll size of segments ([`segment::SEGMENT_BYTES`] unless configured smaller).
     segment_bytes: u64,
     /// Big chunks are written with direct I/O by the syncs ([`Storage::set_direct_writes`]).
@@ -231,6 +235,7 @@ impl Storage {
             defaults: TopicSettings::default(),
             waiting: HashMap::new(),
             dedup: dedup::Dedup::default(),
+            born: HashMap::new(),
             segment_bytes: segment::SEGMENT_BYTES,
             direct_writes: false,
             spares: None,
@@ -279,6 +284,10 @@ impl Storage {
                 log.adopt_groups(waiting);
             }
             self.topics.insert(topic.to_string(), log);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            self.born.insert(topic.to_string(), now);
         }
         self.topics.get_mut(topic).ok_or(StoreError::Unavailable)
     }

@@ -214,6 +214,7 @@ impl Storage {
         self.overrides.remove(topic);
         self.dedup.remove_topic(topic);
         self.waiting.remove(topic);
+        self.born.remove(topic);
         Ok(RemovedTopic {
             topic: topic.to_string(),
             trash,
@@ -251,6 +252,25 @@ impl Storage {
             .or_default()
             .insert(group.to_string(), bytes);
         Ok(())
+    }
+
+    /// Whether `rec`, a record of `group` of the existing `topic`, belongs to an earlier topic
+    /// of that name (deleted, and created again since the storage was opened): the store
+    /// holds no record of the group in this topic, the group was created before this topic
+    /// came to exist, and the record settles messages (a fresh record settles nothing and
+    /// can do no harm). Such a record (an ack racing the deletion) must not be written into
+    /// the new topic: its seqs start at 1 again, and the group would skip them.
+    pub fn stale_group_record(&self, topic: &str, group: &str, rec: &GroupRecord) -> bool {
+        let settled = rec.acked_floor > 0
+            || !rec.acked_ranges.is_empty()
+            || !rec.acked_above.is_empty()
+            || !rec.attempts.is_empty();
+        settled
+            && self.born.get(topic).is_some_and(|&b| rec.created_ms < b)
+            && !self
+                .topics
+                .get(topic)
+                .is_some_and(|log| log.group(group).is_some())
     }
 
     /// Group records kept for topics that do not exist yet.

@@ -334,9 +334,13 @@ impl StoreActor {
         }
     }
 
-    /// A topic's deletion is durable (or failed): the name is free again, an event, the
-    /// orchestrator ends its subscriptions, and then the deletion is answered (so a request
-    /// the client sends after the answer finds the name free).
+    /// A topic's deletion is durable (or failed): an event, and the topic's orchestrator
+    /// shard ends its subscriptions and drops its groups (`TopicRemoved`). Only once the shard
+    /// has handled that is the name free again and the deletion answered ([`TopicGone`]): every
+    /// group record the shard sent before (an ack queued ahead of `TopicRemoved`) has then
+    /// reached this actor's mailbox, ahead of anything a client sends after the answer, so it
+    /// finds the topic gone (refused) rather than a new topic of that name created by a
+    /// publish meanwhile.
     fn topic_removed(
         &mut self,
         topic: String,
@@ -344,8 +348,8 @@ impl StoreActor {
         bytes: u64,
         result: Result<(), String>,
         reply: oneshot::Sender<Result<(), String>>,
+        ctx: &mut Context<Self>,
     ) {
-        self.deleting.remove(&topic);
         match &result {
             Ok(()) => {
                 tracing::info!(topic, messages, bytes, "topic deleted");
@@ -357,20 +361,63 @@ impl StoreActor {
                 );
                 if !self.topic_listeners.is_empty() {
                     let shard = crate::actors::shard_for(&topic, self.topic_listeners.len());
-                    self.topic_listeners[shard]
-                        .removed
-                        .do_send(TopicRemoved { topic });
+                    let told = self.topic_listeners[shard].removed.send(TopicRemoved {
+                        topic: topic.clone(),
+                    });
+                    // Awaited off the actor (a restart of the actor would drop a future of
+                    // its own, and the name would stay taken); the answer comes back by
+                    // message.
+                    let me = ctx.address();
+                    actix_rt::spawn(async move {
+                        if let Err(e) = told.await {
+                            // The shard stopped (it restarts with no state of the topic).
+                            tracing::warn!(topic, error = %e, "the orchestrator did not confirm a topic's removal");
+                        }
+                        me.do_send(TopicGone {
+                            topic,
+                            result,
+                            reply,
+                        });
+                    });
+                    return;
                 }
             }
             Err(e) => self.storage_error(Some(&topic), &format!("deleting the topic: {e}")),
         }
+        self.topic_gone(topic, result, reply);
+    }
+
+    /// The name of a deleted topic is free again: the deletion is answered.
+    fn topic_gone(
+        &mut self,
+        topic: String,
+        result: Result<(), String>,
+        reply: oneshot::Sender<Result<(), String>>,
+    ) {
+        self.deleting.remove(&topic);
         let _ = reply.send(result);
+    }
+}
+
+/// The orchestrator handled a deleted topic's `TopicRemoved`: the name is free again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct TopicGone {
+    topic: String,
+    result: Result<(), String>,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+impl Handler<TopicGone> for StoreActor {
+    type Result = ();
+    fn handle(&mut self, msg: TopicGone, _: &mut Context<Self>) {
+        self.topic_gone(msg.topic, msg.result, msg.reply);
     }
 }
 
 impl Handler<FilesRemoved> for StoreActor {
     type Result = ();
-    fn handle(&mut self, msg: FilesRemoved, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: FilesRemoved, ctx: &mut Context<Self>) {
         match msg.0 {
             Removed::Segments(r) => self.segments_removed(r),
             Removed::Topic {
@@ -379,7 +426,7 @@ impl Handler<FilesRemoved> for StoreActor {
                 bytes,
                 result,
                 reply,
-            } => self.topic_removed(topic, messages, bytes, result, reply),
+            } => self.topic_removed(topic, messages, bytes, result, reply, ctx),
         }
     }
 }
