@@ -1356,4 +1356,69 @@ mod tests {
             assert_eq!(k.map(|r| r.acked_floor), Some(1));
         });
     }
+
+    #[test]
+    fn a_group_record_not_yet_written_keeps_what_it_goes_back_to() {
+        use super::super::messages::CreateTopic;
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        storage.set_segment_bytes(64 * 1024);
+        let config = crate::config::Config {
+            retention_interval: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        };
+        actix_rt::System::new().block_on(async move {
+            let store = StoreActor::new(storage, FsyncPolicy::Always)
+                .with_config(Arc::new(config), crate::events::EventBus::default())
+                .start();
+            let body = vec![7u8; 1000];
+            for _ in 0..15 {
+                let many: Vec<&[u8]> = (0..20).map(|_| &body[..]).collect();
+                store.send(publish("t", &many)).await.unwrap().unwrap();
+            }
+            let commit = |acked_floor| CommitGroup {
+                topic: "t".into(),
+                group: "g".into(),
+                record: group_record(acked_floor, now_ms()),
+            };
+            store.send(commit(0)).await.unwrap().unwrap();
+            store.send(commit(300)).await.unwrap().unwrap();
+            let acked = CreateTopic {
+                topic: "t".into(),
+                settings: sluice_protocol::TopicSettings {
+                    discard: Some(sluice_protocol::Discard::Acked),
+                    ..Default::default()
+                },
+                alter: true,
+            };
+            store.send(acked).await.unwrap().unwrap();
+            // The group goes back to the start (a seek): its record is queued when the sweep
+            // runs.
+            let back = store.send(commit(0));
+            store.send(topics::SweepNow).await.unwrap();
+            back.await.unwrap().unwrap();
+            let read = ReadRange {
+                topic: "t".into(),
+                from: 1,
+                max: 1,
+                max_bytes: 1 << 20,
+            };
+            let r = store.send(read).await.unwrap().unwrap();
+            assert_eq!(
+                r.messages.first().map(|m| m.seq),
+                Some(1),
+                "what the group went back to is kept"
+            );
+            // Once written, the record is what counts: the group still needs everything.
+            store.send(topics::SweepNow).await.unwrap();
+            let read = ReadRange {
+                topic: "t".into(),
+                from: 1,
+                max: 1,
+                max_bytes: 1 << 20,
+            };
+            let r = store.send(read).await.unwrap().unwrap();
+            assert_eq!(r.messages.first().map(|m| m.seq), Some(1));
+        });
+    }
 }

@@ -336,18 +336,25 @@ impl Storage {
     /// One retention step for `topic` at `now_ms`: rolls the segment appends go to when due
     /// (`segment_max_age_ms`, or a quarter of the topic's `max_age`; or every message expired)
     /// and takes out of the log the oldest whole segments its limits remove (at most
-    /// `max_remove`, and only messages up to `durable`, the last durable seq). `None`: nothing
-    /// to remove now (a roll may still have been written: not durable until the next sync).
+    /// `max_remove`, and only messages up to `durable`, the last durable seq). `pending_floor`:
+    /// the lowest acked floor of the topic's group records queued and not yet written (a
+    /// backward seek's, say), which `discard = "acked"` counts with the written ones. `None`:
+    /// nothing to remove now (a roll may still have been written: not durable until the next
+    /// sync).
     pub fn retention_step(
         &mut self,
         topic: &str,
         now_ms: u64,
         segment_max_age_ms: u64,
         durable: u64,
+        pending_floor: Option<u64>,
         max_remove: usize,
     ) -> Result<Option<Trimmed>, StoreError> {
         let settings = self.settings(topic);
-        let acked = self.lowest_acked_floor(topic);
+        let acked = match (self.lowest_acked_floor(topic), pending_floor) {
+            (Some(a), Some(p)) => Some(a.min(p)),
+            (a, p) => a.or(p),
+        };
         let limits = Limits::of(&settings, acked, segment_max_age_ms);
         let Some(log) = self.topics.get_mut(topic) else {
             return Ok(None);
@@ -590,7 +597,7 @@ mod tests {
         let segs = s.topics["t"].segment_count();
         assert!(segs >= 3, "{segs} segments");
         let t = s
-            .retention_step("t", 55_000, 3_600_000, 201, 1000)
+            .retention_step("t", 55_000, 3_600_000, 201, None, 1000)
             .unwrap()
             .expect("removes");
         assert_eq!(t.why, "max_age");
@@ -616,7 +623,7 @@ mod tests {
         let mut s = filled(dir.path(), 1_000);
         s.create_topic_settings_for_test("t", age(10_000));
         let t = s
-            .retention_step("t", 60_000, 3_600_000, 200, 1000)
+            .retention_step("t", 60_000, 3_600_000, 200, None, 1000)
             .unwrap()
             .expect("removes");
         assert_eq!(t.floor, 201);
@@ -645,7 +652,7 @@ mod tests {
             },
         );
         let t = s
-            .retention_step("t", 2_000, 3_600_000, 200, 1000)
+            .retention_step("t", 2_000, 3_600_000, 200, None, 1000)
             .unwrap()
             .expect("removes");
         assert_eq!(t.why, "max_bytes");
@@ -662,14 +669,14 @@ mod tests {
         );
         // The group acked up to 7: nothing wholly below it.
         assert!(s
-            .retention_step("t", 2_000, 3_600_000, 200, 1000)
+            .retention_step("t", 2_000, 3_600_000, 200, None, 1000)
             .unwrap()
             .is_none());
         s.put_group("t", "g", &record(130)).unwrap();
         s.put_group("t", "h", &record(200)).unwrap();
         s.sync().unwrap();
         let t = s
-            .retention_step("t", 2_000, 3_600_000, 200, 1000)
+            .retention_step("t", 2_000, 3_600_000, 200, None, 1000)
             .unwrap()
             .expect("removes");
         assert_eq!(t.why, "acked");
@@ -679,7 +686,9 @@ mod tests {
             t.floor
         );
         assert!(t.floor > 1);
-        let none = s.retention_step("t", 2_000, 3_600_000, 0, 1000).unwrap();
+        let none = s
+            .retention_step("t", 2_000, 3_600_000, 0, None, 1000)
+            .unwrap();
         assert!(none.is_none(), "nothing not durable goes");
     }
 

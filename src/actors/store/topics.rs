@@ -222,6 +222,14 @@ impl StoreActor {
         let segment_max_age = ms(self.config.segment_max_age);
         let mut budget = MAX_REMOVE_PER_TICK;
         let mut retired = Vec::new();
+        // Group records queued and not written yet count for `discard = "acked"` like the
+        // written ones: a backward seek's must keep what it goes back to.
+        let mut pending_floors: std::collections::HashMap<String, u64> =
+            std::collections::HashMap::new();
+        for ((topic, _), (rec, _)) in &self.pending_groups {
+            let f = pending_floors.entry(topic.clone()).or_insert(u64::MAX);
+            *f = (*f).min(rec.acked_floor);
+        }
         for topic in self.storage.topic_names() {
             if budget == 0 {
                 break;
@@ -230,10 +238,15 @@ impl StoreActor {
                 continue;
             }
             let durable = self.durable_head(&topic);
-            match self
-                .storage
-                .retention_step(&topic, now, segment_max_age, durable, budget)
-            {
+            let pending = pending_floors.get(&topic).copied();
+            match self.storage.retention_step(
+                &topic,
+                now,
+                segment_max_age,
+                durable,
+                pending,
+                budget,
+            ) {
                 Ok(Some(t)) => {
                     budget = budget.saturating_sub(t.removed.len());
                     tracing::debug!(
@@ -599,5 +612,19 @@ impl Handler<GetTopicSettings> for StoreActor {
     type Result = Result<TopicSettings, StoreError>;
     fn handle(&mut self, msg: GetTopicSettings, _: &mut Context<Self>) -> Self::Result {
         Ok(self.storage.settings(&msg.topic))
+    }
+}
+
+/// Tests: runs the retention sweep now.
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct SweepNow;
+
+#[cfg(test)]
+impl Handler<SweepNow> for StoreActor {
+    type Result = ();
+    fn handle(&mut self, _: SweepNow, ctx: &mut Context<Self>) {
+        self.sweep(ctx);
     }
 }
