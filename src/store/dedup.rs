@@ -247,6 +247,32 @@ impl Dedup {
         self.total == 0
     }
 
+    /// The ids of `topic` held for seqs in `from..to` whose `window_ms` has not ended by
+    /// `now_ms`: (store time, seq, id), in seq order.
+    pub fn ids_between(
+        &self,
+        topic: &str,
+        from: u64,
+        to: u64,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Vec<(u64, u64, Arc<str>)> {
+        let Some(ix) = self.topics.get(topic) else {
+            return Vec::new();
+        };
+        // Seqs rise along the order (ids are inserted as their messages are stored).
+        let start = ix.order.partition_point(|(_, seq, _)| *seq < from);
+        ix.order
+            .range(start..)
+            .take_while(|(_, seq, _)| *seq < to)
+            .filter(|(at, seq, id)| {
+                at.saturating_add(window_ms) > now_ms
+                    && ix.map.get(id).is_some_and(|(s, _)| s == seq)
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Ids held for `topic`.
     pub fn topic_len(&self, topic: &str) -> usize {
         self.topics.get(topic).map_or(0, DedupIndex::len)

@@ -27,6 +27,7 @@
 
 pub mod commit;
 pub mod dedup;
+pub mod ids_file;
 pub mod record;
 pub mod remover;
 pub mod retention;

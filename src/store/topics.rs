@@ -4,6 +4,7 @@
 //! `store/retention.md`.
 
 use super::dedup::{Dedup, Forgot};
+use super::ids_file;
 use super::record::{decode_id, StoredMessage};
 use super::retention::{plan, Limits};
 use super::segment::Detached;
@@ -65,6 +66,17 @@ pub struct Trimmed {
     pub floor: u64,
     /// Why the first went (`max_age`, `max_bytes`, `max_messages`, `acked`).
     pub why: &'static str,
+    /// The segments left, fdatasynced before any file goes: the first holds the copies of the
+    /// groups' records that the removed ones held, the others newer records (empty where the
+    /// sync pipeline made them durable already: every policy but `never`).
+    pub sync_first: Vec<PathBuf>,
+    /// The ids of the removed messages whose `dedup_window` is still running, kept in the
+    /// topic's ids file before any file goes (see `ids_file`).
+    pub ids: Vec<super::ids_file::Entry>,
+    /// The topic's `dedup_window` (ms) when they were taken.
+    pub dedup_window_ms: u64,
+    /// Most ids the file keeps (what the index can hold of one topic).
+    pub max_ids: usize,
 }
 
 impl Trimmed {
@@ -379,16 +391,30 @@ impl Storage {
         if k == 0 {
             return Ok(None);
         }
+        let old_floor = log.floor();
         let removed = log.detach_front(k);
         if removed.is_empty() {
             return Ok(None);
         }
+        let floor = log.floor();
+        let sync_first = log.segment_paths();
+        let window = settings.dedup_window_ms.unwrap_or(0);
+        let ids = if window > 0 {
+            self.dedup
+                .ids_between(topic, old_floor, floor, now_ms, window)
+        } else {
+            Vec::new()
+        };
         Ok(Some(Trimmed {
             topic: topic.to_string(),
             dir: self.dir.join("topics").join(topic),
             removed,
-            floor: log.floor(),
+            floor,
             why: p.why,
+            sync_first,
+            ids,
+            dedup_window_ms: window,
+            max_ids: self.dedup.max_total().min(super::dedup::MAX_IDS_PER_TOPIC),
         }))
     }
 
@@ -507,6 +533,29 @@ impl Storage {
             };
             if window == 0 {
                 continue;
+            }
+            // First the ids of messages retention removed (below the floor), then those of
+            // the segments: in seq order.
+            let dir = self.dir.join("topics").join(&topic);
+            let floor = log.floor();
+            let kept = ids_file::load(&dir).unwrap_or_else(|e| {
+                tracing::error!(topic, error = %e, "cannot read the ids of removed messages: a repeat of one is stored again");
+                Vec::new()
+            });
+            let live: Vec<ids_file::Entry> = kept
+                .iter()
+                .filter(|(at, seq, _)| at.saturating_add(window) > now_ms && *seq < floor)
+                .cloned()
+                .collect();
+            for (at, seq, id) in &live {
+                found += 1;
+                forgot.add(self.dedup.insert(&topic, id, *seq, *at));
+            }
+            if live.len() != kept.len() || (kept.is_empty() && dir.join(ids_file::FILE).exists()) {
+                // Pruned (or damaged): written again with what is left.
+                if let Err(e) = ids_file::store(&dir, &live) {
+                    tracing::warn!(topic, error = %e, "cannot prune the ids of removed messages");
+                }
             }
             let since = now_ms.saturating_sub(window);
             let dedup = &mut self.dedup;

@@ -247,7 +247,11 @@ impl StoreActor {
                 pending,
                 budget,
             ) {
-                Ok(Some(t)) => {
+                Ok(Some(mut t)) => {
+                    if self.fsync != FsyncPolicy::Never {
+                        // The pipeline syncs everything written before the removal.
+                        t.sync_first.clear();
+                    }
                     budget = budget.saturating_sub(t.removed.len());
                     tracing::debug!(
                         topic,
