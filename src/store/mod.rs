@@ -7,7 +7,7 @@
 //! | group cursors | "SLG1" chunks in the same segment files: group name → MessagePack [`GroupRecord`] (mode, filters, acked floor, acks above it) |
 //! | (older data dirs) | sled tree `groups`: `<topic>\0<group>` → [`GroupRecord`], moved into the topic logs at open |
 //! | topic settings | `<data_dir>/topics/<topic>/settings.toml`: the topic's overrides ([`settings`]) |
-//! | message ids | inside their records ([`record`]); an in-memory index per topic ([`dedup`]), rebuilt at open |
+//! | message ids | inside their records ([`record`]); an in-memory index per topic ([`dedup`]), rebuilt at open; those of messages retention removed inside their window in `<data_dir>/topics/<topic>/dedup.ids` ([`ids_file`]) |
 //! | deleted topics | `<data_dir>/trash/`, until their files are removed (emptied at open) |
 //!
 //! Topics as an operator manages them, retention (whole segments cut off the front, through the

@@ -316,8 +316,8 @@ impl StoreActor {
                 return Err(WireError::new(
                     ErrorCode::InvalidRequest,
                     format!(
-                        "dedup_window ({window} ms) longer than max_age ({age} ms): ids would be \
-                         remembered for messages already removed, and forgotten at a restart"
+                        "dedup_window ({window} ms) longer than max_age ({age} ms): set a \
+                         max_age at least as long as the window"
                     ),
                 ));
             }
