@@ -279,10 +279,10 @@ impl Storage {
             || !rec.attempts.is_empty();
         settled
             && self.born.get(topic).is_some_and(|&b| rec.created_ms < b)
-            && !self
+            && self
                 .topics
                 .get(topic)
-                .is_some_and(|log| log.group(group).is_some())
+                .is_none_or(|log| log.group(group).is_none())
     }
 
     /// Group records kept for topics that do not exist yet.
