@@ -388,25 +388,71 @@ fn wait_child(child: &mut Child) -> std::process::ExitStatus {
 }
 
 /// `admin disconnect-stale --older-than DUR --json`: one object listing the consumers
-/// disconnected (none on an idle broker).
+/// disconnected (none on an idle broker); a consumer holding a batch without acking, with
+/// lag, is disconnected and its message goes to another consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disconnect_stale_with_none_stale() {
+async fn disconnect_stale_from_the_command_line() {
     let b = TestBroker::start();
-    let v = json(
-        &b.addr(),
-        &["admin", "disconnect-stale", "--older-than", "5m"],
-    );
+    let addr = b.addr();
+    let v = json(&addr, &["admin", "disconnect-stale", "--older-than", "5m"]);
     assert_eq!(v["disconnected"], Value::Array(vec![]), "{v}");
     let (ok, out, err) = run(&[
         "admin",
         "--addr",
-        &b.addr(),
+        &addr,
         "disconnect-stale",
         "--older-than",
         "1s",
     ]);
     assert!(ok, "{err}");
     assert_eq!(out, "no stale consumer\n");
+
+    let (ok, _, err) = run(&[
+        "publish", "--addr", &addr, "--topic", "slow", "--count", "5", "--size", "8",
+    ]);
+    assert!(ok, "{err}");
+    let config = |id: &str| {
+        sluice_sdk::ConsumerConfig::new(client_config(&addr, id), "slow", "g")
+            .window(1)
+            .batch_size(1)
+    };
+    let mut stuck = sluice_sdk::Consumer::subscribe(config("stuck"))
+        .await
+        .expect("subscribe");
+    let held = next_message(&mut stuck, T).await;
+    // Idle for 300 ms at least: ask until the broker finds it so.
+    let deadline = Instant::now() + T;
+    let gone = loop {
+        let v = json(
+            &addr,
+            &["admin", "disconnect-stale", "--older-than", "300ms"],
+        );
+        let list = v["disconnected"].as_array().cloned().unwrap_or_default();
+        if !list.is_empty() {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "never found stale");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    let c = &gone[0];
+    assert_eq!(
+        (c["topic"].as_str(), c["group"].as_str()),
+        (Some("slow"), Some("g"))
+    );
+    assert!(
+        c["consumer"].as_str().is_some_and(|s| s.contains(':')),
+        "{c}"
+    );
+    assert!(c["idle_ms"].as_u64().is_some_and(|ms| ms >= 300), "{c}");
+    assert!(c["lag"].as_u64().is_some_and(|lag| lag >= 1), "{c}");
+    // Its batch went back: another consumer gets the held message.
+    let mut other = sluice_sdk::Consumer::subscribe(config("other"))
+        .await
+        .expect("subscribe");
+    let again = next_message(&mut other, T).await;
+    assert_eq!(again.seq(), held.seq());
+    drop(stuck);
 }
 
 /// `topic create|info|list|alter|delete --json`, the topic positional or by flag.
@@ -572,7 +618,6 @@ async fn publish_with_an_id_twice_is_a_duplicate() {
 /// `group seek` to a sequence number and to a time, then `consume` starts exactly there;
 /// `group delete` refuses a group with consumers, then deletes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the orchestrator's group operations of issue 11 (HG) merged"]
 async fn group_seek_and_delete_from_the_command_line() {
     let b = TestBroker::start();
     let addr = b.addr();

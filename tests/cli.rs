@@ -623,3 +623,117 @@ fn consume_gives_back_what_it_could_not_print() {
         (printed + 1..=10).map(|s| (s, 1)).collect::<Vec<_>>()
     );
 }
+
+/// `consume --count` in a broadcast group: every subscription is a member of its own that
+/// starts at the group's cursor, so the count is taken by one subscription (rounds of new
+/// subscriptions would miss what the other members acked in between and wait forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_count_in_a_broadcast_group_takes_every_message_in_one_subscription() {
+    use sluice_sdk::{Consumer, ConsumerConfig, GroupMode, Producer};
+    let b = TestBroker::start();
+    let addr = b.addr();
+    // Another member that acks everything at once.
+    let mut cfg = ConsumerConfig::new(client_config(&addr, "other"), "fan", "g");
+    cfg.mode = GroupMode::Broadcast;
+    let mut other = Consumer::subscribe(cfg).await.expect("subscribe");
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = other.next().await {
+            other.ack(&m).expect("ack");
+            other.flush_acks().await.expect("flush");
+            let _ = acked_tx.send(m.seq());
+        }
+    });
+    let mut child = sluice()
+        .args([
+            "consume",
+            "--addr",
+            &addr,
+            "--topic",
+            "fan",
+            "--group",
+            "g",
+            "--mode",
+            "broadcast",
+            "--count",
+            "40",
+            "--batch-size",
+            "16",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn consume");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.expect("utf8")).is_err() {
+                break;
+            }
+        }
+    });
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    // The command line's member has joined when the group has two consumers.
+    let start = std::time::Instant::now();
+    while group_stats(&b, "fan", "g")["consumers"].as_u64() != Some(2) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "did not join"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let p = Producer::connect(client_config(&addr, "p"))
+        .await
+        .expect("producer");
+    let mut lines = Vec::new();
+    // Two messages, one batch each: a round of 40 / 16 = 2 batches would end here.
+    for i in 0..2u32 {
+        p.send("fan", format!("m{i}")).await.expect("publish");
+        lines.push(
+            rx.recv_timeout(std::time::Duration::from_secs(20))
+                .expect("a line"),
+        );
+    }
+    // Frozen there while the other member takes and acks the rest.
+    signal("-STOP");
+    for i in 2..40u32 {
+        p.send("fan", format!("m{i}")).await.expect("publish");
+    }
+    let mut acked = 0;
+    while acked < 40 {
+        let got = tokio::time::timeout(std::time::Duration::from_secs(20), acked_rx.recv()).await;
+        assert!(matches!(got, Ok(Some(_))), "the other member did not ack");
+        acked += 1;
+    }
+    signal("-CONT");
+    while lines.len() < 40 {
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("only {} lines, the last {:?}", lines.len(), lines.last());
+            }
+        }
+    }
+    let out = child.wait_with_output().expect("consume exits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seqs: Vec<u64> = seqs_and_attempts(&lines.join("\n"))
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<u64>>());
+}

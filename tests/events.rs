@@ -336,7 +336,6 @@ fn prlimit(pid: u32, what: &str, soft: impl std::fmt::Display) {
 
 /// Every kind of the catalogue, each caused for real and seen by one subscriber.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the store, orchestrator and delivery-mode work of issue 11 merged (HS, HG, HD)"]
 async fn every_event_kind_is_seen_caused_for_real() {
     let b = TestBroker::start_with(&[
         "--enable-fault-injection",
@@ -407,6 +406,22 @@ async fn every_event_kind_is_seen_caused_for_real() {
     )
     .await;
     let mut second = Consumer::subscribe(fo("second")).await.expect("second");
+    // The standby must have joined before the active one leaves.
+    let deadline = Instant::now() + T;
+    while seen
+        .iter()
+        .filter(|e| e.kind == event_kind::CONSUMER_JOINED && e.group.as_deref() == Some("fo"))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the standby never joined: {seen:#?}"
+        );
+        if let Ok(Some(Ok(e))) = tokio::time::timeout(T, ev.next()).await {
+            seen.push(e);
+        }
+    }
     drop(first);
     wait_for(
         &mut ev,

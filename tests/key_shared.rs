@@ -1,5 +1,6 @@
-//! `key_shared` groups end to end: 3 consumers, 30,000 messages over 1,000 keys, one consumer's
-//! connection dropped mid-run (RST, with batches unacked) and another joining later.
+//! `key_shared` groups end to end: 3 consumers, 30,000 messages over 1,000 keys (20 of them
+//! hot), one consumer's connection dropped mid-run (RST, with batches unacked) and another
+//! joining later.
 //!
 //! What "in order" means here, with redeliveries: (a) group-wide, the *first* delivery of each
 //! message of a key (to any consumer) comes after the first delivery of every earlier message
@@ -7,7 +8,8 @@
 //! received before (a redelivery to the same consumer), come in seq order. "No key on two
 //! consumers at once": for each key and consumer, the interval from its first receipt of the
 //! key to its last ack of a message of the key (or the moment its connection was dropped) never
-//! overlaps another consumer's interval for that key.
+//! overlaps another consumer's interval for that key. (Receipts are stamped when read, acks
+//! before they are sent, from one clock: see `mode_consumer`.)
 mod common;
 mod mode_consumer;
 
@@ -24,8 +26,34 @@ const KEYS: u64 = 1_000;
 const TOPIC: &str = "ks";
 const GROUP: &str = "g";
 
-fn key_of(seq: u64) -> String {
-    format!("key-{}", (seq - 1) % KEYS)
+/// The broker's key hash (FNV-1a 64 of the key, `% 65536`).
+fn hash(key: &str) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % 65536) as u32
+}
+
+/// 20 hot keys: 10 whose hash is in `[40960, 65535]` (b's range, then c's once b is dropped,
+/// then d's once d joins) and 10 others.
+fn hot_keys() -> Vec<String> {
+    let all = (0..KEYS).map(|i| format!("key-{i}"));
+    let moving = all.clone().filter(|k| hash(k) >= 40960).take(10);
+    let other = all.filter(|k| hash(k) < 40960).take(10);
+    moving.chain(other).collect()
+}
+
+/// Every even seq has one of the 1,000 keys in turn; every odd one one of the 20 hot keys in
+/// turn: a hot key that moves has messages both in flight to its old owner and waiting for the
+/// new one.
+fn key_of(seq: u64, hot: &[String]) -> String {
+    if seq % 2 == 1 {
+        hot[((seq / 2) % 20) as usize].clone()
+    } else {
+        format!("key-{}", (seq / 2) % KEYS)
+    }
 }
 
 async fn wait_consumers(addr: &str, n: u32) {
@@ -55,6 +83,9 @@ fn plan(name: &str) -> Plan {
     let mut p = Plan::new(name, TOPIC, GROUP, GroupMode::KeyShared);
     p.window = 4;
     p.batch = 50;
+    // Each batch is held a moment before its ack: when a key moves, its old owner still holds
+    // some of its messages.
+    p.ack_delay = Duration::from_millis(3);
     p
 }
 
@@ -63,35 +94,41 @@ async fn keys_stay_in_order_and_on_one_consumer_across_a_kill_and_a_join() {
     let b = TestBroker::start_with(&["--batch-timeout", "60s"]);
     let addr = b.addr();
     let shared = Arc::new(Shared::default());
+    let hot = hot_keys();
+    // All published first: a backlog, so that every move happens with messages of the keys
+    // moved both in flight to their old owner and waiting for the new one.
+    let producer = Producer::connect(client_config(&addr, "p"))
+        .await
+        .expect("producer");
+    for chunk in 0..N / 1000 {
+        let msgs = (chunk * 1000 + 1..=(chunk + 1) * 1000)
+            .map(|seq| NewMessage {
+                id: None,
+                key: Some(key_of(seq, &hot)),
+                headers: Default::default(),
+                priority: 0,
+                payload: Bytes::from(seq.to_string()),
+            })
+            .collect();
+        producer.publish_batch(TOPIC, msgs).await.expect("publish");
+    }
     let mut tasks = Vec::new();
     // Joined one by one, so the ranges are known: a [0, 16383], c [16384, 32767],
     // b [32768, 65535]; b is dropped once 10,000 are settled (its range merges into c's), and
-    // d joins once 20,000 are (it takes the upper half of c's).
+    // d joins once 20,000 are (it takes the upper half of c's, [40960, 65535]).
     for (i, name) in ["a", "b", "c"].iter().enumerate() {
         let mut p = plan(name);
         if *name == "b" {
             p.kill_at = Some(10_000);
         }
+        if *name == "c" {
+            // c holds its batches longer: when d joins, c surely holds messages of the keys
+            // that move to d, and d must wait for c's acks.
+            p.ack_delay = Duration::from_millis(20);
+        }
         tasks.push(tokio::spawn(run(addr.clone(), p, shared.clone())));
         wait_consumers(&addr, i as u32 + 1).await;
     }
-    let producer = Producer::connect(client_config(&addr, "p"))
-        .await
-        .expect("producer");
-    let publishing = tokio::spawn(async move {
-        for chunk in 0..N / 1000 {
-            let msgs = (chunk * 1000 + 1..=(chunk + 1) * 1000)
-                .map(|seq| NewMessage {
-                    id: None,
-                    key: Some(key_of(seq)),
-                    headers: Default::default(),
-                    priority: 0,
-                    payload: Bytes::from(seq.to_string()),
-                })
-                .collect();
-            producer.publish_batch(TOPIC, msgs).await.expect("publish");
-        }
-    });
     let s = shared.clone();
     wait_for(Duration::from_secs(60), "20,000 settled", || {
         s.settled() >= 20_000
@@ -104,7 +141,6 @@ async fn keys_stay_in_order_and_on_one_consumer_across_a_kill_and_a_join() {
         s.settled() >= N
     })
     .await;
-    publishing.await.expect("publisher");
     let stats = group_stats(&addr, TOPIC, GROUP).await;
     let conns = [
         ("a", conn_id(&addr, "a").await),
@@ -124,7 +160,11 @@ async fn keys_stay_in_order_and_on_one_consumer_across_a_kill_and_a_join() {
     acked.sort_unstable();
     assert_eq!(acked, (1..=N).collect::<Vec<_>>());
     for r in &j.receipts {
-        assert_eq!(r.key.as_deref(), Some(key_of(r.seq).as_str()), "{r:?}");
+        assert_eq!(
+            r.key.as_deref(),
+            Some(key_of(r.seq, &hot).as_str()),
+            "{r:?}"
+        );
     }
 
     // Only what b held unacked when it was dropped was delivered again, once, elsewhere.
@@ -164,8 +204,19 @@ async fn keys_stay_in_order_and_on_one_consumer_across_a_kill_and_a_join() {
     }
     assert_eq!(by_key.len() as u64, KEYS);
     let kill_at: BTreeMap<&str, u64> = j.kills.iter().map(|(w, at)| (w.as_str(), *at)).collect();
-    let mut moved_once = 0;
-    let mut moved_twice = 0;
+    let mut acks_of: BTreeMap<(String, &str), u64> = BTreeMap::new();
+    for a in &j.acks {
+        for s in &a.seqs {
+            let e = acks_of
+                .entry((key_of(*s, &hot), a.who.as_str()))
+                .or_default();
+            *e = (*e).max(a.at);
+        }
+    }
+    // Keys that went from b to c (b dropped), and from c to d (d joined). (With the backlog,
+    // keys that a took before b and c joined moved then too.)
+    let mut moved_by_kill = BTreeSet::new();
+    let mut moved_by_join = BTreeSet::new();
     for (key, rs) in &by_key {
         // (a) First deliveries in seq order.
         let mut seen = BTreeSet::new();
@@ -181,9 +232,11 @@ async fn keys_stay_in_order_and_on_one_consumer_across_a_kill_and_a_join() {
             }
         }
         // (b) Per consumer, leaving out what it had received before.
-        let mut per: BTreeMap<&str, (BTreeSet<u64>, u64)> = BTreeMap::new();
+        let mut per: BTreeMap<&str, (BTreeSet<u64>, u64, u64)> = BTreeMap::new();
         for r in rs {
-            let (got, last) = per.entry(r.who.as_str()).or_default();
+            let (got, last, _) = per
+                .entry(r.who.as_str())
+                .or_insert((BTreeSet::new(), 0, r.at));
             if got.insert(r.seq) {
                 assert!(
                     r.seq > *last,
@@ -197,23 +250,11 @@ async fn keys_stay_in_order_and_on_one_consumer_across_a_kill_and_a_join() {
         }
         // No key on two consumers at once.
         let mut intervals: Vec<(u64, u64, &str)> = per
-            .keys()
-            .map(|who| {
-                let start = rs
-                    .iter()
-                    .filter(|r| r.who == *who)
-                    .map(|r| r.at)
-                    .min()
-                    .unwrap_or(0);
-                let last_ack = j
-                    .acks
-                    .iter()
-                    .filter(|a| a.who == *who && a.seqs.iter().any(|s| key_of(*s) == *key))
-                    .map(|a| a.at)
-                    .max()
-                    .unwrap_or(0);
+            .iter()
+            .map(|(who, (_, _, start))| {
+                let last_ack = acks_of.get(&(key.clone(), *who)).copied().unwrap_or(0);
                 let end = last_ack.max(kill_at.get(who).copied().unwrap_or(0));
-                (start, end, *who)
+                (*start, end, *who)
             })
             .collect();
         intervals.sort_unstable();
@@ -225,18 +266,21 @@ async fn keys_stay_in_order_and_on_one_consumer_across_a_kill_and_a_join() {
                 w[1].2
             );
         }
-        match intervals.len() {
-            1 => {}
-            2 => moved_once += 1,
-            3 => moved_twice += 1,
-            n => panic!("{key} on {n} consumers: {intervals:?}"),
+        let owners: Vec<&str> = intervals.iter().map(|i| i.2).collect();
+        if owners.windows(2).any(|w| w == ["b", "c"]) {
+            moved_by_kill.insert(key.clone());
+        }
+        if owners.windows(2).any(|w| w == ["c", "d"]) {
+            moved_by_join.insert(key.clone());
         }
     }
-    // Both moves happened: b's keys went to c, and part of c's (b's among them) went to d.
-    assert!(
-        moved_once > 0 && moved_twice > 0,
-        "{moved_once} / {moved_twice}"
-    );
+    // Both moves happened, the hot keys of b's upper half among them.
+    for k in &hot[..10] {
+        assert!(
+            moved_by_kill.contains(k) && moved_by_join.contains(k),
+            "{k} went b → c → d"
+        );
+    }
 
     // The ranges: b's merged into c's, then d took the upper half of c's.
     let ranges: BTreeMap<u64, Vec<(u32, u32)>> = stats

@@ -4,9 +4,11 @@
 //! ```text
 //! sluice-bench --workload w2 [--n N] [--size B] [--inflight K] [--rate R] [--groups G] ...
 //! sluice-bench report results.jsonl [--targets]
+//! sluice-bench ab results.jsonl --pair w1:new/base@0.95 --sweep sweep@2000
 //! ```
-//! See `BENCHMARKS.md` and `bench/compare.sh`.
+//! See `BENCHMARKS.md`, `bench/compare.sh` and `bench/issue11.sh`.
 
+mod ab;
 mod broker;
 mod opts;
 #[cfg(feature = "peers")]
@@ -29,7 +31,7 @@ use crate::opts::Opts;
 /// A broker this run started, with its data directory (dropped after the broker).
 struct Owned {
     broker: Broker,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn temp_dir(o: &Opts, what: &str) -> Result<tempfile::TempDir> {
@@ -41,20 +43,27 @@ fn temp_dir(o: &Opts, what: &str) -> Result<tempfile::TempDir> {
         .with_context(|| format!("creating a temp dir in {}", root.display()))
 }
 
+/// `--server-arg`s, and `--config FILE` when the options ask for a broker config
+/// ([`Opts::broker_config`]): the file is written into `dir`.
+fn server_args(o: &Opts, dir: &std::path::Path) -> Result<Vec<String>> {
+    let mut args = o.server_args.clone();
+    if let Some(text) = o.broker_config() {
+        let path = dir.join("sluice.toml");
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        args.push("--config".into());
+        args.push(path.display().to_string());
+    }
+    Ok(args)
+}
+
 fn start_broker(o: &Opts) -> Result<Owned> {
     let bin = broker::find_binary(o.sluice_bin.as_deref())?;
     let dir = temp_dir(o, &o.workload)?;
     let data = dir.path().join("data");
     let log = dir.path().join("broker.log");
-    let broker = Broker::start(
-        &bin,
-        &data,
-        &log,
-        &o.fsync,
-        &o.server_args,
-        Duration::from_secs(60),
-    )?;
-    Ok(Owned { broker, _dir: dir })
+    let extra = server_args(o, dir.path())?;
+    let broker = Broker::start(&bin, &data, &log, &o.fsync, &extra, Duration::from_secs(60))?;
+    Ok(Owned { broker, dir })
 }
 
 async fn run_sluice(o: Opts) -> Result<Value> {
@@ -68,14 +77,18 @@ async fn run_sluice(o: Opts) -> Result<Value> {
             Some(tokio::task::spawn_blocking(move || start_broker(&oc)).await??)
         }
     };
-    let (addr, pid) = match &owned {
-        Some(b) => (b.broker.addr.clone(), Some(b.broker.pid)),
-        None => (o.addr.clone().unwrap_or_default(), o.server_pid),
+    let (addr, pid, data_dir) = match &owned {
+        Some(b) => (
+            b.broker.addr.clone(),
+            Some(b.broker.pid),
+            Some(b.dir.path().join("data")),
+        ),
+        None => (o.addr.clone().unwrap_or_default(), o.server_pid, None),
     };
     let result = match o.workload.as_str() {
         "w6" => sluice_peer::run_w6(&addr, &o, pid).await,
         _ => {
-            let target = Arc::new(sluice_peer::Sluice::new(addr, &o));
+            let target = Arc::new(sluice_peer::Sluice::new(addr, &o).with_data_dir(data_dir));
             workload::run(target, o.clone(), pid).await
         }
     };
@@ -105,12 +118,13 @@ async fn run_w7(o: Opts) -> Result<Value> {
     let data = dir.path().join("data");
     let log = dir.path().join("broker.log");
     let topic = format!("bench.w7.{}", std::process::id());
+    let extra = server_args(&o, dir.path())?;
     let (b, d, l, f, x) = (
         bin.clone(),
         data.clone(),
         log.clone(),
         o.fsync.clone(),
-        o.server_args.clone(),
+        extra.clone(),
     );
     let mut filler = tokio::task::spawn_blocking(move || {
         Broker::start(&b, &d, &l, &f, &x, Duration::from_secs(60))
@@ -134,7 +148,8 @@ async fn run_w7(o: Opts) -> Result<Value> {
             data_bytes / 1_000_000
         );
     }
-    let (mut broker, fields) = sluice_peer::time_restart(&bin, &data, &log, &topic, &o).await?;
+    let (mut broker, fields) =
+        sluice_peer::time_restart(&bin, &data, &log, &topic, &extra, &o).await?;
     let stopped = tokio::task::spawn_blocking(move || broker.stop(Duration::from_secs(60))).await?;
     let restart_cpu = fields.get("restart_server_cpu_s").and_then(Value::as_f64);
     let restart_hwm = fields.get("restart_vmhwm_kb").and_then(Value::as_u64);
@@ -240,6 +255,13 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match args.first().map(String::as_str) {
         Some("report") => match report::main(&args[1..]) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("{e:#}");
+                1
+            }
+        },
+        Some("ab") => match ab::main(&args[1..]) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("{e:#}");

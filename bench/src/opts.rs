@@ -7,6 +7,8 @@ use anyhow::{anyhow, bail, Result};
 pub const USAGE: &str = "\
 usage: sluice-bench [run] --workload w1|w2|w3|w4|w5|w6|w7 [flags]
        sluice-bench report FILE.jsonl [--targets]
+       sluice-bench ab FILE.jsonl [--pair W:NUM/DEN[@BOUND]]... [--sweep LABEL[@P99_US]]
+                  (runs told apart by --label, paired by --round: per-round ratios, medians)
 
 workloads (defaults):
   w1 publish      200,000 x 256 B, 1,000 publishes in flight, each confirmed durable
@@ -20,6 +22,21 @@ workloads (defaults):
 flags:
   --peer sluice|redis|nats   broker under test [sluice]; redis/nats need --features peers
   --n N --size B --inflight K --rate MSG_S --groups G --consumers C (per group)
+  --mode shared|broadcast    sluice group mode [shared]; broadcast: every consumer of a group
+                             gets every message and counts as its own receiver, so
+                             `--groups 1 --consumers 4 --mode broadcast` makes the same 4N
+                             deliveries as `--groups 4 --consumers 1`
+  --ids on|off               sluice: the producer gives every message an id (the SDK's
+                             ProducerOptions.idempotent) [on]
+  --retention-interval DUR   sluice: the bench writes a config file for the broker it starts with
+                             `retention_interval = DUR` (a sweep every DUR, humantime) ...
+  --retention-max-age DUR    ... and `[retention] max_age = DUR` (keep it far above the run, e.g. 1h)
+  --sweep-gib G              w4, sluice: before the timed phase fill another topic with G GiB of
+                             1 MiB messages (then a 2 s pause); --sweep-after S seconds into the
+                             timed phase [2] set its max_age to 1s, so the next sweep removes it
+                             while w4 runs; the line records when (sweep_*: polls of topic.info
+                             and du every 50 ms) and the latency of the messages sent around it
+                             (sweep_lat_p99_us); sweeps come every --retention-interval
   --addr HOST:PORT           use a running broker (loopback only); without it (sluice) the bench
                              starts `sluice serve --listen 127.0.0.1:0` on a temp dir itself
   --server-pid PID           PID of a broker started by someone else (CPU, RSS figures)
@@ -66,6 +83,49 @@ pub struct Opts {
     pub nats_ack_all: bool,
     pub ack_every: u64,
     pub progress: bool,
+    /// Group mode of the sluice consumers: "shared" or "broadcast".
+    pub mode: String,
+    /// Sluice producer: an id on every message (`ProducerOptions.idempotent`).
+    pub ids: bool,
+    /// `retention_interval` of the config file written for the broker (humantime).
+    pub retention_interval: Option<String>,
+    /// `[retention] max_age` of that config file (humantime).
+    pub retention_max_age: Option<String>,
+    /// W4: GiB filled into a second topic before the run and removed by a sweep during it.
+    pub sweep_gib: f64,
+    /// Seconds into the timed phase at which that topic's retention is cut.
+    pub sweep_after_s: f64,
+}
+
+impl Opts {
+    /// True when the consumers join broadcast groups (each consumer gets every message).
+    pub fn broadcast(&self) -> bool {
+        self.mode == "broadcast"
+    }
+
+    /// Receivers that each get every message: the groups, or in broadcast mode every consumer.
+    pub fn receivers(&self) -> usize {
+        if self.broadcast() {
+            self.groups * self.consumers
+        } else {
+            self.groups
+        }
+    }
+
+    /// The broker config file the bench writes for the broker it starts (None: no file).
+    pub fn broker_config(&self) -> Option<String> {
+        if self.retention_interval.is_none() && self.retention_max_age.is_none() {
+            return None;
+        }
+        let mut s = String::from("# written by sluice-bench\n");
+        if let Some(i) = &self.retention_interval {
+            s.push_str(&format!("retention_interval = \"{i}\"\n"));
+        }
+        if let Some(a) = &self.retention_max_age {
+            s.push_str(&format!("\n[retention]\nmax_age = \"{a}\"\n"));
+        }
+        Some(s)
+    }
 }
 
 impl Opts {
@@ -87,6 +147,19 @@ fn parse_bool(v: &str) -> Result<bool> {
         "false" | "0" | "no" | "off" => Ok(false),
         _ => bail!("expected true|false, got {v:?}"),
     }
+}
+
+/// A humantime duration as written into the broker's TOML config: digits, letters and spaces
+/// only (the broker checks the value itself when it starts).
+fn duration(v: &str) -> Result<String> {
+    let v = v.trim();
+    if v.is_empty()
+        || !v.starts_with(|c: char| c.is_ascii_digit())
+        || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ')
+    {
+        bail!("expected a humantime duration such as 1s or 1h, got {v:?}");
+    }
+    Ok(v.to_string())
 }
 
 pub fn parse(args: &[String]) -> Result<Opts> {
@@ -118,6 +191,12 @@ pub fn parse(args: &[String]) -> Result<Opts> {
         nats_ack_all: false,
         ack_every: 100,
         progress: false,
+        mode: "shared".into(),
+        ids: true,
+        retention_interval: None,
+        retention_max_age: None,
+        sweep_gib: 0.0,
+        sweep_after_s: 2.0,
     };
     let (mut n_set, mut size_set, mut inflight_set, mut groups_set, mut rate_set) =
         (false, false, false, false, false);
@@ -192,6 +271,12 @@ pub fn parse(args: &[String]) -> Result<Opts> {
                 }
             }
             "--ack-every" => o.ack_every = v.parse()?,
+            "--mode" => o.mode = v.to_ascii_lowercase(),
+            "--ids" => o.ids = parse_bool(&v)?,
+            "--retention-interval" => o.retention_interval = Some(duration(&v)?),
+            "--retention-max-age" => o.retention_max_age = Some(duration(&v)?),
+            "--sweep-gib" => o.sweep_gib = v.parse()?,
+            "--sweep-after" => o.sweep_after_s = v.parse()?,
             _ => bail!("unknown flag {k}\n\n{USAGE}"),
         }
     }
@@ -243,6 +328,24 @@ pub fn parse(args: &[String]) -> Result<Opts> {
     if o.peer != "sluice" && !matches!(o.workload.as_str(), "w1" | "w2" | "w3" | "w4") {
         bail!("workload {} runs against sluice only", o.workload);
     }
+    if !matches!(o.mode.as_str(), "shared" | "broadcast") {
+        bail!("--mode shared|broadcast, got {:?}", o.mode);
+    }
+    if o.broadcast() && (o.peer != "sluice" || o.groups == 0) {
+        bail!("--mode broadcast needs sluice and a workload with groups (w2, w3, w4)");
+    }
+    if o.broker_config().is_some() && (o.peer != "sluice" || o.addr.is_some()) {
+        bail!("--retention-* configure the broker the bench starts (sluice without --addr)");
+    }
+    if !(o.sweep_gib.is_finite() && (0.0..=64.0).contains(&o.sweep_gib)) {
+        bail!("--sweep-gib must be in 0..=64");
+    }
+    if !(o.sweep_after_s.is_finite() && o.sweep_after_s >= 0.0) {
+        bail!("--sweep-after must be a number of seconds >= 0");
+    }
+    if o.sweep_gib > 0.0 && (o.workload != "w4" || o.peer != "sluice") {
+        bail!("--sweep-gib is for w4 against sluice");
+    }
     if !matches!(o.peer.as_str(), "sluice" | "redis" | "nats") {
         bail!("unknown peer {:?} (sluice|redis|nats)", o.peer);
     }
@@ -292,5 +395,30 @@ mod tests {
         assert!(p("--workload w9").is_err());
         assert!(p("--workload w5 --peer redis").is_err());
         assert!(p("--workload w1 --bogus 1").is_err());
+        assert!(p("--workload w3 --mode fanout").is_err());
+        assert!(p("--workload w1 --mode broadcast").is_err());
+        assert!(p("--workload w3 --peer redis --mode broadcast").is_err());
+        assert!(p("--workload w3 --retention-interval 1s --addr 127.0.0.1:7070").is_err());
+        assert!(p("--workload w3 --retention-max-age 1h\"x").is_err());
+        assert!(p("--workload w3 --sweep-gib 1").is_err());
+        assert!(p("--workload w4 --sweep-gib -1").is_err());
+    }
+
+    #[test]
+    fn broadcast_receivers_and_broker_config() {
+        let o = p("--workload w3 --groups 1 --consumers 4 --mode broadcast").unwrap();
+        assert_eq!((o.receivers(), o.broadcast()), (4, true));
+        let o = p("--workload w3 --groups 4").unwrap();
+        assert_eq!((o.receivers(), o.broadcast()), (4, false));
+        assert!(o.ids);
+        assert_eq!(o.broker_config(), None);
+        let o = p("--workload w4 --retention-interval 1s --retention-max-age 1h --ids off --sweep-gib 0.5")
+            .unwrap();
+        assert!(!o.ids);
+        assert_eq!(
+            o.broker_config().unwrap(),
+            "# written by sluice-bench\nretention_interval = \"1s\"\n\n[retention]\nmax_age = \"1h\"\n"
+        );
+        assert_eq!((o.sweep_gib, o.sweep_after_s), (0.5, 2.0));
     }
 }

@@ -195,6 +195,15 @@ fn mib(rs: &[Value], f: &str) -> String {
     fmt_med(rs, f, 1024.0, 0)
 }
 
+/// Who gets every message in a W3 run: its groups, or the consumers of a broadcast group.
+fn receivers(run: &Value) -> String {
+    let (g, c) = (&run["groups"], &run["consumers"]);
+    match run["mode"].as_str() {
+        Some("broadcast") => format!("{g} broadcast group(s) × {c} consumers, each a receiver"),
+        _ => format!("{g} groups (receivers)"),
+    }
+}
+
 fn main_tables(d: &Data, out: &mut String) -> Result<()> {
     for wk in d.workloads() {
         let w = wk.split('/').next().unwrap_or("");
@@ -203,15 +212,21 @@ fn main_tables(d: &Data, out: &mut String) -> Result<()> {
         let sample = &configs[0].1[0];
         let n = sample["n"].as_u64().unwrap_or(0);
         let size = sample["size"].as_u64().unwrap_or(0);
+        // The heading names the runs' label (bench/issue11.sh's base, new, ...).
+        let mut head = String::new();
         match w {
-            "w1" => writeln!(out, "\n### W1 publish: {} × {size} B, {} in flight, each confirmed\n\n| system | runs | msgs/s median [min–max] | MB/s | spread | vs Redis everysec | server µs/msg | server CPU s | client CPU s | server VmHWM MiB |\n|---|---|---|---|---|---|---|---|---|---|", thousands(n as f64), sample["inflight"])?,
-            "w2" => writeln!(out, "\n### W2 end to end: {} × {size} B, 1 group × 1 consumer, first publish → last ack\n\n| system | runs | msgs/s median [min–max] | spread | vs Redis everysec | lat p50 / p99 / max ms | server µs/msg | server CPU s | client CPU s | server VmHWM MiB | dups |\n|---|---|---|---|---|---|---|---|---|---|---|", thousands(n as f64))?,
-            "w3" => writeln!(out, "\n### W3 fan-out: {} × {size} B, {} groups, deliveries/s = groups·N / (last ack − first publish)\n\n| system | runs | deliveries/s median [min–max] | spread | vs Redis everysec | publish msgs/s | lat p50 / p99 ms | server µs/delivery | server CPU s | server VmHWM MiB | dups |\n|---|---|---|---|---|---|---|---|---|---|---|", thousands(n as f64), sample["groups"])?,
-            "w4" => writeln!(out, "\n### W4 paced latency: {} × {size} B at {} msg/s, publish → receive\n\n| system | runs | p50 ms | p99 ms median [min–max] | max ms | p99 vs Redis everysec (lower is better) | achieved msgs/s | server µs/msg | server VmHWM MiB |\n|---|---|---|---|---|---|---|---|---|", thousands(n as f64), thousands(sample["rate"].as_f64().unwrap_or(0.0)))?,
-            "w5" => writeln!(out, "\n### W5 big messages: {} × {} KiB published, {} in flight\n\n| system | runs | MB/s median [min–max] | spread | msgs/s | server CPU s | server VmHWM MiB |\n|---|---|---|---|---|---|---|", thousands(n as f64), size / 1024, sample["inflight"])?,
-            "w6" => writeln!(out, "\n### W6 idle connections: {} subscribed consumers, one connection each\n\n| system | runs | RSS per connection KiB median [min–max] | spread | subscribed | RSS idle → loaded MiB | time to open s | server VmHWM MiB |\n|---|---|---|---|---|---|---|---|", thousands(n as f64))?,
-            "w7" => writeln!(out, "\n### W7 recovery: start of a broker holding {} × {size} B stored messages\n\n| system | runs | ready s (spawn → first answered request) median [min–max] | listening line s | first delivery s | data dir MB | fill msgs/s | head seq after restart | RSS at ready MiB |\n|---|---|---|---|---|---|---|---|---|", thousands(n as f64))?,
-            _ => writeln!(out, "\n### {wk}\n\n| system | runs | {kf} |\n|---|---|---|")?,
+            "w1" => writeln!(head, "\n### W1 publish: {} × {size} B, {} in flight, each confirmed\n\n| system | runs | msgs/s median [min–max] | MB/s | spread | vs Redis everysec | server µs/msg | server CPU s | client CPU s | server VmHWM MiB |\n|---|---|---|---|---|---|---|---|---|---|", thousands(n as f64), sample["inflight"])?,
+            "w2" => writeln!(head, "\n### W2 end to end: {} × {size} B, 1 group × 1 consumer, first publish → last ack\n\n| system | runs | msgs/s median [min–max] | spread | vs Redis everysec | lat p50 / p99 / max ms | server µs/msg | server CPU s | client CPU s | server VmHWM MiB | dups |\n|---|---|---|---|---|---|---|---|---|---|---|", thousands(n as f64))?,
+            "w3" => writeln!(head, "\n### W3 fan-out: {} × {size} B, {}, deliveries/s = receivers·N / (last ack − first publish)\n\n| system | runs | deliveries/s median [min–max] | spread | vs Redis everysec | publish msgs/s | lat p50 / p99 ms | server µs/delivery | server CPU s | server VmHWM MiB | dups |\n|---|---|---|---|---|---|---|---|---|---|---|", thousands(n as f64), receivers(sample))?,
+            "w4" => writeln!(head, "\n### W4 paced latency: {} × {size} B at {} msg/s, publish → receive\n\n| system | runs | p50 ms | p99 ms median [min–max] | max ms | p99 vs Redis everysec (lower is better) | achieved msgs/s | server µs/msg | server VmHWM MiB |\n|---|---|---|---|---|---|---|---|---|", thousands(n as f64), thousands(sample["rate"].as_f64().unwrap_or(0.0)))?,
+            "w5" => writeln!(head, "\n### W5 big messages: {} × {} KiB published, {} in flight\n\n| system | runs | MB/s median [min–max] | spread | msgs/s | server CPU s | server VmHWM MiB |\n|---|---|---|---|---|---|---|", thousands(n as f64), size / 1024, sample["inflight"])?,
+            "w6" => writeln!(head, "\n### W6 idle connections: {} subscribed consumers, one connection each\n\n| system | runs | RSS per connection KiB median [min–max] | spread | subscribed | RSS idle → loaded MiB | time to open s | server VmHWM MiB |\n|---|---|---|---|---|---|---|---|", thousands(n as f64))?,
+            "w7" => writeln!(head, "\n### W7 recovery: start of a broker holding {} × {size} B stored messages\n\n| system | runs | ready s (spawn → first answered request) median [min–max] | listening line s | first delivery s | data dir MB | fill msgs/s | head seq after restart | RSS at ready MiB |\n|---|---|---|---|---|---|---|---|---|", thousands(n as f64))?,
+            _ => writeln!(head, "\n### {wk}\n\n| system | runs | {kf} |\n|---|---|---|")?,
+        }
+        match wk.split_once('/') {
+            Some((_, label)) => out.push_str(&head.replacen(':', &format!(" [{label}]:"), 1)),
+            None => out.push_str(&head),
         }
         for (k, rs) in configs {
             let name = peer_name(&k.1, &k.2);

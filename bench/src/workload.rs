@@ -49,13 +49,16 @@ pub fn parse_payload(p: &[u8]) -> Result<(u64, u64)> {
     Ok((le(ts), le(ix)))
 }
 
-/// Unique indexes seen, duplicates and latency samples of one group (shared by its consumers).
+/// Unique indexes seen, duplicates and latency samples of one receiver (a group, shared by its
+/// consumers; in broadcast mode one consumer).
 pub struct Recv {
     n: u64,
     seen: Vec<bool>,
     pub unique: u64,
     pub dups: u64,
     pub lat_ns: Vec<u64>,
+    /// When each sample of `lat_ns` was sent ([`now_ns`]), same order.
+    pub sent_ns: Vec<u64>,
 }
 
 impl Recv {
@@ -66,6 +69,7 @@ impl Recv {
             unique: 0,
             dups: 0,
             lat_ns: Vec::with_capacity(n as usize),
+            sent_ns: Vec::with_capacity(n as usize),
         }
     }
 
@@ -81,6 +85,7 @@ impl Recv {
             self.seen[ix as usize] = true;
             self.unique += 1;
             self.lat_ns.push(now.saturating_sub(ts));
+            self.sent_ns.push(ts);
         }
         Ok(())
     }
@@ -90,17 +95,28 @@ impl Recv {
     }
 }
 
-/// One group: its receive bookkeeping and a "every message arrived" signal for its consumers.
+/// One receiver of every message: its receive bookkeeping and a "every message arrived"
+/// signal for its consumers. In shared mode a receiver is a group (its consumers share the
+/// messages); in broadcast mode each consumer of a group is a receiver of its own.
 pub struct Group {
+    /// The receiver's number (0..receivers), for client ids and reports.
     pub index: usize,
+    /// The broker's group it consumes from (`g<group>`; several receivers share it in
+    /// broadcast mode).
+    pub name: String,
     recv: Mutex<Recv>,
     done: watch::Sender<bool>,
 }
 
 impl Group {
     pub fn new(index: usize, n: u64) -> Arc<Group> {
+        Self::named(index, format!("g{index}"), n)
+    }
+
+    pub fn named(index: usize, name: String, n: u64) -> Arc<Group> {
         Arc::new(Group {
             index,
+            name,
             recv: Mutex::new(Recv::new(n)),
             done: watch::Sender::new(false),
         })
@@ -152,6 +168,19 @@ pub trait Target: Send + Sync + 'static {
     ) -> BoxFut<u64>;
     /// Fields added to the JSON line (durability in force, client options, versions).
     fn describe(self: Arc<Self>, o: Opts) -> BoxFut<Map<String, Value>>;
+    /// Periods of the run worth a latency figure of their own (after `describe`).
+    fn windows(&self) -> Vec<Window> {
+        Vec::new()
+    }
+}
+
+/// A period of the run ([`now_ns`] instants): the line gets `<name>_msgs` (messages sent in
+/// it), `<name>_lat_p99_us` / `_max_us` (their publish → receive latency) and `<name>_in_run`
+/// (whether it began before the run's last ack).
+pub struct Window {
+    pub name: String,
+    pub from_ns: u64,
+    pub to_ns: u64,
 }
 
 /// What [`pump`] measured.
@@ -261,17 +290,28 @@ pub async fn run(target: Arc<dyn Target>, o: Opts, server_pid: Option<u32>) -> R
     let cli_cpu0 = sys::cpu_s("self");
     let load0 = sys::loadavg1();
 
-    // Consumers first; wait until each is subscribed.
-    let groups: Vec<Arc<Group>> = (0..o.groups).map(|g| Group::new(g, o.n)).collect();
+    // Consumers first; wait until each is subscribed. Shared: one receiver per group, its
+    // consumers share it. Broadcast: every consumer is a receiver (of its group's messages).
+    let (groups, per_receiver): (Vec<Arc<Group>>, usize) = if o.broadcast() {
+        let rs = (0..o.groups)
+            .flat_map(|g| (0..o.consumers).map(move |c| (g, c)))
+            .enumerate()
+            .map(|(i, (g, _))| Group::named(i, format!("g{g}"), o.n))
+            .collect();
+        (rs, 1)
+    } else {
+        let rs = (0..o.groups).map(|g| Group::new(g, o.n)).collect();
+        (rs, o.consumers)
+    };
     let mut handles = Vec::new();
     for g in &groups {
-        for c in 0..o.consumers {
+        for c in 0..per_receiver {
             let (tx, rx) = oneshot::channel();
             let h = tokio::spawn(target.clone().consume(o.clone(), g.clone(), c, tx));
             if rx.await.is_err() {
                 // the consumer failed before it was ready: report its error
                 return Err(match h.await {
-                    Ok(Err(e)) => e.context(format!("consumer {c} of group g{}", g.index)),
+                    Ok(Err(e)) => e.context(format!("consumer {c} of receiver {}", g.index)),
                     Ok(Ok(_)) => anyhow!("consumer ended before it was ready"),
                     Err(e) => anyhow!("consumer task: {e}"),
                 });
@@ -315,11 +355,17 @@ pub async fn run(target: Arc<dyn Target>, o: Opts, server_pid: Option<u32>) -> R
     } else {
         (n / e2e_s, n * o.size as f64 / e2e_s / 1e6)
     };
-    let per_msg_base = if o.groups > 1 { deliveries as f64 } else { n };
+    let per_msg_base = if recvs.len() > 1 {
+        deliveries as f64
+    } else {
+        n
+    };
+    let expected = o.n * o.receivers() as u64;
     let mut v = json!({
         "peer": o.peer, "workload": o.workload, "round": o.round, "label": o.label,
         "n": o.n, "size": o.size, "inflight": o.inflight, "groups": o.groups,
-        "consumers": o.consumers, "rate": o.rate,
+        "consumers": o.consumers, "rate": o.rate, "mode": o.mode,
+        "receivers": recvs.len(), "deliveries_expected": expected,
         "publish_s": pub_s,
         "publish_msgs_s": n / pub_s,
         "e2e_s": e2e_s,
@@ -345,17 +391,37 @@ pub async fn run(target: Arc<dyn Target>, o: Opts, server_pid: Option<u32>) -> R
         "client_us_per_msg": cli_cpu.map(|c| c * 1e6 / per_msg_base.max(1.0)),
         "loadavg1_before": load0,
     });
-    if o.groups > 0 && deliveries < o.n * o.groups as u64 {
-        bail!(
-            "only {deliveries} of {} deliveries arrived",
-            o.n * o.groups as u64
-        );
+    if o.groups > 0 && deliveries < expected {
+        bail!("only {deliveries} of {expected} deliveries arrived");
     }
-    let extra = target.describe(o).await?;
+    let extra = target.clone().describe(o).await?;
     if let Value::Object(m) = &mut v {
         m.extend(extra);
+        for w in target.windows() {
+            m.extend(window_fields(&w, &recvs, end));
+        }
     }
     Ok(v)
+}
+
+/// The fields of one [`Window`]: the messages sent in it, over every receiver.
+fn window_fields(w: &Window, recvs: &[Recv], run_end_ns: u64) -> Map<String, Value> {
+    let mut lat: Vec<u64> = recvs
+        .iter()
+        .flat_map(|r| r.sent_ns.iter().zip(&r.lat_ns))
+        .filter(|(&sent, _)| sent >= w.from_ns && sent <= w.to_ns)
+        .map(|(_, &l)| l)
+        .collect();
+    lat.sort_unstable();
+    let mut m = Map::new();
+    m.insert(format!("{}_msgs", w.name), json!(lat.len()));
+    m.insert(format!("{}_lat_p99_us", w.name), us(pct(&lat, 99.0)));
+    m.insert(
+        format!("{}_lat_max_us", w.name),
+        us(lat.last().map(|&x| x as f64)),
+    );
+    m.insert(format!("{}_in_run", w.name), json!(w.from_ns < run_end_ns));
+    m
 }
 
 #[cfg(test)]
@@ -382,6 +448,32 @@ mod tests {
         assert!(g.on_msg(&make_payload(16, 9)).is_err());
         let r = g.take();
         assert_eq!((r.unique, r.dups, r.lat_ns.len()), (3, 1, 3));
+    }
+
+    #[test]
+    fn windows_take_the_messages_sent_in_them() {
+        let mut r = Recv::new(4);
+        r.lat_ns = vec![1_000, 5_000, 9_000, 2_000];
+        r.sent_ns = vec![10, 20, 30, 40];
+        let w = Window {
+            name: "sweep".into(),
+            from_ns: 20,
+            to_ns: 30,
+        };
+        let m = window_fields(&w, &[r], 25);
+        assert_eq!(m["sweep_msgs"], json!(2));
+        assert_eq!(m["sweep_lat_max_us"], json!(9.0));
+        assert_eq!(m["sweep_in_run"], json!(true));
+        let late = Window {
+            name: "late".into(),
+            from_ns: 26,
+            to_ns: 100,
+        };
+        let m = window_fields(&late, &[Recv::new(1)], 25);
+        assert_eq!(
+            (&m["late_msgs"], &m["late_in_run"]),
+            (&json!(0), &json!(false))
+        );
     }
 
     #[test]

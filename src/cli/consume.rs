@@ -90,7 +90,21 @@ impl ConsumeArgs {
     /// The consumer of one subscription: unbounded without `--count`, else the [`Round`] for
     /// `remaining` messages.
     fn consumer_config(&self, remaining: Option<u64>) -> ConsumerConfig {
-        let round = remaining.map(|n| Round::plan(n, self.batch_size));
+        let round = remaining.map(|n| {
+            if self.mode == GroupMode::Broadcast {
+                // Every subscription of a broadcast group is a member of its own, starting at
+                // the group's cursor: a second round could miss what the others acked
+                // meanwhile. One message per batch and one credit per message, so one
+                // subscription takes all N (up to the largest REQUEST_N).
+                Round {
+                    batch_size: 1,
+                    credits: u32::try_from(n.clamp(1, u64::from(MAX_REQUEST_N)))
+                        .unwrap_or(MAX_REQUEST_N),
+                }
+            } else {
+                Round::plan(n, self.batch_size)
+            }
+        });
         ConsumerConfig {
             client: self.conn.client_config("consume"),
             topic: self.topic.clone(),

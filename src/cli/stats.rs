@@ -141,6 +141,7 @@ pub(crate) fn groups_table(groups: &[GroupStats]) -> String {
                 g.skipped_by_retention.to_string(),
                 g.ack_ranges.to_string(),
                 g.rejected_acks.to_string(),
+                g.memory_pressure.to_string(),
             ]
         })
         .collect();
@@ -164,6 +165,7 @@ pub(crate) fn groups_table(groups: &[GroupStats]) -> String {
             ("SKIPPED", R),
             ("ACK RANGES", R),
             ("REJECTED", R),
+            ("AT BOUND", R),
         ],
         &rows,
     )

@@ -43,6 +43,8 @@ pub(super) struct Broadcast {
     pub(super) members: Vec<(ConsumerId, GroupState)>,
     /// A read from this seq is under way (shared by the members).
     reading: Option<u64>,
+    /// A member left since the group's cursor was last computed.
+    left: bool,
 }
 
 impl Broadcast {
@@ -128,6 +130,7 @@ impl GroupState {
             return vec![];
         };
         let (_, m) = bc.members.remove(i);
+        bc.left = true;
         let mut batches: Vec<u64> = m.in_flight.keys().copied().collect();
         batches.sort_unstable();
         self.sync_broadcast();
@@ -326,10 +329,29 @@ impl GroupState {
     /// Recomputes the group's cursor from the members': the lowest floor, and above it what
     /// every member settled. It only grows; marks the state dirty when it moved.
     pub(super) fn sync_broadcast(&mut self) {
-        let Some(bc) = self.bc.as_ref() else { return };
+        let Some(bc) = self.bc.as_mut() else { return };
+        // Only when a member's cursor moved (`dirty`, which only this clears for members) or a
+        // member left: this runs after every ack and every pass.
+        if !std::mem::take(&mut bc.left) && !bc.members.iter().any(|(_, m)| m.dirty) {
+            return;
+        }
+        for (_, m) in bc.members.iter_mut() {
+            m.dirty = false;
+        }
         let Some(floor) = bc.members.iter().map(|(_, m)| m.floor).min() else {
             return;
         };
+        if floor <= self.floor && self.above.is_empty() {
+            // The lowest member has nothing settled past the group: the cursor cannot move,
+            // unless every member settled something above it (then compute).
+            if bc
+                .members
+                .iter()
+                .any(|(_, m)| m.floor <= self.floor && m.above.is_empty())
+            {
+                return;
+            }
+        }
         let floor = floor.max(self.floor);
         // Each member's settled seqs above `floor`, as sorted ranges; intersected in turn.
         let settled = |m: &GroupState| -> Vec<(u64, u64)> {

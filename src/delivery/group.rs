@@ -449,7 +449,8 @@ impl GroupState {
         if self.key_shared_wants_replay() {
             return true;
         }
-        !self.reading
+        self.key_shared_read_useful()
+            && !self.reading
             && self.ready.len() < READ_AHEAD / 2
             && self.ready_bytes < READ_AHEAD_BYTES / 2
             && self.next_read <= head

@@ -42,6 +42,15 @@
 //! up is that its part of the log is read again, not that the others stop. Per hash the
 //! invariant is: a parked hash's fresh messages below its parked seq are in the buffer (or in
 //! flight, waiting for retry, or settled), none at or above it is; so order per key holds.
+//!
+//! **The cursor's range bound.** A waiting key leaves holes in the group's cursor below what the
+//! other consumers acked (one per message, when keys interleave), and the cursor holds at most
+//! [`super::MAX_ACK_RANGES`] ranges. So how far the others run ahead of a consumer that does not
+//! ack is bounded by that many of its messages: then fresh messages wait, as in every mode. In a
+//! `key_shared` group a message that is *next to* a settled seq (the edge of a hole: settling it
+//! cannot add a range) still goes out at the bound, so holes fill from their edges and the
+//! floor moves as soon as the messages at the floor can go; reads and replays then bring only
+//! seqs up to just past the highest settled one (nothing beyond could go out).
 
 use super::{GroupState, Outgoing, Pending, FRAME_BUDGET, READ_AHEAD, READ_AHEAD_BYTES};
 use crate::delivery::ConsumerId;
@@ -313,7 +322,8 @@ impl GroupState {
         }
         let mut from_ready = Vec::new();
         let mut big_ready = Vec::new();
-        if !full && self.fresh_allowed() {
+        let bounded = !self.fresh_allowed();
+        if !full {
             for (i, p) in self.ready.iter().enumerate() {
                 if n >= max {
                     break;
@@ -325,6 +335,14 @@ impl GroupState {
                         continue;
                     }
                     Fit::Take => {}
+                }
+                if bounded && !self.fills_a_hole_edge(p.msg.seq) {
+                    // It would split a hole of the cursor: it waits, and so do the later
+                    // messages of its key.
+                    if let Some(h) = message_hash(&p.msg) {
+                        held_back.insert(h);
+                    }
+                    continue;
                 }
                 if p.size > FRAME_BUDGET {
                     big_ready.push(i);
@@ -425,7 +443,6 @@ impl GroupState {
         let Some(ks) = self.ks.as_mut() else { return };
         if !(self.ready.len() >= READ_AHEAD / 2 || self.ready_bytes >= READ_AHEAD_BYTES / 2)
             || !self.consumers.iter().any(|c| c.ready())
-            || self.above.range_count() >= super::MAX_ACK_RANGES
         {
             return;
         }
@@ -455,6 +472,7 @@ impl GroupState {
     /// messages now and that no other consumer holds.
     fn key_shared_replay_from(&self) -> Option<u64> {
         let ks = self.ks.as_ref()?;
+        let limit = self.key_shared_limit();
         if ks.parked.is_empty() {
             return None;
         }
@@ -466,7 +484,7 @@ impl GroupState {
             .collect();
         ks.parked
             .iter()
-            .filter(|(h, _)| self.key_shared_replayable(ks, **h, &ready))
+            .filter(|(h, s)| **s < limit && self.key_shared_replayable(ks, **h, &ready))
             .map(|(_, s)| *s)
             .min()
     }
@@ -476,6 +494,34 @@ impl GroupState {
             Some(o) => ready.contains(&o) && ks.holder(h).is_none_or(|c| c == o),
             None => false,
         }
+    }
+
+    /// Whether settling `seq` cannot add a range to the cursor: a seq next to a settled one.
+    /// While the cursor is at its range bound ([`super::MAX_ACK_RANGES`]) only such fresh
+    /// messages go out in a `key_shared` group. (There, messages of a key that waits lie below
+    /// messages of other keys already acked, so the holes of the cursor bound how far the
+    /// others run ahead; at the bound the holes are still filled from their edges, so the
+    /// floor moves and the cursor never grows past the bound by more than what is in flight.)
+    fn fills_a_hole_edge(&self, seq: u64) -> bool {
+        self.is_settled(seq.saturating_sub(1)) || self.is_settled(seq.saturating_add(1))
+    }
+
+    /// Reads and replays bring messages below this seq only: the group's read position, or,
+    /// while the cursor is at its range bound, the seq after the highest settled one (nothing
+    /// beyond could go out: it would not be next to a settled seq).
+    fn key_shared_limit(&self) -> u64 {
+        if self.fresh_allowed() {
+            return self.next_read;
+        }
+        self.above.last().map_or(self.next_read, |(_, e)| {
+            self.next_read.min(e.saturating_add(2))
+        })
+    }
+
+    /// Whether an ordinary read would bring anything that may go out (see
+    /// [`Self::key_shared_limit`]).
+    pub(super) fn key_shared_read_useful(&self) -> bool {
+        self.ks.is_none() || self.fresh_allowed() || self.next_read < self.key_shared_limit()
     }
 
     /// Whether a replay read is wanted now.
@@ -495,7 +541,8 @@ impl GroupState {
         if !self.key_shared_wants_replay() {
             return None;
         }
-        let ordinary = self.ready.len() < READ_AHEAD / 2
+        let ordinary = self.key_shared_read_useful()
+            && self.ready.len() < READ_AHEAD / 2
             && self.ready_bytes < READ_AHEAD_BYTES / 2
             && self.ks.as_ref().is_some_and(|ks| ks.last_was_replay);
         let from = self.key_shared_replay_from()?;
@@ -532,7 +579,7 @@ impl GroupState {
         let Some((messages, corrupt)) = result else {
             return true;
         };
-        let limit = self.next_read;
+        let limit = self.key_shared_limit();
         let ready: HashSet<ConsumerId> = self
             .consumers
             .iter()
@@ -584,7 +631,7 @@ impl GroupState {
             for h in taken.keys() {
                 if let Some(s) = ks.parked.get_mut(h) {
                     *s = (*s).max(last + 1);
-                    if *s >= limit {
+                    if *s >= self.next_read {
                         ks.parked.remove(h);
                     }
                 }

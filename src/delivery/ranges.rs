@@ -70,6 +70,11 @@ impl SeqRanges {
         self.map.first_key_value().map(|(&s, &e)| (s, e))
     }
 
+    /// The highest range.
+    pub fn last(&self) -> Option<(u64, u64)> {
+        self.map.last_key_value().map(|(&s, &e)| (s, e))
+    }
+
     /// Removes and returns the lowest range.
     pub fn pop_first(&mut self) -> Option<(u64, u64)> {
         let (s, e) = self.map.pop_first()?;

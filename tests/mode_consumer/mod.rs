@@ -84,6 +84,8 @@ pub struct Plan {
     /// the replies to its acks in flight, and drops its connection abruptly (RST) with the
     /// batches it holds unacked.
     pub kill_at: Option<u64>,
+    /// How long it holds each batch before acking it (a consumer that works on its messages).
+    pub ack_delay: Duration,
 }
 
 impl Plan {
@@ -97,6 +99,7 @@ impl Plan {
             batch: 50,
             ack_through: u64::MAX,
             kill_at: None,
+            ack_delay: Duration::ZERO,
         }
     }
 }
@@ -127,6 +130,11 @@ pub async fn run(addr: String, plan: Plan, shared: Arc<Shared>) {
     // Acks awaiting their reply: stream id → (stamp, seqs).
     let mut pending: HashMap<u32, (u64, Vec<u64>)> = HashMap::new();
     let mut killing = false;
+    // Batches it will not ack.
+    let mut held = 0usize;
+    // Batches to ack, when.
+    let mut due: std::collections::VecDeque<(tokio::time::Instant, u64, Vec<u64>)> =
+        Default::default();
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return;
@@ -136,7 +144,8 @@ pub async fn run(addr: String, plan: Plan, shared: Arc<Shared>) {
                 killing = true;
             }
         }
-        if killing && pending.is_empty() {
+        // Dropped once its acks are answered, holding at least one batch unacked.
+        if killing && pending.is_empty() && (held > 0 || !due.is_empty()) {
             let at = shared.stamp();
             shared.journal().kills.push((plan.name.clone(), at));
             // RST, not FIN: the connection just dies. (A zero linger does not block the drop,
@@ -146,7 +155,28 @@ pub async fn run(addr: String, plan: Plan, shared: Arc<Shared>) {
             drop(c);
             return;
         }
-        let Some(f) = raw_next(&mut c, Duration::from_millis(100)).await else {
+        while let Some((when, batch_id, _)) = due.front() {
+            if *when > tokio::time::Instant::now() || killing {
+                break;
+            }
+            let batch_id = *batch_id;
+            let seqs = due.pop_front().map(|d| d.2).unwrap_or_default();
+            let at = shared.stamp();
+            let sid = next_sid;
+            next_sid += 2;
+            c.request(
+                sid,
+                "ack",
+                ack_request(&plan.topic, &plan.group, batch_id, None),
+            )
+            .await;
+            pending.insert(sid, (at, seqs));
+        }
+        let wait = due.front().map_or(Duration::from_millis(100), |d| {
+            d.0.saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_millis(1))
+        });
+        let Some(f) = raw_next(&mut c, wait).await else {
             continue;
         };
         let sid = f.get_stream_id();
@@ -175,17 +205,14 @@ pub async fn run(addr: String, plan: Plan, shared: Arc<Shared>) {
                     });
                 }
             }
-            if seqs.iter().all(|s| *s <= plan.ack_through) && !killing {
-                let at = shared.stamp();
-                let sid = next_sid;
-                next_sid += 2;
-                c.request(
-                    sid,
-                    "ack",
-                    ack_request(&plan.topic, &plan.group, b.batch_id, None),
-                )
-                .await;
-                pending.insert(sid, (at, seqs));
+            if seqs.iter().all(|s| *s <= plan.ack_through) {
+                due.push_back((
+                    tokio::time::Instant::now() + plan.ack_delay,
+                    b.batch_id,
+                    seqs,
+                ));
+            } else {
+                held += 1;
             }
         } else {
             let reply: AckReply = sluice_protocol::decode(&data).expect("decode AckReply");
