@@ -143,6 +143,11 @@ pub struct Config {
     /// not stored again (`0s`: no deduplication). Per-topic override: `--dedup-window`.
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
+    /// Most message ids the dedup indexes of every topic remember together (about 250 bytes
+    /// each with ids of 128 bytes): past it the oldest are forgotten before their window ends
+    /// (counted in `admin.stats`, and a `memory_pressure` event), so that publishing ids to many
+    /// topics cannot take the broker's memory. Each topic also holds at most 1,000,000.
+    pub dedup_max_ids: u64,
     /// Redelivery schedule of groups that have none of their own nor their topic's (empty: a
     /// batch not acked is redelivered after `batch_timeout`), e.g. `["1s", "5s", "30s", "2m"]`.
     #[serde(with = "humantime_list")]
@@ -310,6 +315,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             segment_max_age: Duration::from_secs(3600),
             dedup_window: Duration::from_secs(120),
+            dedup_max_ids: crate::store::dedup::DEFAULT_MAX_IDS as u64,
             backoff: Vec::new(),
             stale_after: Duration::from_secs(300),
             stale_disconnect_after: None,
@@ -418,6 +424,9 @@ impl Config {
         }
         if !(64 * 1024..=1 << 30).contains(&self.segment_bytes) {
             return bad("segment_bytes must be in 64KiB..=1GiB");
+        }
+        if !(1..=100_000_000).contains(&self.dedup_max_ids) {
+            return bad("dedup_max_ids must be in 1..=100000000");
         }
         if self.stale_after.is_zero() || self.stale_disconnect_after.is_some_and(|d| d.is_zero()) {
             return bad("stale_after and stale_disconnect_after must be greater than zero");

@@ -225,3 +225,106 @@ async fn a_duplicate_is_answered_only_once_its_original_is_durable() {
         "the duplicate is answered after its original"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_id_is_refused_and_nothing_is_stored() {
+    let b = TestBroker::start();
+    let a = admin(&b).await;
+    publish(&a, "ids", vec![with_id(None, "first")])
+        .await
+        .expect("publish");
+    let e = publish(
+        &a,
+        "ids",
+        vec![with_id(Some("ok"), "fine"), with_id(Some(""), "empty id")],
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(e.code(), Some(ErrorCode::InvalidRequest), "{e}");
+    assert!(e.to_string().contains("empty"), "{e}");
+    assert_eq!(head(&a, "ids").await, 1, "nothing of the request stored");
+    // One byte is the shortest.
+    let r = publish(&a, "ids", vec![with_id(Some("x"), "short")])
+        .await
+        .expect("publish");
+    assert_eq!((r.first_seq, r.duplicate), (2, false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ids_of_every_topic_share_the_brokers_bound() {
+    use futures::StreamExt;
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let path = cfg.path().join("sluice.toml");
+    std::fs::write(&path, "dedup_max_ids = 5\n").expect("config");
+    let b = TestBroker::start_with(&["--config", path.to_str().expect("utf-8")]);
+    let a = admin(&b).await;
+    let kinds = vec![
+        sluice_sdk::protocol::event_kind::MEMORY_PRESSURE.to_string(),
+        sluice_sdk::protocol::event_kind::TOPIC_CREATED.to_string(),
+    ];
+    let mut events = a.events(kinds).await.expect("admin.events");
+    // The subscription is live once it reports a topic created after it.
+    for i in 0.. {
+        publish(&a, &format!("warm{i}"), vec![with_id(None, "w")])
+            .await
+            .expect("publish");
+        let got = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
+        if matches!(got, Ok(Some(Ok(_)))) {
+            break;
+        }
+        assert!(i < 50, "no event from admin.events");
+    }
+    // One client, ids in two topics (no per-topic bound near): together at most 5.
+    for (t, id) in [
+        ("a", "a1"),
+        ("b", "b1"),
+        ("a", "a2"),
+        ("b", "b2"),
+        ("a", "a3"),
+    ] {
+        let r = publish(&a, t, vec![with_id(Some(id), id)])
+            .await
+            .expect("publish");
+        assert!(!r.duplicate);
+    }
+    let mut pressure = None;
+    let r = publish(&a, "b", vec![with_id(Some("b3"), "b3")])
+        .await
+        .expect("publish");
+    assert!(!r.duplicate);
+    while pressure.is_none() {
+        let e = tokio::time::timeout(Duration::from_secs(20), events.next())
+            .await
+            .expect("an event")
+            .expect("stream open")
+            .expect("event");
+        if e.kind == sluice_sdk::protocol::event_kind::MEMORY_PRESSURE {
+            pressure = Some(e);
+        }
+    }
+    let e = pressure.expect("memory_pressure");
+    assert_eq!((e.topic.as_deref(), e.count), (Some("b"), Some(1)));
+    assert!(
+        e.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("dedup_max_ids")),
+        "{e:?}"
+    );
+    let syncs = a.stats().await.expect("stats").syncs.expect("sync stats");
+    assert_eq!((syncs.dedup_ids, syncs.dedup_ids_forgotten), (5, 1));
+    // The oldest of all (a1, in the other topic) was forgotten: stored again. The rest count.
+    let r = publish(&a, "a", vec![with_id(Some("a1"), "a1 again")])
+        .await
+        .expect("publish");
+    assert_eq!((r.first_seq, r.duplicate), (4, false));
+    let r = publish(&a, "b", vec![with_id(Some("b2"), "b2 again")])
+        .await
+        .expect("publish");
+    assert_eq!((r.seqs, r.duplicate), (vec![2], true));
+    let r = publish(&a, "a", vec![with_id(Some("a3"), "a3 again")])
+        .await
+        .expect("publish");
+    assert_eq!((r.seqs, r.duplicate), (vec![3], true));
+    let syncs = a.stats().await.expect("stats").syncs.expect("sync stats");
+    assert_eq!((syncs.dedup_ids, syncs.dedup_ids_forgotten), (5, 2));
+}

@@ -292,3 +292,148 @@ async fn discard_acked_removes_only_what_every_group_acked() {
     let again = info(&a, "work").await;
     assert!(again.floor_seq <= 10_001, "{again:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_of_messages_a_size_limit_removed_are_remembered_across_a_restart() {
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let mut b = broker(&cfg);
+    let a = admin(&b).await;
+    // 128 KiB segments, at most 256 KiB kept; the window (2 minutes) outlives the messages.
+    a.create_topic(
+        "ids",
+        TopicSettings {
+            max_bytes: Some(256 * 1024),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("create");
+    let mut seq_of = std::collections::BTreeMap::new();
+    for k in 0..20 {
+        let req = PublishRequest {
+            topic: "ids".into(),
+            messages: (0..100)
+                .map(|i| NewMessage {
+                    id: Some(format!("id-{k}-{i}")),
+                    payload: Bytes::from(vec![b'x'; 400]),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let r: PublishReply = a
+            .client()
+            .request(route::PUBLISH, &req)
+            .await
+            .expect("publish");
+        assert!(!r.duplicate);
+        for i in 0..100u64 {
+            seq_of.insert(format!("id-{k}-{i}"), r.first_seq + i);
+        }
+    }
+    let i = info_until(&a, "ids", |i| i.floor_seq > 1000).await;
+    let dir = b.data_dir().join("topics/ids");
+    files_removed(&dir, i.segments).await;
+    // The index rebuilt at the start has the ids of the removed messages too.
+    b.restart();
+    let a = admin(&b).await;
+    let j = info(&a, "ids").await;
+    assert!(j.floor_seq > 1000, "{j:?}");
+    let resend = ["id-0-0", "id-5-50", "id-19-99"];
+    let req = PublishRequest {
+        topic: "ids".into(),
+        messages: resend
+            .iter()
+            .map(|id| NewMessage {
+                id: Some(id.to_string()),
+                payload: Bytes::from_static(b"again"),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let r: PublishReply = a
+        .client()
+        .request(route::PUBLISH, &req)
+        .await
+        .expect("publish");
+    assert!(r.duplicate, "{r:?}");
+    assert_eq!(
+        r.seqs,
+        resend.iter().map(|id| seq_of[*id]).collect::<Vec<_>>(),
+        "each resend answered with its original's seq, removed or not"
+    );
+    assert_eq!(info(&a, "ids").await.head_seq, 2000, "nothing stored again");
+}
+
+/// One FUSE mount at a time (the simulator is a single-threaded process each).
+static POWERLOSS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Under `fsync = "never"` the segments retention leaves hold the only copies of the groups'
+/// records once the older segments are gone: they are made durable before those go. A power
+/// cut right after the removal keeps the group (needs FUSE: the power-cut simulator, see
+/// `PowerlossFs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs FUSE: run by .ci/run"]
+async fn under_fsync_never_a_power_cut_after_a_removal_keeps_the_groups() {
+    let _serial = POWERLOSS.lock().await;
+    let fs = PowerlossFs::mount("lazy");
+    let data = fs.mnt().join("data");
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let path = cfg.path().join("sluice.toml");
+    std::fs::write(&path, "segment_bytes = \"128KiB\"\n").expect("config");
+    let path = path.to_str().expect("utf-8 path").to_string();
+    let flags = |fsync: &'static str| {
+        vec![
+            "--config".to_string(),
+            path.clone(),
+            "--retention-interval".into(),
+            "200ms".into(),
+            "--fsync".into(),
+            fsync.into(),
+        ]
+    };
+    let start = |fsync| {
+        let f = flags(fsync);
+        TestBroker::start_on(&data, &f.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // Durable: messages over a few segments, and a group that acked some.
+    let mut b = start("always");
+    let a = admin(&b).await;
+    publish_many(&a, "keep", 4000).await;
+    let mut c = Consumer::subscribe(ConsumerConfig::new(
+        client_config(&b.addr(), "c"),
+        "keep",
+        "g",
+    ))
+    .await
+    .expect("subscribe");
+    for seq in 1..=100 {
+        let m = next_message(&mut c, T).await;
+        assert_eq!(m.seq(), seq);
+        c.ack(&m).expect("ack");
+    }
+    c.flush_acks().await.expect("acks confirmed");
+    drop(c);
+    b.kill();
+    // Under `never`: new segments (the groups' records copied at their start, never synced),
+    // then a limit that removes every older segment.
+    let mut b = start("never");
+    let a = admin(&b).await;
+    publish_many(&a, "keep", 3000).await;
+    a.alter_topic(
+        "keep",
+        TopicSettings {
+            max_bytes: Some(128 * 1024),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("alter");
+    let i = info_until(&a, "keep", |i| i.floor_seq > 4000).await;
+    files_removed(&fs.mnt().join("data/topics/keep"), i.segments).await;
+    b.kill();
+    fs.crash();
+    let b = start("always");
+    let a = admin(&b).await;
+    let j = info(&a, "keep").await;
+    assert_eq!(j.groups, vec!["g".to_string()], "{j:?}");
+}

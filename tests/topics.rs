@@ -291,13 +291,19 @@ async fn a_subscribe_to_a_missing_topic_creates_no_file() {
 async fn without_auto_create_unknown_topics_are_refused() {
     let cfg = tempfile::tempdir().expect("tempdir");
     let path = cfg.path().join("sluice.toml");
-    std::fs::write(&path, "auto_create_topics = false\n").expect("config");
+    std::fs::write(&path, "auto_create_topics = false\nmax_retries = 0\n").expect("config");
     let b = TestBroker::start_with(&["--config", path.to_str().expect("utf-8")]);
     let a = admin(&b).await;
     assert_eq!(
         code(publish(&a, "unknown", 1).await),
         ErrorCode::UnknownTopic
     );
+    // A name like a dead-letter topic's is no way around it for a client.
+    assert_eq!(
+        code(publish(&a, "unknown.g.dlq", 1).await),
+        ErrorCode::UnknownTopic
+    );
+    assert!(!b.data_dir().join("topics/unknown.g.dlq").exists());
     let e = refusal(ConsumerConfig::new(
         client_config(&b.addr(), "c"),
         "unknown",
@@ -321,7 +327,18 @@ async fn without_auto_create_unknown_topics_are_refused() {
     .expect("subscribe");
     let r = publish(&a, "known", 2).await.expect("publish");
     assert_eq!((r.first_seq, r.last_seq), (1, 2));
-    assert_eq!(next_message(&mut c, T).await.seq(), 1);
+    let m1 = next_message(&mut c, T).await;
+    let m2 = next_message(&mut c, T).await;
+    assert_eq!((m1.seq(), m2.seq()), (1, 2));
+    // The broker's own dead letters still create their topic (no retry: the nacks send both).
+    c.nack(&m1).expect("nack");
+    c.nack(&m2).expect("nack");
+    let start = std::time::Instant::now();
+    while a.topic_info("known.g.dlq").await.map_or(0, |i| i.head_seq) < 2 {
+        assert!(start.elapsed() < T, "the dead letters never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.topic_info("known.g.dlq").await.expect("info").head_seq, 2);
     // Deleted, it is unknown again.
     c.close().await.expect("close");
     a.delete_topic("known").await.expect("delete");

@@ -779,6 +779,7 @@ impl ConnectionActor {
         let f = self.links.store.send(AppendMessages {
             topic: req.topic,
             messages: req.messages,
+            dead_letter: false,
         });
         if kind == RequestKind::FireAndForget {
             ctx.spawn(f.into_actor(self).map(|_, _, _| ()));
@@ -1087,6 +1088,12 @@ fn validate_publish(req: &PublishRequest, max_payload: usize) -> Result<(), Wire
             ));
         }
         if let Some(id) = &m.id {
+            if id.is_empty() {
+                return invalid(format!(
+                    "message {i}: an id must be 1..={} bytes, not empty",
+                    sluice_protocol::MAX_ID_LEN
+                ));
+            }
             if id.len() > sluice_protocol::MAX_ID_LEN {
                 return invalid(format!(
                     "message {i}: id of {} bytes is longer than {} bytes",

@@ -77,8 +77,8 @@ pub struct MessagesAppended {
     pub messages: Arc<Vec<Arc<StoredMessage>>>,
 }
 
-/// Appends messages to a topic (creating it, unless `auto_create_topics` is off:
-/// `StoreError::UnknownTopic`). A message whose id was stored within the topic's
+/// Appends messages to a topic (creating it, unless `auto_create_topics` is off and this is not
+/// a dead-letter append: `StoreError::UnknownTopic`). A message whose id was stored within the topic's
 /// `dedup_window` (or earlier in the same request) is not stored again: the result is
 /// `duplicate` and gives each message's seq. Result once durable under the fsync policy (a
 /// duplicate's once its original is).
@@ -89,6 +89,9 @@ pub struct AppendMessages {
     pub topic: String,
     /// Messages, in order.
     pub messages: Vec<NewMessage>,
+    /// The orchestrator's dead-letter append: creates the dead-letter topic whatever
+    /// `auto_create_topics` says (a client's publish never sets it, whatever the topic's name).
+    pub dead_letter: bool,
 }
 
 /// Persists a group record. Result once durable under the fsync policy.

@@ -388,6 +388,7 @@ impl OrchestratorActor {
                 .send(AppendMessages {
                     topic: dlq,
                     messages,
+                    dead_letter: true,
                 })
                 .into_actor(self)
                 .map(move |res, act, ctx| {

@@ -157,6 +157,8 @@ impl StoreActor {
         events: crate::events::EventBus,
     ) -> Self {
         self.storage.set_defaults(config.default_topic_settings());
+        self.storage
+            .set_dedup_max_ids(usize::try_from(config.dedup_max_ids).unwrap_or(usize::MAX));
         self.config = config;
         self.events = events;
         self.rebuild_dedup();
@@ -237,8 +239,8 @@ impl StoreActor {
         };
         let now = msgs.first().map_or_else(now_ms, |m| m.timestamp_ms);
         let (kept, appended, forgotten) = self.storage.append_dedup(topic, msgs, ids, now)?;
-        if forgotten > 0 {
-            self.dedup_full(topic, forgotten);
+        if forgotten.total() > 0 {
+            self.dedup_full(Some(topic), forgotten);
         }
         Ok((kept, appended.duplicate.then_some(appended)))
     }
@@ -574,7 +576,7 @@ impl Handler<AppendMessages> for StoreActor {
         if let Some(e) = self.refusal() {
             return Box::pin(async move { Err(e) });
         }
-        if let Err(e) = self.may_write(&msg.topic) {
+        if let Err(e) = self.may_write(&msg.topic, msg.dead_letter) {
             return Box::pin(async move { Err(e) });
         }
         let (tx, rx) = oneshot::channel();
@@ -601,19 +603,38 @@ impl Handler<CommitGroup> for StoreActor {
         if let Some(e) = self.refusal() {
             return Box::pin(async move { Err(e) });
         }
-        if let Err(e) = self.may_write(&msg.topic) {
+        if let Err(e) = self.may_write(&msg.topic, false) {
             return Box::pin(async move { Err(e) });
         }
-        if !self.storage.exists(&msg.topic) && !self.appends_pending_for(&msg.topic) {
-            // A group of a topic that does not exist yet: kept in memory (no file), written
-            // with the topic's first segment. Such a group has acked nothing: a record that
-            // has is one of a topic deleted meanwhile (an ack racing the deletion), not kept.
-            if msg.record.acked_floor > 0 || !msg.record.acked_ranges.is_empty() {
+        if !self.storage.exists(&msg.topic) {
+            // A group of a topic that does not exist yet has acked nothing: a record that has
+            // is one of a topic deleted meanwhile (an ack racing the deletion), not kept, even
+            // if a publish about to create the topic again is queued.
+            let rec = &msg.record;
+            if rec.acked_floor > 0
+                || !rec.acked_ranges.is_empty()
+                || !rec.acked_above.is_empty()
+                || !rec.attempts.is_empty()
+            {
                 let e = StoreError::UnknownTopic(msg.topic);
                 return Box::pin(async move { Err(e) });
             }
-            let kept = self.keep_waiting_group(&msg.topic, &msg.group, &msg.record);
-            return Box::pin(async move { kept });
+            if !self.appends_pending_for(&msg.topic) {
+                // Kept in memory (no file), written with the topic's first segment.
+                let kept = self.keep_waiting_group(&msg.topic, &msg.group, &msg.record);
+                return Box::pin(async move { kept });
+            }
+        } else if self
+            .storage
+            .stale_group_record(&msg.topic, &msg.group, &msg.record)
+            && !self
+                .pending_groups
+                .contains_key(&(msg.topic.clone(), msg.group.clone()))
+        {
+            // The topic was deleted and created again; this record is of the old one's group.
+            tracing::warn!(topic = %msg.topic, group = %msg.group, acked_floor = msg.record.acked_floor, "group record of a deleted topic of that name refused");
+            let e = StoreError::UnknownTopic(msg.topic);
+            return Box::pin(async move { Err(e) });
         }
         let (tx, rx) = oneshot::channel();
         let entry = self
@@ -689,7 +710,7 @@ impl Handler<LoadGroup> for StoreActor {
     type Result = Result<(Option<GroupRecord>, u64), StoreError>;
     fn handle(&mut self, msg: LoadGroup, _: &mut Context<Self>) -> Self::Result {
         self.counters.handled += 1;
-        self.may_write(&msg.topic)?;
+        self.may_write(&msg.topic, false)?;
         // A group record still waiting for its commit is the newest truth.
         if let Some((rec, _)) = self
             .pending_groups
@@ -792,6 +813,7 @@ mod tests {
                     payload: Bytes::from_static(p.as_bytes()),
                     ..Default::default()
                 }],
+                dead_letter: false,
             };
             assert_eq!(
                 store.send(publish("a")).await.unwrap().unwrap(),
@@ -817,7 +839,7 @@ mod tests {
                 acked_floor: 1,
                 acked_above: Vec::new(),
                 acked_ranges: Vec::new(),
-                created_ms: 0,
+                created_ms: now_ms(),
                 backoff_ms: vec![],
                 attempts: vec![],
             };
@@ -850,6 +872,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            dead_letter: false,
         }
     }
 
@@ -882,7 +905,7 @@ mod tests {
                 acked_floor: 2,
                 acked_above: Vec::new(),
                 acked_ranges: Vec::new(),
-                created_ms: 0,
+                created_ms: now_ms(),
                 backoff_ms: vec![],
                 attempts: vec![],
             };
@@ -1097,7 +1120,7 @@ mod tests {
                 acked_floor: 1,
                 acked_above: Vec::new(),
                 acked_ranges: Vec::new(),
-                created_ms: 0,
+                created_ms: now_ms(),
                 backoff_ms: vec![],
                 attempts: vec![],
             };
@@ -1141,6 +1164,264 @@ mod tests {
                     sluice_protocol::event_kind::TOPIC_DELETED
                 ]
             );
+        });
+    }
+
+    fn group_record(acked_floor: u64, created_ms: u64) -> GroupRecord {
+        GroupRecord {
+            mode: sluice_protocol::GroupMode::Shared,
+            filters: Default::default(),
+            acked_floor,
+            acked_above: Vec::new(),
+            acked_ranges: Vec::new(),
+            created_ms,
+            backoff_ms: vec![],
+            attempts: vec![],
+        }
+    }
+
+    /// An orchestrator shard busy with an ack of `t`/`g` queued ahead of `TopicRemoved`: its
+    /// group record reaches the store only as the shard gets to the removal.
+    struct BusyShard {
+        store: Recipient<CommitGroup>,
+        sent: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Actor for BusyShard {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<super::super::messages::FloorMoved> for BusyShard {
+        type Result = ();
+        fn handle(&mut self, _: super::super::messages::FloorMoved, _: &mut Context<Self>) {}
+    }
+
+    impl Handler<super::super::messages::TopicRemoved> for BusyShard {
+        type Result = ();
+        fn handle(&mut self, m: super::super::messages::TopicRemoved, _: &mut Context<Self>) {
+            // Busy: the ack ahead takes a while, then commits the group's cursor.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            self.store.do_send(CommitGroup {
+                topic: m.topic,
+                group: "g".into(),
+                record: group_record(2, 1),
+            });
+            self.sent.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn an_ack_racing_a_topics_deletion_never_lands_in_the_topic_made_again() {
+        use super::super::messages::{DeleteTopic, SetTopicListeners, TopicListener};
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        actix_rt::System::new().block_on(async move {
+            let store = StoreActor::new(storage, FsyncPolicy::Always)
+                .with_config(
+                    Arc::new(crate::config::Config::default()),
+                    crate::events::EventBus::default(),
+                )
+                .start();
+            let sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let shard = BusyShard {
+                store: store.clone().recipient(),
+                sent: sent.clone(),
+            };
+            // A thread of its own, as an orchestrator shard has.
+            let arbiter = actix::Arbiter::new();
+            let shard = BusyShard::start_in_arbiter(&arbiter.handle(), |_| shard);
+            store
+                .send(SetTopicListeners(vec![TopicListener {
+                    floor_moved: shard.clone().recipient(),
+                    removed: shard.recipient(),
+                }]))
+                .await
+                .unwrap();
+            store
+                .send(publish("t", &[b"a", b"b"]))
+                .await
+                .unwrap()
+                .unwrap();
+            let commit = |rec| CommitGroup {
+                topic: "t".into(),
+                group: "g".into(),
+                record: rec,
+            };
+            store
+                .send(commit(group_record(0, 1)))
+                .await
+                .unwrap()
+                .unwrap();
+            store
+                .send(commit(group_record(1, 1)))
+                .await
+                .unwrap()
+                .unwrap();
+            store
+                .send(DeleteTopic { topic: "t".into() })
+                .await
+                .unwrap()
+                .unwrap();
+            // The client makes the topic again at once.
+            assert_eq!(
+                store.send(publish("t", &[b"new"])).await.unwrap().unwrap(),
+                Appended::stored(1, 1)
+            );
+            assert!(until(|| sent.load(std::sync::atomic::Ordering::SeqCst)).await);
+            // Whatever the store made of the old cursor, it has it now.
+            let _ = store.send(GetSyncStats).await.unwrap();
+            let load = LoadGroup {
+                topic: "t".into(),
+                group: "g".into(),
+            };
+            assert_eq!(
+                store.send(load).await.unwrap().unwrap(),
+                (None, 1),
+                "the deleted topic's group is not in the new one"
+            );
+            arbiter.stop();
+        });
+    }
+
+    #[test]
+    fn a_group_record_of_a_deleted_topic_is_refused_by_the_topic_made_again() {
+        use super::super::messages::DeleteTopic;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        actix_rt::System::new().block_on(async move {
+            // No orchestrator told: nothing orders the old records before the answer.
+            let store = StoreActor::new(storage, FsyncPolicy::Always).start();
+            let commit = |group: &str, rec| CommitGroup {
+                topic: "t".into(),
+                group: group.into(),
+                record: rec,
+            };
+            store
+                .send(publish("t", &[b"a", b"b"]))
+                .await
+                .unwrap()
+                .unwrap();
+            store
+                .send(commit("g", group_record(0, 1)))
+                .await
+                .unwrap()
+                .unwrap();
+            store
+                .send(commit("g", group_record(1, 1)))
+                .await
+                .unwrap()
+                .unwrap();
+            store
+                .send(DeleteTopic { topic: "t".into() })
+                .await
+                .unwrap()
+                .unwrap();
+            // A record with acks for the topic while it does not exist, even with a publish
+            // making it again queued ahead in the same commit.
+            let again = store.send(publish("t", &[b"new"]));
+            let old = store.send(commit("g", group_record(2, 1)));
+            assert_eq!(again.await.unwrap().unwrap(), Appended::stored(1, 1));
+            assert!(matches!(
+                old.await.unwrap(),
+                Err(StoreError::UnknownTopic(_))
+            ));
+            // Once it exists: the old group's record is refused; records of groups created
+            // since, or fresh ones, are not.
+            assert!(matches!(
+                store.send(commit("g", group_record(2, 1))).await.unwrap(),
+                Err(StoreError::UnknownTopic(_))
+            ));
+            let now = now_ms();
+            store
+                .send(commit("h", group_record(0, 1)))
+                .await
+                .unwrap()
+                .unwrap();
+            store
+                .send(commit("k", group_record(1, now + 1000)))
+                .await
+                .unwrap()
+                .unwrap();
+            // A group of the new topic keeps its records coming.
+            store
+                .send(commit("h", group_record(1, 1)))
+                .await
+                .unwrap()
+                .unwrap();
+            let load = |group: &str| LoadGroup {
+                topic: "t".into(),
+                group: group.into(),
+            };
+            assert_eq!(store.send(load("g")).await.unwrap().unwrap(), (None, 1));
+            let (h, _) = store.send(load("h")).await.unwrap().unwrap();
+            assert_eq!(h.map(|r| r.acked_floor), Some(1));
+            let (k, _) = store.send(load("k")).await.unwrap().unwrap();
+            assert_eq!(k.map(|r| r.acked_floor), Some(1));
+        });
+    }
+
+    #[test]
+    fn a_group_record_not_yet_written_keeps_what_it_goes_back_to() {
+        use super::super::messages::CreateTopic;
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        storage.set_segment_bytes(64 * 1024);
+        let config = crate::config::Config {
+            retention_interval: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        };
+        actix_rt::System::new().block_on(async move {
+            let store = StoreActor::new(storage, FsyncPolicy::Always)
+                .with_config(Arc::new(config), crate::events::EventBus::default())
+                .start();
+            let body = vec![7u8; 1000];
+            for _ in 0..15 {
+                let many: Vec<&[u8]> = (0..20).map(|_| &body[..]).collect();
+                store.send(publish("t", &many)).await.unwrap().unwrap();
+            }
+            let commit = |acked_floor| CommitGroup {
+                topic: "t".into(),
+                group: "g".into(),
+                record: group_record(acked_floor, now_ms()),
+            };
+            store.send(commit(0)).await.unwrap().unwrap();
+            store.send(commit(300)).await.unwrap().unwrap();
+            let acked = CreateTopic {
+                topic: "t".into(),
+                settings: sluice_protocol::TopicSettings {
+                    discard: Some(sluice_protocol::Discard::Acked),
+                    ..Default::default()
+                },
+                alter: true,
+            };
+            store.send(acked).await.unwrap().unwrap();
+            // The group goes back to the start (a seek): its record is queued when the sweep
+            // runs.
+            let back = store.send(commit(0));
+            store.send(topics::SweepNow).await.unwrap();
+            back.await.unwrap().unwrap();
+            let read = ReadRange {
+                topic: "t".into(),
+                from: 1,
+                max: 1,
+                max_bytes: 1 << 20,
+            };
+            let r = store.send(read).await.unwrap().unwrap();
+            assert_eq!(
+                r.messages.first().map(|m| m.seq),
+                Some(1),
+                "what the group went back to is kept"
+            );
+            // Once written, the record is what counts: the group still needs everything.
+            store.send(topics::SweepNow).await.unwrap();
+            let read = ReadRange {
+                topic: "t".into(),
+                from: 1,
+                max: 1,
+                max_bytes: 1 << 20,
+            };
+            let r = store.send(read).await.unwrap().unwrap();
+            assert_eq!(r.messages.first().map(|m| m.seq), Some(1));
         });
     }
 }

@@ -7,7 +7,7 @@
 //! | group cursors | "SLG1" chunks in the same segment files: group name → MessagePack [`GroupRecord`] (mode, filters, acked floor, acks above it) |
 //! | (older data dirs) | sled tree `groups`: `<topic>\0<group>` → [`GroupRecord`], moved into the topic logs at open |
 //! | topic settings | `<data_dir>/topics/<topic>/settings.toml`: the topic's overrides ([`settings`]) |
-//! | message ids | inside their records ([`record`]); an in-memory index per topic ([`dedup`]), rebuilt at open |
+//! | message ids | inside their records ([`record`]); an in-memory index per topic ([`dedup`]), rebuilt at open; those of messages retention removed inside their window in `<data_dir>/topics/<topic>/dedup.ids` ([`ids_file`]) |
 //! | deleted topics | `<data_dir>/trash/`, until their files are removed (emptied at open) |
 //!
 //! Topics as an operator manages them, retention (whole segments cut off the front, through the
@@ -27,6 +27,7 @@
 
 pub mod commit;
 pub mod dedup;
+pub mod ids_file;
 pub mod record;
 pub mod remover;
 pub mod retention;
@@ -186,8 +187,12 @@ pub struct Storage {
     /// Group records of topics that do not exist yet (a subscribe to a missing topic creates
     /// no file): by topic, then group; written at the head of the topic's first segment.
     waiting: HashMap<String, BTreeMap<String, Bytes>>,
-    /// Each topic's idempotent-publish index.
-    dedup: HashMap<String, dedup::DedupIndex>,
+    /// Every topic's idempotent-publish index, under the per-topic and the broker's bounds.
+    dedup: dedup::Dedup,
+    /// When each topic created since the storage was opened came to exist (ms since the
+    /// epoch): a group record made before then belongs to an earlier topic of that name
+    /// ([`Storage::stale_group_record`]).
+    born: HashMap<String, u64>,
     /// Roll size of segments ([`segment::SEGMENT_BYTES`] unless configured smaller).
     segment_bytes: u64,
     /// Big chunks are written with direct I/O by the syncs ([`Storage::set_direct_writes`]).
@@ -230,7 +235,8 @@ impl Storage {
             overrides,
             defaults: TopicSettings::default(),
             waiting: HashMap::new(),
-            dedup: HashMap::new(),
+            dedup: dedup::Dedup::default(),
+            born: HashMap::new(),
             segment_bytes: segment::SEGMENT_BYTES,
             direct_writes: false,
             spares: None,
@@ -279,6 +285,10 @@ impl Storage {
                 log.adopt_groups(waiting);
             }
             self.topics.insert(topic.to_string(), log);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            self.born.insert(topic.to_string(), now);
         }
         self.topics.get_mut(topic).ok_or(StoreError::Unavailable)
     }

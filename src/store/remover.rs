@@ -3,6 +3,7 @@
 //! `Retired` batch entries), and makes each removal durable (fsync of the directory).
 
 use super::commit::Retired;
+use super::ids_file;
 use std::path::Path;
 use std::sync::mpsc;
 use tokio::sync::oneshot;
@@ -73,6 +74,22 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Fdatasyncs `files` (a file gone meanwhile is skipped: its topic was deleted) and fsyncs
+/// `dir`; nothing to do without files.
+fn sync_kept(files: &[std::path::PathBuf], dir: &Path) -> std::io::Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    for f in files {
+        match std::fs::File::open(f) {
+            Ok(f) => f.sync_data()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    fsync_dir(dir)
+}
+
 fn remove(r: Retired, synced: &Result<(), String>, report: &dyn Fn(Removed)) {
     match r {
         Retired::Segments(t) => {
@@ -80,7 +97,38 @@ fn remove(r: Retired, synced: &Result<(), String>, report: &dyn Fn(Removed)) {
                 tracing::error!(topic = %t.topic, error = %e, "segments removed by retention stay on disk until restart: the sync before their removal failed");
                 return;
             }
+            // What the removal counts on is durable first, whatever the fsync policy: the
+            // segments left (the groups' records), then the ids of removed messages still in
+            // their dedup window.
+            if let Err(e) = sync_kept(&t.sync_first, &t.dir) {
+                // Out of the log all the same (not read any more); back at the next start.
+                tracing::error!(topic = %t.topic, error = %e, "segments removed by retention stay on disk until restart: the segments left could not be synced");
+                report(Removed::Segments(SegmentsRemoved {
+                    messages: t.messages(),
+                    bytes: t.bytes(),
+                    topic: t.topic,
+                    floor: t.floor,
+                    why: t.why,
+                    error: Some(format!(
+                        "sync before removing segments (they stay until restart): {e}"
+                    )),
+                }));
+                return;
+            }
             let mut error = None;
+            if !t.ids.is_empty() {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                if let Err(e) = ids_file::add(&t.dir, &t.ids, t.dedup_window_ms, now, t.max_ids) {
+                    // Not fatal: the ids stay in memory; only a restart within their window
+                    // would forget them.
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::error!(topic = %t.topic, error = %e, "cannot keep the ids of removed messages: a restart within their dedup window forgets them");
+                        error = Some(format!("keeping the ids of removed messages: {e}"));
+                    }
+                }
+            }
             for d in &t.removed {
                 match std::fs::remove_file(&d.path) {
                     Ok(()) => {}

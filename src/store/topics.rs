@@ -3,7 +3,8 @@
 //! seqs by time, retention's cuts and the idempotent-publish index. The design is in
 //! `store/retention.md`.
 
-use super::dedup::DedupIndex;
+use super::dedup::{Dedup, Forgot};
+use super::ids_file;
 use super::record::{decode_id, StoredMessage};
 use super::retention::{plan, Limits};
 use super::segment::Detached;
@@ -65,6 +66,17 @@ pub struct Trimmed {
     pub floor: u64,
     /// Why the first went (`max_age`, `max_bytes`, `max_messages`, `acked`).
     pub why: &'static str,
+    /// The segments left, fdatasynced before any file goes: the first holds the copies of the
+    /// groups' records that the removed ones held, the others newer records (empty where the
+    /// sync pipeline made them durable already: every policy but `never`).
+    pub sync_first: Vec<PathBuf>,
+    /// The ids of the removed messages whose `dedup_window` is still running, kept in the
+    /// topic's ids file before any file goes (see `ids_file`).
+    pub ids: Vec<super::ids_file::Entry>,
+    /// The topic's `dedup_window` (ms) when they were taken.
+    pub dedup_window_ms: u64,
+    /// Most ids the file keeps (what the index can hold of one topic).
+    pub max_ids: usize,
 }
 
 impl Trimmed {
@@ -107,6 +119,12 @@ impl Storage {
     /// The broker's defaults under every topic's overrides.
     pub fn set_defaults(&mut self, defaults: TopicSettings) {
         self.defaults = defaults;
+    }
+
+    /// Most ids the dedup indexes of every topic hold together (`dedup_max_ids`); ids held now
+    /// are forgotten (set it before [`Storage::rebuild_dedup`]).
+    pub fn set_dedup_max_ids(&mut self, max: usize) {
+        self.dedup = Dedup::new(max);
     }
 
     /// The size at which segments roll (tests and small disks; spares take it too, so set it
@@ -206,8 +224,9 @@ impl Storage {
         std::fs::rename(topics_dir.join(topic), &trash)?;
         self.topics.remove(topic);
         self.overrides.remove(topic);
-        self.dedup.remove(topic);
+        self.dedup.remove_topic(topic);
         self.waiting.remove(topic);
+        self.born.remove(topic);
         Ok(RemovedTopic {
             topic: topic.to_string(),
             trash,
@@ -245,6 +264,25 @@ impl Storage {
             .or_default()
             .insert(group.to_string(), bytes);
         Ok(())
+    }
+
+    /// Whether `rec`, a record of `group` of the existing `topic`, belongs to an earlier topic
+    /// of that name (deleted, and created again since the storage was opened): the store
+    /// holds no record of the group in this topic, the group was created before this topic
+    /// came to exist, and the record settles messages (a fresh record settles nothing and
+    /// can do no harm). Such a record (an ack racing the deletion) must not be written into
+    /// the new topic: its seqs start at 1 again, and the group would skip them.
+    pub fn stale_group_record(&self, topic: &str, group: &str, rec: &GroupRecord) -> bool {
+        let settled = rec.acked_floor > 0
+            || !rec.acked_ranges.is_empty()
+            || !rec.acked_above.is_empty()
+            || !rec.attempts.is_empty();
+        settled
+            && self.born.get(topic).is_some_and(|&b| rec.created_ms < b)
+            && self
+                .topics
+                .get(topic)
+                .is_none_or(|log| log.group(group).is_none())
     }
 
     /// Group records kept for topics that do not exist yet.
@@ -310,18 +348,25 @@ impl Storage {
     /// One retention step for `topic` at `now_ms`: rolls the segment appends go to when due
     /// (`segment_max_age_ms`, or a quarter of the topic's `max_age`; or every message expired)
     /// and takes out of the log the oldest whole segments its limits remove (at most
-    /// `max_remove`, and only messages up to `durable`, the last durable seq). `None`: nothing
-    /// to remove now (a roll may still have been written: not durable until the next sync).
+    /// `max_remove`, and only messages up to `durable`, the last durable seq). `pending_floor`:
+    /// the lowest acked floor of the topic's group records queued and not yet written (a
+    /// backward seek's, say), which `discard = "acked"` counts with the written ones. `None`:
+    /// nothing to remove now (a roll may still have been written: not durable until the next
+    /// sync).
     pub fn retention_step(
         &mut self,
         topic: &str,
         now_ms: u64,
         segment_max_age_ms: u64,
         durable: u64,
+        pending_floor: Option<u64>,
         max_remove: usize,
     ) -> Result<Option<Trimmed>, StoreError> {
         let settings = self.settings(topic);
-        let acked = self.lowest_acked_floor(topic);
+        let acked = match (self.lowest_acked_floor(topic), pending_floor) {
+            (Some(a), Some(p)) => Some(a.min(p)),
+            (a, p) => a.or(p),
+        };
         let limits = Limits::of(&settings, acked, segment_max_age_ms);
         let Some(log) = self.topics.get_mut(topic) else {
             return Ok(None);
@@ -346,16 +391,30 @@ impl Storage {
         if k == 0 {
             return Ok(None);
         }
+        let old_floor = log.floor();
         let removed = log.detach_front(k);
         if removed.is_empty() {
             return Ok(None);
         }
+        let floor = log.floor();
+        let sync_first = log.segment_paths();
+        let window = settings.dedup_window_ms.unwrap_or(0);
+        let ids = if window > 0 {
+            self.dedup
+                .ids_between(topic, old_floor, floor, now_ms, window)
+        } else {
+            Vec::new()
+        };
         Ok(Some(Trimmed {
             topic: topic.to_string(),
             dir: self.dir.join("topics").join(topic),
             removed,
-            floor: log.floor(),
+            floor,
             why: p.why,
+            sync_first,
+            ids,
+            dedup_window_ms: window,
+            max_ids: self.dedup.max_total().min(super::dedup::MAX_IDS_PER_TOPIC),
         }))
     }
 
@@ -370,7 +429,7 @@ impl Storage {
         messages: Vec<StoredMessage>,
         ids: Vec<Option<String>>,
         now_ms: u64,
-    ) -> Result<(Vec<StoredMessage>, Appended, u64), StoreError> {
+    ) -> Result<(Vec<StoredMessage>, Appended, Forgot), StoreError> {
         let window = self.settings(topic).dedup_window_ms.unwrap_or(0);
         // Where each message's seq comes from: the index, a message kept earlier in this
         // call, or its own place among the kept ones.
@@ -384,11 +443,11 @@ impl Storage {
         let mut kept_ids: Vec<Option<String>> = Vec::with_capacity(n);
         let mut duplicate = false;
         {
-            let index = self.dedup.get(topic);
+            let index = &self.dedup;
             let mut seen: HashMap<&str, usize> = HashMap::new();
             for (m, id) in messages.into_iter().zip(ids.iter()) {
                 if let (Some(id), true) = (id, window > 0) {
-                    if let Some(seq) = index.and_then(|ix| ix.get(id, now_ms, window)) {
+                    if let Some(seq) = index.get(topic, id, now_ms, window) {
                         from.push(Seq::Known(seq));
                         duplicate = true;
                         continue;
@@ -405,17 +464,16 @@ impl Storage {
                 kept_ids.push(id.clone());
             }
         }
-        let mut forgotten = 0;
+        let mut forgotten = Forgot::default();
         if !kept.is_empty() {
             let first = self.append_ids(topic, &kept, Some(&kept_ids))?;
             for (i, m) in kept.iter_mut().enumerate() {
                 m.seq = first + i as u64;
             }
             if window > 0 {
-                let index = self.dedup.entry(topic.to_string()).or_default();
                 for (m, id) in kept.iter().zip(&kept_ids) {
                     if let Some(id) = id {
-                        forgotten += index.insert(id, m.seq, m.timestamp_ms);
+                        forgotten.add(self.dedup.insert(topic, id, m.seq, m.timestamp_ms));
                     }
                 }
             }
@@ -445,37 +503,29 @@ impl Storage {
 
     /// Forgets ids whose window ended, at most `max` per topic; returns how many were.
     pub fn expire_ids(&mut self, now_ms: u64, max: usize) -> usize {
-        let mut n = 0;
-        let windows: Vec<(String, u64)> = self
-            .dedup
-            .keys()
-            .map(|t| (t.clone(), self.settings(t).dedup_window_ms.unwrap_or(0)))
-            .collect();
-        for (topic, window) in windows {
-            if let Some(ix) = self.dedup.get_mut(&topic) {
-                n += ix.expire(now_ms, window, max);
-                if ix.is_empty() {
-                    self.dedup.remove(&topic);
-                }
-            }
-        }
-        n
+        let (overrides, defaults) = (&self.overrides, &self.defaults);
+        let window = |topic: &str| {
+            let o = overrides.get(topic).cloned().unwrap_or_default();
+            settings::in_force(&o, defaults)
+                .dedup_window_ms
+                .unwrap_or(0)
+        };
+        self.dedup.expire(window, now_ms, max)
     }
 
     /// Ids remembered (every topic) and ids forgotten early for want of room.
     pub fn dedup_counts(&self) -> (u64, u64) {
-        self.dedup
-            .values()
-            .fold((0, 0), |(n, f), ix| (n + ix.len() as u64, f + ix.forgotten))
+        (self.dedup.len() as u64, self.dedup.forgotten())
     }
 
     /// Rebuilds every topic's dedup index from its log at `now_ms`: the ids of the messages
     /// stored within the topic's window, read from the chunks that hold ids in the segments
     /// that can hold such messages (the durable ones: open made the tails durable). Returns
-    /// how many ids were found.
-    pub fn rebuild_dedup(&mut self, now_ms: u64) -> Result<usize, StoreError> {
+    /// how many ids were found, and how many of them the bounds left out.
+    pub fn rebuild_dedup(&mut self, now_ms: u64) -> Result<(usize, Forgot), StoreError> {
         self.dedup.clear();
-        let mut total = 0;
+        let mut found = 0;
+        let mut forgot = Forgot::default();
         for topic in self.topic_names() {
             let window = self.settings(&topic).dedup_window_ms.unwrap_or(0);
             let Some(log) = self.topics.get(&topic) else {
@@ -484,8 +534,31 @@ impl Storage {
             if window == 0 {
                 continue;
             }
+            // First the ids of messages retention removed (below the floor), then those of
+            // the segments: in seq order.
+            let dir = self.dir.join("topics").join(&topic);
+            let floor = log.floor();
+            let kept = ids_file::load(&dir).unwrap_or_else(|e| {
+                tracing::error!(topic, error = %e, "cannot read the ids of removed messages: a repeat of one is stored again");
+                Vec::new()
+            });
+            let live: Vec<ids_file::Entry> = kept
+                .iter()
+                .filter(|(at, seq, _)| at.saturating_add(window) > now_ms && *seq < floor)
+                .cloned()
+                .collect();
+            for (at, seq, id) in &live {
+                found += 1;
+                forgot.add(self.dedup.insert(&topic, id, *seq, *at));
+            }
+            if live.len() != kept.len() || (kept.is_empty() && dir.join(ids_file::FILE).exists()) {
+                // Pruned (or damaged): written again with what is left.
+                if let Err(e) = ids_file::store(&dir, &live) {
+                    tracing::warn!(topic, error = %e, "cannot prune the ids of removed messages");
+                }
+            }
             let since = now_ms.saturating_sub(window);
-            let mut index = DedupIndex::new();
+            let dedup = &mut self.dedup;
             log.scan_tagged(since, CHUNK_VERSION_IDS, |first, body| {
                 let Ok(records) = chunk_records(&body) else {
                     return;
@@ -493,17 +566,14 @@ impl Storage {
                 for (i, r) in records.into_iter().enumerate() {
                     if let Some((ts, id)) = decode_id(&body[r]) {
                         if ts.saturating_add(window) > now_ms {
-                            index.insert(id, first + i as u64, ts);
+                            found += 1;
+                            forgot.add(dedup.insert(&topic, id, first + i as u64, ts));
                         }
                     }
                 }
             })?;
-            if !index.is_empty() {
-                total += index.len();
-                self.dedup.insert(topic, index);
-            }
         }
-        Ok(total)
+        Ok((found, forgot))
     }
 }
 
@@ -576,7 +646,7 @@ mod tests {
         let segs = s.topics["t"].segment_count();
         assert!(segs >= 3, "{segs} segments");
         let t = s
-            .retention_step("t", 55_000, 3_600_000, 201, 1000)
+            .retention_step("t", 55_000, 3_600_000, 201, None, 1000)
             .unwrap()
             .expect("removes");
         assert_eq!(t.why, "max_age");
@@ -602,7 +672,7 @@ mod tests {
         let mut s = filled(dir.path(), 1_000);
         s.create_topic_settings_for_test("t", age(10_000));
         let t = s
-            .retention_step("t", 60_000, 3_600_000, 200, 1000)
+            .retention_step("t", 60_000, 3_600_000, 200, None, 1000)
             .unwrap()
             .expect("removes");
         assert_eq!(t.floor, 201);
@@ -631,7 +701,7 @@ mod tests {
             },
         );
         let t = s
-            .retention_step("t", 2_000, 3_600_000, 200, 1000)
+            .retention_step("t", 2_000, 3_600_000, 200, None, 1000)
             .unwrap()
             .expect("removes");
         assert_eq!(t.why, "max_bytes");
@@ -648,14 +718,14 @@ mod tests {
         );
         // The group acked up to 7: nothing wholly below it.
         assert!(s
-            .retention_step("t", 2_000, 3_600_000, 200, 1000)
+            .retention_step("t", 2_000, 3_600_000, 200, None, 1000)
             .unwrap()
             .is_none());
         s.put_group("t", "g", &record(130)).unwrap();
         s.put_group("t", "h", &record(200)).unwrap();
         s.sync().unwrap();
         let t = s
-            .retention_step("t", 2_000, 3_600_000, 200, 1000)
+            .retention_step("t", 2_000, 3_600_000, 200, None, 1000)
             .unwrap()
             .expect("removes");
         assert_eq!(t.why, "acked");
@@ -665,7 +735,9 @@ mod tests {
             t.floor
         );
         assert!(t.floor > 1);
-        let none = s.retention_step("t", 2_000, 3_600_000, 0, 1000).unwrap();
+        let none = s
+            .retention_step("t", 2_000, 3_600_000, 0, None, 1000)
+            .unwrap();
         assert!(none.is_none(), "nothing not durable goes");
     }
 
@@ -771,7 +843,7 @@ mod tests {
             dedup_window_ms: Some(10_000),
             ..Default::default()
         });
-        assert_eq!(s.rebuild_dedup(5000).unwrap(), 2);
+        assert_eq!(s.rebuild_dedup(5000).unwrap().0, 2);
         let (kept, a, _) = s
             .append_dedup("t", vec![msg(5000, "a")], ids(&[Some("a")]), 5000)
             .unwrap();

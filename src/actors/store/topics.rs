@@ -12,6 +12,7 @@ use crate::actors::messages::{
 use crate::actors::now_ms;
 use crate::config::FsyncPolicy;
 use crate::store::commit::{lock, Retired, Written};
+use crate::store::dedup::Forgot;
 use crate::store::remover::{Removed, SegmentsRemoved};
 use crate::store::{settings, GroupRecord, StoreError};
 use actix::prelude::*;
@@ -33,7 +34,8 @@ const MAX_EXPIRE_PER_TICK: usize = 100_000;
 pub struct StoreLimits {
     /// Subscribes refused: too many groups waiting for topics that do not exist yet.
     pub waiting_groups_refused: u64,
-    /// Ids forgotten before their window ended: a topic's dedup index was full.
+    /// Ids forgotten before their window ended: a topic's dedup index was full, or every
+    /// topic's together (`dedup_max_ids`).
     pub dedup_ids_forgotten: u64,
     last_dedup_event: Option<std::time::Instant>,
 }
@@ -42,12 +44,6 @@ pub struct StoreLimits {
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub(super) struct FilesRemoved(pub Removed);
-
-/// Whether `topic` is a dead-letter topic, which the broker creates when it needs it whatever
-/// `auto_create_topics` says.
-fn is_dead_letter_topic(topic: &str) -> bool {
-    topic.ends_with(".dlq")
-}
 
 fn ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -59,16 +55,14 @@ fn storage_wire(e: StoreError) -> WireError {
 
 impl StoreActor {
     /// Whether `topic` may be written (a publish, a group record): not while it is being
-    /// deleted, and only if it exists when `auto_create_topics` is off (dead-letter topics
-    /// excepted).
-    pub(super) fn may_write(&self, topic: &str) -> Result<(), StoreError> {
+    /// deleted, and only if it exists when `auto_create_topics` is off, unless `dead_letter`:
+    /// the orchestrator's dead-letter appends create their topic whatever the setting (a
+    /// client's publish to a name ending in `.dlq` does not).
+    pub(super) fn may_write(&self, topic: &str, dead_letter: bool) -> Result<(), StoreError> {
         if self.deleting.contains(topic) {
             return Err(StoreError::UnknownTopic(topic.to_string()));
         }
-        if !self.config.auto_create_topics
-            && !self.storage.exists(topic)
-            && !is_dead_letter_topic(topic)
-        {
+        if !self.config.auto_create_topics && !self.storage.exists(topic) && !dead_letter {
             return Err(StoreError::UnknownTopic(topic.to_string()));
         }
         Ok(())
@@ -96,10 +90,10 @@ impl StoreActor {
             })
     }
 
-    /// A topic's dedup index was full and forgot `n` ids early: counted, and an event (at most
-    /// one every 10 s).
-    pub(super) fn dedup_full(&mut self, topic: &str, n: u64) {
-        self.limits.dedup_ids_forgotten += n;
+    /// The dedup index forgot ids early to stay within its bounds (the topic's, or every
+    /// topic's together): counted, and an event (at most one every 10 s).
+    pub(super) fn dedup_full(&mut self, topic: Option<&str>, forgot: Forgot) {
+        self.limits.dedup_ids_forgotten += forgot.total();
         let now = std::time::Instant::now();
         if self
             .limits
@@ -109,21 +103,31 @@ impl StoreActor {
             return;
         }
         self.limits.last_dedup_event = Some(now);
+        let bound = if forgot.broker_bound > 0 {
+            format!(
+                "the broker's dedup indexes are full (dedup_max_ids = {} ids, every topic)",
+                self.config.dedup_max_ids
+            )
+        } else {
+            format!(
+                "the topic's dedup index is full ({} ids)",
+                crate::store::dedup::MAX_IDS_PER_TOPIC
+            )
+        };
         tracing::warn!(
-            topic,
+            topic = topic.unwrap_or(""),
             forgotten = self.limits.dedup_ids_forgotten,
-            max = crate::store::dedup::MAX_IDS_PER_TOPIC,
-            "dedup index full: the oldest ids are forgotten before their window ends"
+            "{bound}: the oldest ids are forgotten before their window ends"
         );
-        self.events.emit(
-            BrokerEvent::now(event_kind::MEMORY_PRESSURE)
-                .topic(topic)
-                .count(n)
-                .detail(format!(
-                    "dedup index full ({} ids): the oldest forgotten before their window ends",
-                    crate::store::dedup::MAX_IDS_PER_TOPIC
-                )),
-        );
+        let mut e = BrokerEvent::now(event_kind::MEMORY_PRESSURE)
+            .count(forgot.total())
+            .detail(format!(
+                "{bound}: the oldest forgotten before their window ends"
+            ));
+        if let Some(t) = topic {
+            e = e.topic(t);
+        }
+        self.events.emit(e);
     }
 
     /// A `storage_error` event (write and sync failures; callers rate-limit the former).
@@ -139,8 +143,11 @@ impl StoreActor {
     pub(super) fn rebuild_dedup(&mut self) {
         let started = std::time::Instant::now();
         match self.storage.rebuild_dedup(now_ms()) {
-            Ok(ids) => {
-                tracing::info!(ids, elapsed = ?started.elapsed(), "dedup index rebuilt from the logs")
+            Ok((ids, forgot)) => {
+                tracing::info!(ids, elapsed = ?started.elapsed(), "dedup index rebuilt from the logs");
+                if forgot.total() > 0 {
+                    self.dedup_full(None, forgot);
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot rebuild the dedup index: ids stored before this start are not recognised");
@@ -215,6 +222,14 @@ impl StoreActor {
         let segment_max_age = ms(self.config.segment_max_age);
         let mut budget = MAX_REMOVE_PER_TICK;
         let mut retired = Vec::new();
+        // Group records queued and not written yet count for `discard = "acked"` like the
+        // written ones: a backward seek's must keep what it goes back to.
+        let mut pending_floors: std::collections::HashMap<String, u64> =
+            std::collections::HashMap::new();
+        for ((topic, _), (rec, _)) in &self.pending_groups {
+            let f = pending_floors.entry(topic.clone()).or_insert(u64::MAX);
+            *f = (*f).min(rec.acked_floor);
+        }
         for topic in self.storage.topic_names() {
             if budget == 0 {
                 break;
@@ -223,11 +238,20 @@ impl StoreActor {
                 continue;
             }
             let durable = self.durable_head(&topic);
-            match self
-                .storage
-                .retention_step(&topic, now, segment_max_age, durable, budget)
-            {
-                Ok(Some(t)) => {
+            let pending = pending_floors.get(&topic).copied();
+            match self.storage.retention_step(
+                &topic,
+                now,
+                segment_max_age,
+                durable,
+                pending,
+                budget,
+            ) {
+                Ok(Some(mut t)) => {
+                    if self.fsync != FsyncPolicy::Never {
+                        // The pipeline syncs everything written before the removal.
+                        t.sync_first.clear();
+                    }
                     budget = budget.saturating_sub(t.removed.len());
                     tracing::debug!(
                         topic,
@@ -292,8 +316,8 @@ impl StoreActor {
                 return Err(WireError::new(
                     ErrorCode::InvalidRequest,
                     format!(
-                        "dedup_window ({window} ms) longer than max_age ({age} ms): ids would be \
-                         remembered for messages already removed, and forgotten at a restart"
+                        "dedup_window ({window} ms) longer than max_age ({age} ms): set a \
+                         max_age at least as long as the window"
                     ),
                 ));
             }
@@ -327,9 +351,13 @@ impl StoreActor {
         }
     }
 
-    /// A topic's deletion is durable (or failed): the name is free again, an event, the
-    /// orchestrator ends its subscriptions, and then the deletion is answered (so a request
-    /// the client sends after the answer finds the name free).
+    /// A topic's deletion is durable (or failed): an event, and the topic's orchestrator
+    /// shard ends its subscriptions and drops its groups (`TopicRemoved`). Only once the shard
+    /// has handled that is the name free again and the deletion answered ([`TopicGone`]): every
+    /// group record the shard sent before (an ack queued ahead of `TopicRemoved`) has then
+    /// reached this actor's mailbox, ahead of anything a client sends after the answer, so it
+    /// finds the topic gone (refused) rather than a new topic of that name created by a
+    /// publish meanwhile.
     fn topic_removed(
         &mut self,
         topic: String,
@@ -337,8 +365,8 @@ impl StoreActor {
         bytes: u64,
         result: Result<(), String>,
         reply: oneshot::Sender<Result<(), String>>,
+        ctx: &mut Context<Self>,
     ) {
-        self.deleting.remove(&topic);
         match &result {
             Ok(()) => {
                 tracing::info!(topic, messages, bytes, "topic deleted");
@@ -350,20 +378,63 @@ impl StoreActor {
                 );
                 if !self.topic_listeners.is_empty() {
                     let shard = crate::actors::shard_for(&topic, self.topic_listeners.len());
-                    self.topic_listeners[shard]
-                        .removed
-                        .do_send(TopicRemoved { topic });
+                    let told = self.topic_listeners[shard].removed.send(TopicRemoved {
+                        topic: topic.clone(),
+                    });
+                    // Awaited off the actor (a restart of the actor would drop a future of
+                    // its own, and the name would stay taken); the answer comes back by
+                    // message.
+                    let me = ctx.address();
+                    actix_rt::spawn(async move {
+                        if let Err(e) = told.await {
+                            // The shard stopped (it restarts with no state of the topic).
+                            tracing::warn!(topic, error = %e, "the orchestrator did not confirm a topic's removal");
+                        }
+                        me.do_send(TopicGone {
+                            topic,
+                            result,
+                            reply,
+                        });
+                    });
+                    return;
                 }
             }
             Err(e) => self.storage_error(Some(&topic), &format!("deleting the topic: {e}")),
         }
+        self.topic_gone(topic, result, reply);
+    }
+
+    /// The name of a deleted topic is free again: the deletion is answered.
+    fn topic_gone(
+        &mut self,
+        topic: String,
+        result: Result<(), String>,
+        reply: oneshot::Sender<Result<(), String>>,
+    ) {
+        self.deleting.remove(&topic);
         let _ = reply.send(result);
+    }
+}
+
+/// The orchestrator handled a deleted topic's `TopicRemoved`: the name is free again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct TopicGone {
+    topic: String,
+    result: Result<(), String>,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+impl Handler<TopicGone> for StoreActor {
+    type Result = ();
+    fn handle(&mut self, msg: TopicGone, _: &mut Context<Self>) {
+        self.topic_gone(msg.topic, msg.result, msg.reply);
     }
 }
 
 impl Handler<FilesRemoved> for StoreActor {
     type Result = ();
-    fn handle(&mut self, msg: FilesRemoved, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: FilesRemoved, ctx: &mut Context<Self>) {
         match msg.0 {
             Removed::Segments(r) => self.segments_removed(r),
             Removed::Topic {
@@ -372,7 +443,7 @@ impl Handler<FilesRemoved> for StoreActor {
                 bytes,
                 result,
                 reply,
-            } => self.topic_removed(topic, messages, bytes, result, reply),
+            } => self.topic_removed(topic, messages, bytes, result, reply, ctx),
         }
     }
 }
@@ -545,5 +616,19 @@ impl Handler<GetTopicSettings> for StoreActor {
     type Result = Result<TopicSettings, StoreError>;
     fn handle(&mut self, msg: GetTopicSettings, _: &mut Context<Self>) -> Self::Result {
         Ok(self.storage.settings(&msg.topic))
+    }
+}
+
+/// Tests: runs the retention sweep now.
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct SweepNow;
+
+#[cfg(test)]
+impl Handler<SweepNow> for StoreActor {
+    type Result = ();
+    fn handle(&mut self, _: SweepNow, ctx: &mut Context<Self>) {
+        self.sweep(ctx);
     }
 }

@@ -57,6 +57,11 @@ impl SegmentLog {
             .map_or(self.last_seq.saturating_add(1), |c| c.0)
     }
 
+    /// The files of the segments in the log, oldest first.
+    pub fn segment_paths(&self) -> Vec<PathBuf> {
+        self.segments.iter().map(|s| s.path.clone()).collect()
+    }
+
     /// Segment files in the log.
     pub fn segment_count(&self) -> usize {
         self.segments.len()
