@@ -53,6 +53,18 @@ async fn publish_many(a: &Admin, topic: &str, n: usize) {
     }
 }
 
+/// The next lifecycle event (within a minute).
+async fn next_event(
+    events: &mut sluice_sdk::admin::EventStream,
+) -> sluice_sdk::protocol::BrokerEvent {
+    use futures::StreamExt;
+    tokio::time::timeout(T, events.next())
+        .await
+        .expect("an event in time")
+        .expect("the stream goes on")
+        .expect("an event")
+}
+
 /// Disk blocks actually allocated under `dir`, in bytes (what `du` shows).
 fn du(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -154,6 +166,15 @@ async fn max_age_removes_every_expired_segment_and_a_restart_keeps_floor_and_hea
     assert_eq!(i.groups, vec!["lagging".to_string()]);
     assert!(i.segments > 50, "many segments: {i:?}");
     assert!(before > 10_000_000, "du before: {before}");
+    // Lifecycle events from here on: subscribed once a probe topic's creation is seen.
+    let mut events = a.events(vec![]).await.expect("events");
+    publish_many(&a, "probe", 1).await;
+    loop {
+        let e = next_event(&mut events).await;
+        if e.kind == "topic_created" && e.topic.as_deref() == Some("probe") {
+            break;
+        }
+    }
 
     a.alter_topic(
         "aged",
@@ -164,6 +185,29 @@ async fn max_age_removes_every_expired_segment_and_a_restart_keeps_floor_and_hea
     )
     .await
     .expect("alter");
+    // The sweep says what it removed, and the lagging group, moved up to the floor, is told.
+    let (mut removed, mut skipped) = (0u64, 0u64);
+    while removed < 100_000 || skipped < 100_000 {
+        let e = next_event(&mut events).await;
+        if e.topic.as_deref() != Some("aged") {
+            continue;
+        }
+        match e.kind.as_str() {
+            "retention_removed" => removed += e.count.unwrap_or(0),
+            "group_moved_to_floor" => {
+                assert_eq!(e.group.as_deref(), Some("lagging"), "{e:?}");
+                skipped += e.count.unwrap_or(0);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((removed, skipped), (100_000, 100_000));
+    let g = a.group_info("aged", "lagging").await.expect("group info");
+    assert_eq!(
+        (g.acked_floor, g.lag, g.skipped_by_retention),
+        (100_000, 0, 100_000),
+        "{g:?}"
+    );
     let i = info_until(&a, "aged", |i| i.floor_seq == 100_001).await;
     assert_eq!(
         (i.head_seq, i.messages, i.segments),
