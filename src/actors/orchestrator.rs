@@ -122,6 +122,8 @@ pub struct OrchestratorActor {
     events: crate::events::EventBus,
     /// Kicks, notices, retry timers (`group_ops.rs`).
     ops: group_ops::OrchOps,
+    /// `TopicRemoved` notices handled: a group record loaded across one is not installed.
+    topic_removals: u64,
 }
 
 impl OrchestratorActor {
@@ -149,6 +151,7 @@ impl OrchestratorActor {
             counters: ActorCounters::default(),
             events: crate::events::EventBus::default(),
             ops: Default::default(),
+            topic_removals: 0,
         }
     }
 
@@ -587,6 +590,8 @@ impl Handler<JoinGroup> for OrchestratorActor {
             }))
         };
         let query = self.new_group_query(&msg);
+        let loading = load.is_some();
+        let removals = self.topic_removals;
         Box::pin(
             async move {
                 let loaded: Loaded = match load {
@@ -606,6 +611,16 @@ impl Handler<JoinGroup> for OrchestratorActor {
             }
             .into_actor(self)
             .then(move |(loaded, fresh), act, _ctx| {
+                // A topic of this shard deleted while the record loaded: the record may be
+                // the deleted topic's, so it is not installed (the client subscribes again).
+                let loaded = if loading && act.topic_removals != removals {
+                    Err(WireError::new(
+                        ErrorCode::Unavailable,
+                        "a topic was deleted while the group loaded; subscribe again",
+                    ))
+                } else {
+                    loaded
+                };
                 let res = act.join_loaded(&msg, loaded, fresh);
                 let joined = res.is_ok();
                 let mode = msg.mode;
@@ -1101,5 +1116,50 @@ mod tests {
         let stats = orch.send(GetGroupStats).await.expect("mailbox");
         assert_eq!(stats.len(), 1);
         assert_eq!(stats[0].consumers, 1);
+    }
+
+    #[actix_rt::test]
+    async fn a_group_record_loaded_across_a_topic_deletion_is_not_installed() {
+        let (open, gate) = oneshot::channel();
+        let store = ProbeStore {
+            gate: Arc::new(Mutex::new(Some(gate))),
+        }
+        .start();
+        let links = StoreLinks {
+            append: store.clone().recipient(),
+            commit: store.clone().recipient(),
+            read: store.clone().recipient(),
+            load: store.clone().recipient(),
+            list_groups: store.clone().recipient(),
+            sync_stats: store.clone().recipient(),
+            actor_stats: store.clone().recipient(),
+            fault: store.clone().recipient(),
+            seq_at_time: store.clone().recipient(),
+            delete_group: store.clone().recipient(),
+            topic_settings: store.clone().recipient(),
+        };
+        let orch = OrchestratorActor::new(
+            0,
+            DeliveryConfig::default(),
+            links,
+            None,
+            Arc::new(AtomicU64::new(1)),
+        )
+        .start();
+        let sink = Sink.start();
+        let first = ConsumerId { conn: 1, stream: 1 };
+        // The record is loading when the topic is deleted: it may be the deleted topic's.
+        let joining = orch.send(join(first, &sink));
+        orch.do_send(super::super::messages::TopicRemoved { topic: "t".into() });
+        tokio::task::yield_now().await;
+        let _ = open.send(());
+        let res = joining.await.expect("mailbox");
+        let e = res.expect_err("a record loaded across a deletion was installed");
+        assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+        let stats = orch.send(GetGroupStats).await.expect("mailbox");
+        assert!(stats.is_empty(), "{stats:?}");
+        // Subscribing again works.
+        let res = orch.send(join(first, &sink)).await.expect("mailbox");
+        assert!(res.is_ok(), "{res:?}");
     }
 }

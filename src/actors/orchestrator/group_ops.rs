@@ -589,6 +589,7 @@ impl Handler<TopicRemoved> for OrchestratorActor {
     type Result = ();
     fn handle(&mut self, msg: TopicRemoved, ctx: &mut Context<Self>) {
         self.counters.handled += 1;
+        self.topic_removals += 1;
         let Some(t) = self.topics.remove(&msg.topic) else {
             return;
         };
