@@ -6,8 +6,15 @@
 //! client publishing ids to many topics (auto-created) cannot take the broker's memory. Past
 //! either, the oldest ids (of the topic, or of every topic) are forgotten before their window
 //! ends.
+//!
+//! The maps are keyed by an [`IdKey`], a keyed 128-bit hash of the id ([`IdKeys::key`]),
+//! computed once per message and used for the lookup, the in-request duplicate check and the
+//! insert; the id itself is kept (moved in, not copied) only in the store-order queue, for
+//! [`Dedup::ids_between`].
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 /// Most ids one topic's index holds: past it the topic's oldest are forgotten before their
@@ -18,42 +25,100 @@ pub const MAX_IDS_PER_TOPIC: usize = 1_000_000;
 /// 250 MB with ids of 128 bytes.
 pub const DEFAULT_MAX_IDS: usize = 1_000_000;
 
+/// An id's key in the index: a keyed 128-bit hash of it ([`IdKeys::key`]). Two ids are the
+/// same id for the index when their keys are equal. The hash is keyed with a random key the
+/// client never sees, so a client cannot craft two ids with one key (to have a message taken
+/// for another's repeat); and with 128 bits an accidental collision is negligible: among a
+/// million ids held at once, about 2^-88.
+pub type IdKey = u128;
+
+/// Makes [`IdKey`]s: std's keyed SipHash (SipHash-1-3 today) with a random key drawn when the
+/// index is made, run twice over the id with a different leading byte, the two 64-bit outputs
+/// making the 128-bit key. (Distinct inputs to one keyed PRF give independent outputs; two
+/// `RandomState`s made on one thread would have related keys, `k0` and `k0 + 1`.)
+#[derive(Debug, Clone)]
+pub struct IdKeys(RandomState);
+
+impl Default for IdKeys {
+    fn default() -> Self {
+        IdKeys(RandomState::new())
+    }
+}
+
+impl IdKeys {
+    /// `id`'s key.
+    pub fn key(&self, id: &str) -> IdKey {
+        let half = |domain: u8| {
+            let mut h = self.0.build_hasher();
+            h.write_u8(domain);
+            h.write(id.as_bytes());
+            h.finish()
+        };
+        (u128::from(half(0)) << 64) | u128::from(half(1))
+    }
+}
+
+/// A hasher for maps keyed by [`IdKey`]: the key is already a keyed hash, so its low 64 bits
+/// are the map's hash (no second hash per lookup).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u128` is used (for `IdKey`s); anything else is folded in, still correct.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u128(&mut self, k: u128) {
+        self.0 ^= k as u64;
+    }
+}
+
+/// A map keyed by [`IdKey`].
+pub type IdMap<V> = HashMap<IdKey, V, BuildHasherDefault<PassThrough>>;
+
 /// One topic's ids, in the order they were stored.
 #[derive(Debug, Default)]
 pub struct DedupIndex {
-    /// Id → (seq, store time in ms).
-    map: HashMap<Arc<str>, (u64, u64)>,
-    /// (store time, seq, id), in store order (so by seq): what expires next.
-    order: VecDeque<(u64, u64, Arc<str>)>,
+    /// Id's key → (seq, store time in ms).
+    map: IdMap<(u64, u64)>,
+    /// (store time, seq, id's key, id), in store order (so by seq): what expires next.
+    order: VecDeque<(u64, u64, IdKey, String)>,
 }
 
 impl DedupIndex {
-    /// The seq `id` was stored with, if that was less than `window_ms` before `now_ms`.
-    pub fn get(&self, id: &str, now_ms: u64, window_ms: u64) -> Option<u64> {
+    /// The seq the id of `key` was stored with, if that was less than `window_ms` before
+    /// `now_ms`.
+    pub fn get(&self, key: IdKey, now_ms: u64, window_ms: u64) -> Option<u64> {
         self.map
-            .get(id)
+            .get(&key)
             .filter(|(_, at)| at.saturating_add(window_ms) > now_ms)
             .map(|(seq, _)| *seq)
     }
 
-    fn push(&mut self, id: &str, seq: u64, at_ms: u64) {
-        let id: Arc<str> = Arc::from(id);
-        self.map.insert(id.clone(), (seq, at_ms));
-        self.order.push_back((at_ms, seq, id));
+    fn push(&mut self, key: IdKey, id: String, seq: u64, at_ms: u64) {
+        self.map.insert(key, (seq, at_ms));
+        self.order.push_back((at_ms, seq, key, id));
     }
 
     fn pop_front(&mut self) {
-        if let Some((_, seq, id)) = self.order.pop_front() {
+        if let Some((_, seq, key, _)) = self.order.pop_front() {
             // A later store of the same id (after its window) has its own entry.
-            if self.map.get(&id).is_some_and(|(s, _)| *s == seq) {
-                self.map.remove(&id);
+            if self.map.get(&key).is_some_and(|(s, _)| *s == seq) {
+                self.map.remove(&key);
             }
         }
     }
 
     /// Store time of the oldest id held.
     fn front_ms(&self) -> Option<u64> {
-        self.order.front().map(|(at, _, _)| *at)
+        self.order.front().map(|(at, _, _, _)| *at)
     }
 
     /// Ids held.
@@ -104,6 +169,8 @@ pub struct Dedup {
     per_topic: usize,
     /// Ids forgotten before their window ended, since the start.
     forgotten: u64,
+    /// How ids are keyed.
+    keys: IdKeys,
 }
 
 impl Default for Dedup {
@@ -129,6 +196,7 @@ impl Dedup {
             max_total,
             per_topic: per_topic.clamp(1, max_total),
             forgotten: 0,
+            keys: IdKeys::default(),
         }
     }
 
@@ -137,10 +205,21 @@ impl Dedup {
         self.max_total
     }
 
+    /// `id`'s key in these indexes.
+    pub fn key(&self, id: &str) -> IdKey {
+        self.keys.key(id)
+    }
+
+    /// `topic`'s index, if it holds ids: look it up once per request, then [`DedupIndex::get`]
+    /// each id's key.
+    pub fn topic(&self, topic: &str) -> Option<&DedupIndex> {
+        self.topics.get(topic)
+    }
+
     /// The seq `id` was stored with in `topic`, if that was less than `window_ms` before
     /// `now_ms`.
     pub fn get(&self, topic: &str, id: &str, now_ms: u64, window_ms: u64) -> Option<u64> {
-        self.topics.get(topic)?.get(id, now_ms, window_ms)
+        self.topics.get(topic)?.get(self.key(id), now_ms, window_ms)
     }
 
     /// Runs `f` on `topic`'s index (made if missing) and keeps `fronts` and `total` in step
@@ -172,28 +251,62 @@ impl Dedup {
     /// Remembers `id` as stored in `topic` with `seq` at `at_ms`. Returns how many older ids
     /// were forgotten to make room (none unless a bound was reached).
     pub fn insert(&mut self, topic: &str, id: &str, seq: u64, at_ms: u64) -> Forgot {
-        let per_topic = self.per_topic;
-        let topic_bound = self.with_topic(topic, |ix| {
-            let mut n = 0;
-            while ix.len() >= per_topic {
-                ix.pop_front();
-                n += 1;
-            }
-            ix.push(id, seq, at_ms);
-            n
-        });
-        let mut broker_bound = 0;
-        while self.total > self.max_total {
-            let Some((_, oldest)) = self.fronts.first().cloned() else {
-                break;
-            };
-            self.with_topic(&oldest, DedupIndex::pop_front);
-            broker_bound += 1;
-        }
-        let forgot = Forgot {
-            topic_bound,
-            broker_bound,
+        let key = self.key(id);
+        self.insert_all(topic, [(key, id.to_string(), seq, at_ms)])
+    }
+
+    /// Remembers each (id's key from [`Dedup::key`], id, seq, store time) as stored in
+    /// `topic`, in order (seqs rising): the same as an [`Dedup::insert`] of each in turn, with
+    /// one look-up of the topic. Returns how many older ids were forgotten to make room.
+    pub fn insert_all(
+        &mut self,
+        topic: &str,
+        ids: impl IntoIterator<Item = (IdKey, String, u64, u64)>,
+    ) -> Forgot {
+        // The topic's index is taken out while the ids go in, so that the broker's bound can
+        // take other topics' oldest; its `fronts` entry is out with it and put back after.
+        let (name, mut ix) = match self.topics.remove_entry(topic) {
+            Some(e) => e,
+            None => (Arc::from(topic), DedupIndex::default()),
         };
+        if let Some(at) = ix.front_ms() {
+            self.fronts.remove(&(at, name.clone()));
+        }
+        let mut forgot = Forgot::default();
+        for (key, id, seq, at_ms) in ids {
+            while ix.len() >= self.per_topic {
+                ix.pop_front();
+                self.total = self.total.saturating_sub(1);
+                forgot.topic_bound += 1;
+            }
+            ix.push(key, id, seq, at_ms);
+            self.total += 1;
+            while self.total > self.max_total {
+                // The oldest of all: this topic's, or the first of the others'.
+                let ours = ix.front_ms().map(|at| (at, &name));
+                let theirs = self.fronts.first().map(|(at, t)| (*at, t));
+                match (ours, theirs) {
+                    (Some(o), Some(t)) if t < o => {
+                        let other = t.1.clone();
+                        self.with_topic(&other, DedupIndex::pop_front);
+                    }
+                    (Some(_), _) => {
+                        ix.pop_front();
+                        self.total = self.total.saturating_sub(1);
+                    }
+                    (None, Some((_, t))) => {
+                        let other = t.clone();
+                        self.with_topic(&other, DedupIndex::pop_front);
+                    }
+                    (None, None) => break,
+                }
+                forgot.broker_bound += 1;
+            }
+        }
+        if let Some(at) = ix.front_ms() {
+            self.fronts.insert((at, name.clone()));
+            self.topics.insert(name, ix);
+        }
         self.forgotten += forgot.total();
         forgot
     }
@@ -261,15 +374,15 @@ impl Dedup {
             return Vec::new();
         };
         // Seqs rise along the order (ids are inserted as their messages are stored).
-        let start = ix.order.partition_point(|(_, seq, _)| *seq < from);
+        let start = ix.order.partition_point(|(_, seq, _, _)| *seq < from);
         ix.order
             .range(start..)
-            .take_while(|(_, seq, _)| *seq < to)
-            .filter(|(at, seq, id)| {
+            .take_while(|(_, seq, _, _)| *seq < to)
+            .filter(|(at, seq, key, _)| {
                 at.saturating_add(window_ms) > now_ms
-                    && ix.map.get(id).is_some_and(|(s, _)| s == seq)
+                    && ix.map.get(key).is_some_and(|(s, _)| s == seq)
             })
-            .cloned()
+            .map(|(at, seq, _, id)| (*at, *seq, Arc::from(id.as_str())))
             .collect()
     }
 
@@ -370,5 +483,127 @@ mod tests {
         assert_eq!(d.forgotten(), 2 + 1000);
         d.remove_topic("t999");
         assert_eq!((d.len(), d.topics.len(), d.fronts.len()), (4, 4, 4));
+    }
+
+    /// The rules, written plainly: each id in turn; past the topic's bound its oldest go,
+    /// past the broker's the oldest of all (by store time, then topic name).
+    #[derive(Default)]
+    struct Model {
+        topics: std::collections::BTreeMap<String, VecDeque<(u64, u64, Arc<str>)>>,
+        forgot: Forgot,
+    }
+
+    impl Model {
+        fn insert(&mut self, bounds: (usize, usize), topic: &str, id: &str, seq: u64, at: u64) {
+            let q = self.topics.entry(topic.to_string()).or_default();
+            while q.len() >= bounds.1 {
+                q.pop_front();
+                self.forgot.topic_bound += 1;
+            }
+            q.push_back((at, seq, Arc::from(id)));
+            while self.topics.values().map(VecDeque::len).sum::<usize>() > bounds.0 {
+                let oldest = self
+                    .topics
+                    .iter()
+                    .filter_map(|(t, q)| q.front().map(|(at, _, _)| (*at, t.clone())))
+                    .min();
+                let Some((_, t)) = oldest else { break };
+                if let Some(q) = self.topics.get_mut(&t) {
+                    q.pop_front();
+                }
+                self.forgot.broker_bound += 1;
+            }
+            self.topics.retain(|_, q| !q.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_request_inserted_at_once_keeps_the_bounds_as_each_id_in_turn() {
+        // Both bounds reached inside one request, store times out of order across topics
+        // (a clock stepped back), ties broken by topic name.
+        let seed = [
+            ("b", "b1", 1, 500),
+            ("b", "b2", 2, 500),
+            ("a", "a1", 1, 500),
+            ("c", "c1", 1, 100),
+        ];
+        let request: Vec<(&str, u64, u64)> = (0..6u64)
+            .map(|i| {
+                (
+                    ["x", "y", "z", "w", "v", "u"][i as usize],
+                    10 + i,
+                    300 + 100 * i,
+                )
+            })
+            .collect();
+        // One request per run of a topic.
+        let runs: [(&str, std::ops::Range<usize>); 5] = [
+            ("a", 0..1),
+            ("b", 1..2),
+            ("a", 2..4),
+            ("d", 4..5),
+            ("a", 5..6),
+        ];
+        for bounds in [(6, 6), (6, 2), (3, 3), (1, 1), (100, 4), (5, 1), (4, 2)] {
+            let mut d = Dedup::with_bounds(bounds.0, bounds.1);
+            let mut m = Model::default();
+            for (t, id, seq, at) in seed {
+                d.insert(t, id, seq, at);
+                m.insert(bounds, t, id, seq, at);
+            }
+            let mut forgot = d.forgotten();
+            for (topic, range) in runs.clone() {
+                let ids: Vec<_> = request[range.clone()]
+                    .iter()
+                    .map(|(id, seq, at)| (d.key(id), id.to_string(), *seq, *at))
+                    .collect();
+                let f = d.insert_all(topic, ids);
+                forgot += f.total();
+                for (id, seq, at) in &request[range] {
+                    m.insert(bounds, topic, id, *seq, *at);
+                }
+            }
+            let held: Vec<_> = m
+                .topics
+                .iter()
+                .map(|(t, q)| (t.clone(), q.iter().cloned().collect::<Vec<_>>()))
+                .collect();
+            let mut topics: Vec<String> = d.topics.keys().map(|t| t.to_string()).collect();
+            topics.sort();
+            let got: Vec<_> = topics
+                .into_iter()
+                .map(|t| {
+                    let ids = d.ids_between(&t, 0, u64::MAX, 0, u64::MAX);
+                    (t, ids)
+                })
+                .collect();
+            assert_eq!(got, held, "bounds {bounds:?}");
+            assert_eq!(d.forgotten(), m.forgot.total(), "bounds {bounds:?}");
+            assert_eq!(forgot, d.forgotten());
+            assert_eq!(d.len(), held.iter().map(|(_, q)| q.len()).sum::<usize>());
+            assert_eq!(d.fronts.len(), held.len());
+            for (t, q) in &held {
+                for (_, seq, id) in q {
+                    assert_eq!(d.get(t, id, 0, 1), Some(*seq), "{t}/{id}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ids_are_told_apart_by_their_keys() {
+        let mut d = Dedup::default();
+        let ids: Vec<String> = (0..10_000).map(|i| format!("id-{i}")).collect();
+        let keys: std::collections::HashSet<IdKey> = ids.iter().map(|i| d.key(i)).collect();
+        assert_eq!(keys.len(), ids.len());
+        for (seq, id) in ids.iter().enumerate() {
+            d.insert("t", id, seq as u64, 0);
+        }
+        for (seq, id) in ids.iter().enumerate() {
+            assert_eq!(d.get("t", id, 0, 1), Some(seq as u64));
+        }
+        assert_eq!(d.get("t", "id-10000", 0, 1), None);
+        // Another index keys with another random key.
+        assert_ne!(Dedup::default().key("id-0"), d.key("id-0"));
     }
 }

@@ -3,7 +3,7 @@
 //! seqs by time, retention's cuts and the idempotent-publish index. The design is in
 //! `store/retention.md`.
 
-use super::dedup::{Dedup, Forgot};
+use super::dedup::{Dedup, Forgot, IdKey, IdMap};
 use super::ids_file;
 use super::record::{decode_id, StoredMessage};
 use super::retention::{plan, Limits};
@@ -13,7 +13,7 @@ use super::{
     CHUNK_VERSION_IDS, TRASH,
 };
 use sluice_protocol::TopicSettings;
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
 
 /// Most group records kept in memory for topics that do not exist yet (subscribes to missing
@@ -441,27 +441,38 @@ impl Storage {
         let mut from = Vec::with_capacity(n);
         let mut kept = Vec::with_capacity(n);
         let mut kept_ids: Vec<Option<String>> = Vec::with_capacity(n);
+        // The key of each kept id (`kept_ids` order, ids only), computed once per message.
+        let mut kept_keys: Vec<IdKey> = Vec::with_capacity(if window > 0 { n } else { 0 });
         let mut duplicate = false;
         {
-            let index = &self.dedup;
-            let mut seen: HashMap<&str, usize> = HashMap::new();
-            for (m, id) in messages.into_iter().zip(ids.iter()) {
-                if let (Some(id), true) = (id, window > 0) {
-                    if let Some(seq) = index.get(topic, id, now_ms, window) {
+            let dedup = &self.dedup;
+            // The topic's index, looked up once for the request.
+            let index = if window > 0 { dedup.topic(topic) } else { None };
+            let mut seen: IdMap<usize> =
+                IdMap::with_capacity_and_hasher(if window > 0 { n } else { 0 }, Default::default());
+            for (m, id) in messages.into_iter().zip(ids) {
+                if let (Some(id), true) = (&id, window > 0) {
+                    let key = dedup.key(id);
+                    if let Some(seq) = index.and_then(|ix| ix.get(key, now_ms, window)) {
                         from.push(Seq::Known(seq));
                         duplicate = true;
                         continue;
                     }
-                    if let Some(&k) = seen.get(id.as_str()) {
-                        from.push(Seq::Kept(k));
-                        duplicate = true;
-                        continue;
+                    match seen.entry(key) {
+                        Entry::Occupied(k) => {
+                            from.push(Seq::Kept(*k.get()));
+                            duplicate = true;
+                            continue;
+                        }
+                        Entry::Vacant(v) => {
+                            v.insert(kept.len());
+                        }
                     }
-                    seen.insert(id, kept.len());
+                    kept_keys.push(key);
                 }
                 from.push(Seq::Kept(kept.len()));
                 kept.push(m);
-                kept_ids.push(id.clone());
+                kept_ids.push(id);
             }
         }
         let mut forgotten = Forgot::default();
@@ -470,12 +481,15 @@ impl Storage {
             for (i, m) in kept.iter_mut().enumerate() {
                 m.seq = first + i as u64;
             }
-            if window > 0 {
-                for (m, id) in kept.iter().zip(&kept_ids) {
-                    if let Some(id) = id {
-                        forgotten.add(self.dedup.insert(topic, id, m.seq, m.timestamp_ms));
-                    }
-                }
+            if window > 0 && !kept_keys.is_empty() {
+                // The ids move into the index (no copy), with the keys computed above.
+                let stored = kept
+                    .iter()
+                    .zip(kept_ids)
+                    .filter_map(|(m, id)| id.map(|id| (id, m.seq, m.timestamp_ms)))
+                    .zip(kept_keys)
+                    .map(|((id, seq, at), key)| (key, id, seq, at));
+                forgotten = self.dedup.insert_all(topic, stored);
             }
         }
         let seqs: Vec<u64> = from
