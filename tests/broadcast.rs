@@ -15,29 +15,6 @@ use std::time::Duration;
 const TOPIC: &str = "bt";
 const GROUP: &str = "g";
 
-async fn wait_consumers(addr: &str, n: u32) {
-    let t = std::time::Instant::now();
-    loop {
-        let admin = sluice_sdk::Admin::connect(client_config(addr, "admin"))
-            .await
-            .expect("admin");
-        let stats = admin.stats().await.expect("stats");
-        let have = stats
-            .groups
-            .iter()
-            .find(|g| g.topic == TOPIC && g.group == GROUP)
-            .map_or(0, |g| g.consumers);
-        if have == n {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{have} consumers, not {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn publish(addr: &str, n: u64) {
     let p = Producer::connect(client_config(addr, "p"))
         .await
@@ -97,7 +74,7 @@ async fn every_member_gets_every_message_and_only_a_silent_members_copies_are_de
             p.batch = 250;
         }
         tasks.push(tokio::spawn(run(addr.clone(), p, shared.clone())));
-        wait_consumers(&addr, i as u32 + 1).await;
+        wait_consumers(&addr, TOPIC, GROUP, i as u32 + 1).await;
     }
     let silent_conn = conn_id(&addr, "silent").await;
     publish(&addr, N).await;
@@ -203,7 +180,7 @@ async fn a_member_joining_later_starts_at_the_groups_floor_and_a_leaving_one_set
     h.kill_at = Some(200);
     for (i, p) in [plan("a"), h].into_iter().enumerate() {
         tasks.push(tokio::spawn(run(addr.clone(), p, shared.clone())));
-        wait_consumers(&addr, i as u32 + 1).await;
+        wait_consumers(&addr, TOPIC, GROUP, i as u32 + 1).await;
     }
     publish(&addr, 100).await;
     let s = shared.clone();

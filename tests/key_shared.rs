@@ -56,29 +56,6 @@ fn key_of(seq: u64, hot: &[String]) -> String {
     }
 }
 
-async fn wait_consumers(addr: &str, n: u32) {
-    let t = std::time::Instant::now();
-    loop {
-        let admin = sluice_sdk::Admin::connect(client_config(addr, "admin"))
-            .await
-            .expect("admin");
-        let stats = admin.stats().await.expect("stats");
-        let have = stats
-            .groups
-            .iter()
-            .find(|g| g.topic == TOPIC && g.group == GROUP)
-            .map_or(0, |g| g.consumers);
-        if have == n {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{have} consumers, not {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn plan(name: &str) -> Plan {
     let mut p = Plan::new(name, TOPIC, GROUP, GroupMode::KeyShared);
     p.window = 4;
@@ -127,7 +104,7 @@ async fn keys_stay_in_order_and_on_one_consumer_across_a_kill_and_a_join() {
             p.ack_delay = Duration::from_millis(20);
         }
         tasks.push(tokio::spawn(run(addr.clone(), p, shared.clone())));
-        wait_consumers(&addr, i as u32 + 1).await;
+        wait_consumers(&addr, TOPIC, GROUP, i as u32 + 1).await;
     }
     let s = shared.clone();
     wait_for(Duration::from_secs(60), "20,000 settled", || {

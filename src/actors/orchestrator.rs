@@ -1072,19 +1072,7 @@ mod tests {
             gate: Arc::new(Mutex::new(Some(gate))),
         }
         .start();
-        let links = StoreLinks {
-            append: store.clone().recipient(),
-            commit: store.clone().recipient(),
-            read: store.clone().recipient(),
-            load: store.clone().recipient(),
-            list_groups: store.clone().recipient(),
-            sync_stats: store.clone().recipient(),
-            actor_stats: store.clone().recipient(),
-            fault: store.clone().recipient(),
-            seq_at_time: store.clone().recipient(),
-            delete_group: store.clone().recipient(),
-            topic_settings: store.clone().recipient(),
-        };
+        let links = StoreLinks::of(&store);
         let cfg = DeliveryConfig {
             batch_size: 1,
             batch_max_bytes: 1 << 20,
@@ -1125,19 +1113,7 @@ mod tests {
             gate: Arc::new(Mutex::new(Some(gate))),
         }
         .start();
-        let links = StoreLinks {
-            append: store.clone().recipient(),
-            commit: store.clone().recipient(),
-            read: store.clone().recipient(),
-            load: store.clone().recipient(),
-            list_groups: store.clone().recipient(),
-            sync_stats: store.clone().recipient(),
-            actor_stats: store.clone().recipient(),
-            fault: store.clone().recipient(),
-            seq_at_time: store.clone().recipient(),
-            delete_group: store.clone().recipient(),
-            topic_settings: store.clone().recipient(),
-        };
+        let links = StoreLinks::of(&store);
         let orch = OrchestratorActor::new(
             0,
             DeliveryConfig::default(),

@@ -71,8 +71,23 @@ fn refusal(why: &str) -> StoreError {
 struct SyncFailed;
 
 impl StoreLinks {
-    /// The recipients of the store actor.
-    pub fn of(addr: &Addr<StoreActor>) -> StoreLinks {
+    /// The recipients of the store actor (or of any actor that answers the same messages: a
+    /// test's probe store).
+    pub fn of<A>(addr: &Addr<A>) -> StoreLinks
+    where
+        A: Actor<Context = Context<A>>
+            + Handler<AppendMessages>
+            + Handler<CommitGroup>
+            + Handler<ReadRange>
+            + Handler<LoadGroup>
+            + Handler<ListGroups>
+            + Handler<GetSyncStats>
+            + Handler<GetActorStats>
+            + Handler<InjectFault>
+            + Handler<super::messages::SeqAtTime>
+            + Handler<super::messages::DeleteGroupRecord>
+            + Handler<super::messages::GetTopicSettings>,
+    {
         StoreLinks {
             append: addr.clone().recipient(),
             commit: addr.clone().recipient(),

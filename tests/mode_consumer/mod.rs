@@ -238,6 +238,30 @@ pub async fn run(addr: String, plan: Plan, shared: Arc<Shared>) {
 }
 
 /// The broker's stats of one group.
+/// Waits (20 s at most) until `topic`/`group` has `n` consumers.
+pub async fn wait_consumers(addr: &str, topic: &str, group: &str, n: u32) {
+    let t = std::time::Instant::now();
+    loop {
+        let admin = sluice_sdk::Admin::connect(client_config(addr, "admin"))
+            .await
+            .expect("admin");
+        let stats = admin.stats().await.expect("stats");
+        let have = stats
+            .groups
+            .iter()
+            .find(|g| g.topic == topic && g.group == group)
+            .map_or(0, |g| g.consumers);
+        if have == n {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{have} consumers, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn group_stats(addr: &str, topic: &str, group: &str) -> sluice_protocol::GroupStats {
     let admin = sluice_sdk::Admin::connect(client_config(addr, "admin"))
         .await

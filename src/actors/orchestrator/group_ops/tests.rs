@@ -148,19 +148,7 @@ async fn a_floor_move_persists_tells_the_consumer_and_a_topic_removal_kicks_it()
         commits: commits.clone(),
     }
     .start();
-    let links = StoreLinks {
-        append: store.clone().recipient(),
-        commit: store.clone().recipient(),
-        read: store.clone().recipient(),
-        load: store.clone().recipient(),
-        list_groups: store.clone().recipient(),
-        sync_stats: store.clone().recipient(),
-        actor_stats: store.clone().recipient(),
-        fault: store.clone().recipient(),
-        seq_at_time: store.clone().recipient(),
-        delete_group: store.clone().recipient(),
-        topic_settings: store.clone().recipient(),
-    };
+    let links = StoreLinks::of(&store);
     let bus = crate::events::EventBus::default();
     let mut rx = bus.subscribe();
     let orch = OrchestratorActor::new(
