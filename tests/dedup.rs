@@ -328,3 +328,36 @@ async fn the_ids_of_every_topic_share_the_brokers_bound() {
     let syncs = a.stats().await.expect("stats").syncs.expect("sync stats");
     assert_eq!((syncs.dedup_ids, syncs.dedup_ids_forgotten), (5, 2));
 }
+
+/// The SDK producer numbers the messages of one request consecutively (`<prefix>-<n>`), and the
+/// broker holds such a run as one entry of its index: 1,000 messages in two requests are 1,000
+/// ids in 2 entries. The run still answers each of its ids: a message resent by hand with one
+/// of them is a duplicate of its original seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_producers_request_is_one_entry_of_the_index() {
+    let b = TestBroker::start();
+    let a = admin(&b).await;
+    let producer = sluice_sdk::Producer::connect(client_config(&b.addr(), "producer"))
+        .await
+        .expect("producer");
+    let prefix = producer
+        .id_prefix()
+        .expect("idempotent by default")
+        .to_string();
+    for half in 0..2 {
+        let msgs = (0..500)
+            .map(|i| with_id(None, &format!("m{}", half * 500 + i)))
+            .collect();
+        let r = producer.publish_batch("runs", msgs).await.expect("publish");
+        assert_eq!((r.first_seq, r.duplicate), (half * 500 + 1, false));
+    }
+    let syncs = a.stats().await.expect("stats").syncs.expect("sync stats");
+    assert_eq!((syncs.dedup_ids, syncs.dedup_entries), (1000, 2));
+    // Ids are numbered from 1: seq 742 holds `<prefix>-742`.
+    let id = format!("{prefix}-742");
+    let r = publish(&a, "runs", vec![with_id(Some(&id), "again")])
+        .await
+        .expect("publish");
+    assert_eq!((r.seqs, r.duplicate), (vec![742], true));
+    assert_eq!(head(&a, "runs").await, 1000);
+}

@@ -14,8 +14,10 @@
 //! messages of a topic get sequence numbers in call order.
 //!
 //! Idempotence: by default ([`ProducerOptions::idempotent`]) every message without an id gets
-//! one when it is queued, `<producer id>-<n>` (the producer id is 16 random hex digits, `n`
-//! counts this producer's messages from 1). When a request's connection drops, its request
+//! one when its request is written, `<producer id>-<n>` (the producer id is 16 random hex
+//! digits, `n` counts this producer's messages from 1, so a request's are consecutive: the
+//! broker holds such a run of ids as one entry of its index). The id is written straight into
+//! the request, never kept as a `String` of its own. When a request's connection drops, its request
 //! times out, or the broker answers `UNAVAILABLE`/`TIMEOUT`, the request is sent again — the
 //! same bytes, so the same ids — on a new connection, for up to
 //! [`ProducerOptions::resend_for`]: the broker keeps the ids it stored within the topic's
@@ -138,7 +140,8 @@ pub struct Producer {
     ids: Option<Arc<IdSource>>,
 }
 
-/// The ids of one producer (shared by its clones): `<prefix>-<n>`, `n` from 1.
+/// The ids of one producer (shared by its clones and its pipeline): `<prefix>-<n>`, `n` from 1,
+/// taken a request at a time when the request is written.
 #[derive(Debug)]
 pub(crate) struct IdSource {
     prefix: String,
@@ -158,10 +161,14 @@ impl IdSource {
         }
     }
 
-    /// The next id (written by hand: one allocation, no formatting machinery, on the
-    /// per-message path).
-    pub(crate) fn next_id(&self) -> String {
-        let mut n = self.next.fetch_add(1, Ordering::Relaxed);
+    /// Takes `count` consecutive numbers; returns the first.
+    pub(crate) fn take(&self, count: usize) -> u64 {
+        self.next.fetch_add(count as u64, Ordering::Relaxed)
+    }
+
+    /// Writes the id `<prefix>-<n>` as a MessagePack `str` into `buf` (no allocation, no
+    /// formatting machinery: this is on the per-message path).
+    pub(crate) fn write_id(&self, buf: &mut Vec<u8>, mut n: u64) -> Result<()> {
         let mut digits = [0u8; 20];
         let mut at = digits.len();
         loop {
@@ -172,11 +179,18 @@ impl IdSource {
                 break;
             }
         }
-        let mut id = String::with_capacity(self.prefix.len() + 1 + digits.len() - at);
-        id.push_str(&self.prefix);
-        id.push('-');
-        id.extend(digits[at..].iter().map(|&d| char::from(d)));
-        id
+        let digits = &digits[at..];
+        msgpack::str_header(buf, self.prefix.len() + 1 + digits.len())?;
+        buf.extend_from_slice(self.prefix.as_bytes());
+        buf.push(b'-');
+        buf.extend_from_slice(digits);
+        Ok(())
+    }
+
+    /// The id `<prefix>-<n>` as a string (tests).
+    #[cfg(test)]
+    pub(crate) fn id(&self, n: u64) -> String {
+        format!("{}-{n}", self.prefix)
     }
 }
 
@@ -236,7 +250,7 @@ impl Producer {
         let max_payload_bytes = options.max_payload_bytes;
         let ids = options.idempotent.then(|| Arc::new(IdSource::new()));
         let slot = Arc::new(ClientSlot::new(client));
-        tokio::spawn(run_pipeline(rx, slot, options));
+        tokio::spawn(run_pipeline(rx, slot, options, ids.clone()));
         Producer {
             queue,
             max_payload_bytes,
@@ -248,16 +262,6 @@ impl Producer {
     /// The prefix of the ids this producer gives its messages (`None`: idempotence is off).
     pub fn id_prefix(&self) -> Option<&str> {
         self.ids.as_deref().map(|s| s.prefix.as_str())
-    }
-
-    /// `message` with an id: its own, or the next of this producer's (with idempotence on).
-    fn with_id(&self, mut message: NewMessage) -> NewMessage {
-        if message.id.is_none() {
-            if let Some(ids) = &self.ids {
-                message.id = Some(ids.next_id());
-            }
-        }
-        message
     }
 
     /// Publishes one message; the returned future resolves with its sequence number once the
@@ -274,7 +278,6 @@ impl Producer {
         topic: impl Into<String>,
         message: NewMessage,
     ) -> impl Future<Output = Result<u64>> + Send + 'static {
-        let message = self.with_id(message);
         let checked = self
             .last_topic
             .intern(topic.into())
@@ -318,7 +321,7 @@ impl Producer {
         topic: impl Into<String>,
         messages: Vec<NewMessage>,
     ) -> impl Future<Output = Result<PublishReply>> + Send + 'static {
-        let messages: Vec<NewMessage> = messages.into_iter().map(|m| self.with_id(m)).collect();
+        let messages: Vec<NewMessage> = messages.into_iter().collect();
         let checked = self.last_topic.intern(topic.into()).and_then(|topic| {
             if messages.is_empty() {
                 return Err(SdkError::InvalidArgument(
@@ -966,7 +969,12 @@ impl ClientSlot {
     }
 }
 
-async fn run_pipeline(mut rx: QueueReceiver, slot: Arc<ClientSlot>, options: ProducerOptions) {
+async fn run_pipeline(
+    mut rx: QueueReceiver,
+    slot: Arc<ClientSlot>,
+    options: ProducerOptions,
+    ids: Option<Arc<IdSource>>,
+) {
     let mut batcher = Batcher::new(options.max_batch_messages, options.max_batch_bytes);
     let mut in_flight = FuturesUnordered::new();
     // Topics with a request in flight, when order must be preserved.
@@ -980,7 +988,12 @@ async fn run_pipeline(mut rx: QueueReceiver, slot: Arc<ClientSlot>, options: Pro
             if options.preserve_order {
                 busy.insert(batch.topic.clone());
             }
-            in_flight.push(send_batch(slot.clone(), batch, options.resend_for));
+            in_flight.push(send_batch(
+                slot.clone(),
+                batch,
+                options.resend_for,
+                ids.clone(),
+            ));
         }
         if !open && batcher.is_empty() && in_flight.is_empty() {
             break;
@@ -1018,9 +1031,11 @@ async fn send_batch(
     slot: Arc<ClientSlot>,
     batch: PlannedBatch<Reply>,
     resend_for: Duration,
+    ids: Option<Arc<IdSource>>,
 ) -> Arc<str> {
     let PlannedBatch { topic, entries } = batch;
-    match publish_entries(&slot, &topic, &entries, resend_for).await {
+    let ids = ids.as_deref();
+    match publish_entries(&slot, &topic, &entries, resend_for, ids).await {
         Ok(reply) => {
             let mut offset = 0;
             for Entry {
@@ -1036,7 +1051,8 @@ async fn send_batch(
             tracing::debug!(error = %e, "batch refused; retrying its entries one by one");
             for entry in entries {
                 let sent =
-                    publish_entries(&slot, &topic, std::slice::from_ref(&entry), resend_for).await;
+                    publish_entries(&slot, &topic, std::slice::from_ref(&entry), resend_for, ids)
+                        .await;
                 let Entry {
                     messages, reply, ..
                 } = entry;
@@ -1078,13 +1094,16 @@ async fn publish_entries<R>(
     topic: &str,
     entries: &[Entry<R>],
     resend_for: Duration,
+    ids: Option<&IdSource>,
 ) -> Result<PublishReply> {
     let count = entries.iter().map(|e| e.messages.len()).sum();
-    let data = Bytes::from(encode_publish(topic, entries, count)?);
+    let data = Bytes::from(encode_publish(topic, entries, count, ids)?);
+    // Every message has an id when the producer gives them.
     let resendable = !resend_for.is_zero()
-        && entries
-            .iter()
-            .all(|e| e.messages.as_slice().iter().all(|m| m.id.is_some()));
+        && (ids.is_some()
+            || entries
+                .iter()
+                .all(|e| e.messages.as_slice().iter().all(|m| m.id.is_some())));
     let deadline = tokio::time::Instant::now() + resend_for;
     let mut attempt = 0u32;
     loop {
@@ -1132,32 +1151,67 @@ const PUBLISH_OVERHEAD: usize = 32;
 /// The data of a `publish` request carrying the `count` messages of `entries` in order: the
 /// bytes `sluice_protocol::encode` gives for the equivalent [`sluice_protocol::PublishRequest`]
 /// (a test compares them), written straight from the entries into one buffer sized up front
-/// from the entries' estimates: no `Vec<NewMessage>` is collected, the buffer never grows.
-fn encode_publish<R>(topic: &str, entries: &[Entry<R>], count: usize) -> Result<Vec<u8>> {
+/// from the entries' estimates: no `Vec<NewMessage>` is collected, the buffer never grows. With
+/// `ids`, each message without an id gets the next of the producer's (taken for the whole
+/// request at once, so they are consecutive).
+fn encode_publish<R>(
+    topic: &str,
+    entries: &[Entry<R>],
+    count: usize,
+    ids: Option<&IdSource>,
+) -> Result<Vec<u8>> {
     let estimate: usize = entries.iter().map(|e| e.bytes).sum();
-    let mut buf = Vec::with_capacity(PUBLISH_OVERHEAD + topic.len() + estimate);
+    // `fixstr`/`str8` header, the prefix, the dash and up to 20 digits, and the key "id".
+    let id_room = ids.map_or(0, |s| count * (s.prefix.len() + 26));
+    let mut buf = Vec::with_capacity(PUBLISH_OVERHEAD + topic.len() + estimate + id_room);
     msgpack::map_len(&mut buf, 2)?;
     msgpack::str(&mut buf, "topic")?;
     msgpack::str(&mut buf, topic)?;
     msgpack::str(&mut buf, "messages")?;
     msgpack::array_len(&mut buf, count)?;
-    for m in entries.iter().flat_map(|e| e.messages.as_slice()) {
-        encode_message(&mut buf, m)?;
+    let messages = entries.iter().flat_map(|e| e.messages.as_slice());
+    match ids {
+        None => {
+            for m in messages {
+                encode_message(&mut buf, m, None)?;
+            }
+        }
+        Some(source) => {
+            let own = entries
+                .iter()
+                .flat_map(|e| e.messages.as_slice())
+                .filter(|m| m.id.is_none())
+                .count();
+            let mut n = source.take(own);
+            for m in messages {
+                if m.id.is_none() {
+                    encode_message(&mut buf, m, Some((source, n)))?;
+                    n += 1;
+                } else {
+                    encode_message(&mut buf, m, None)?;
+                }
+            }
+        }
     }
     Ok(buf)
 }
 
 /// A [`NewMessage`] as `sluice_protocol::encode` writes it: a map of its fields, in
-/// declaration order, by name (`id` only when present).
-fn encode_message(buf: &mut Vec<u8>, m: &NewMessage) -> Result<()> {
-    match &m.id {
-        // fixmap(4)
-        None => buf.push(0x84),
+/// declaration order, by name (`id` only when present: its own, or `auto`'s number `n` of the
+/// producer's ids when it has none).
+fn encode_message(buf: &mut Vec<u8>, m: &NewMessage, auto: Option<(&IdSource, u64)>) -> Result<()> {
+    match (&m.id, auto) {
         // fixmap(5), "id": str
-        Some(id) => {
+        (Some(id), _) => {
             buf.extend_from_slice(b"\x85\xa2id");
             msgpack::str(buf, id)?;
         }
+        (None, Some((source, n))) => {
+            buf.extend_from_slice(b"\x85\xa2id");
+            source.write_id(buf, n)?;
+        }
+        // fixmap(4)
+        (None, None) => buf.push(0x84),
     }
     if m.key.is_none() && m.headers.is_empty() && m.priority < 0x80 {
         // The usual message: everything up to the payload in one go.
@@ -1224,15 +1278,20 @@ mod msgpack {
     }
 
     pub(super) fn str(buf: &mut Vec<u8>, s: &str) -> Result<()> {
+        str_header(buf, s.len())?;
+        buf.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+
+    /// The header of a string of `len` bytes.
+    pub(super) fn str_header(buf: &mut Vec<u8>, len: usize) -> Result<()> {
         header(
             buf,
-            s.len(),
+            len,
             (0xa0, 32),
             [Some(0xd9), Some(0xda), Some(0xdb)],
             "string",
-        )?;
-        buf.extend_from_slice(s.as_bytes());
-        Ok(())
+        )
     }
 
     pub(super) fn bin(buf: &mut Vec<u8>, b: &[u8]) -> Result<()> {
@@ -1504,7 +1563,7 @@ mod tests {
             ),
             Entry::new("orders".into(), Messages::One(msg(1)), 3),
         ];
-        let data = encode_publish("orders", &entries, 5).expect("encode");
+        let data = encode_publish("orders", &entries, 5, None).expect("encode");
         let expected = sluice_protocol::encode(&sluice_protocol::PublishRequest {
             topic: "orders".into(),
             messages: vec![msg(300), keyed, msg(0), msg(20), msg(1)],
@@ -1525,7 +1584,7 @@ mod tests {
             Messages::One(msg(0)),
             0u32,
         )];
-        let data = encode_publish(&long, &one, 1).expect("encode");
+        let data = encode_publish(&long, &one, 1, None).expect("encode");
         assert!(data.len() <= PUBLISH_OVERHEAD + long.len() + one[0].bytes);
     }
 
@@ -1572,7 +1631,7 @@ mod tests {
                     Messages::Many(messages.clone()),
                     0u32,
                 )];
-                let data = encode_publish(&topic, &entries, n).expect("encode");
+                let data = encode_publish(&topic, &entries, n, None).expect("encode");
                 let expected = sluice_protocol::encode(&sluice_protocol::PublishRequest {
                     topic: topic.clone(),
                     messages,
@@ -1710,31 +1769,58 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_given_in_call_order_and_kept_when_set() {
-        let (mut producer, _rx) = unspawned_producer(16);
-        producer.ids = Some(Arc::new(IdSource::with_prefix("p".into())));
-        let a = producer.with_id(msg(1));
-        let b = producer.with_id(NewMessage {
+    fn ids_are_written_per_request_consecutive_and_kept_when_set() {
+        let source = IdSource::with_prefix("p".into());
+        let mine = NewMessage {
             id: Some("mine".into()),
             ..msg(1)
-        });
-        let c = producer.clone().with_id(msg(1));
-        assert_eq!(
-            (a.id.as_deref(), b.id.as_deref(), c.id.as_deref()),
-            (Some("p-1"), Some("mine"), Some("p-2"))
+        };
+        let entries = vec![
+            Entry::new("t".into(), Messages::One(msg(3)), 1u32),
+            Entry::new("t".into(), Messages::Many(vec![mine.clone(), msg(0)]), 2),
+        ];
+        let with = |id: &str, m: NewMessage| NewMessage {
+            id: Some(id.into()),
+            ..m
+        };
+        let check = |data: Vec<u8>, expected: Vec<NewMessage>| {
+            let want = sluice_protocol::encode(&sluice_protocol::PublishRequest {
+                topic: "t".into(),
+                messages: expected,
+            })
+            .expect("encode");
+            assert_eq!(data, &want[..]);
+            // Written in place: the room for the ids was reserved up front.
+            let estimate: usize = entries.iter().map(|e| e.bytes).sum();
+            assert!(data.len() <= PUBLISH_OVERHEAD + 1 + estimate + 3 * (1 + 26));
+        };
+        let data = encode_publish("t", &entries, 3, Some(&source)).expect("encode");
+        check(
+            data,
+            vec![with("p-1", msg(3)), mine.clone(), with("p-2", msg(0))],
         );
-        let big = IdSource::with_prefix("q".into());
-        big.next.store(u64::MAX, Ordering::Relaxed);
-        assert_eq!(big.next_id(), format!("q-{}", u64::MAX));
-        big.next.store(0, Ordering::Relaxed);
-        assert_eq!(big.next_id(), "q-0");
-        big.next.store(1_000_000_007, Ordering::Relaxed);
-        assert_eq!(big.next_id(), "q-1000000007");
+        // The next request takes the next numbers; a producer's clones share them.
+        let data = encode_publish("t", &entries, 3, Some(&source)).expect("encode");
+        check(data, vec![with("p-3", msg(3)), mine, with("p-4", msg(0))]);
+        for (n, id) in [
+            (u64::MAX, format!("q-{}", u64::MAX)),
+            (0, "q-0".into()),
+            (1_000_000_007, "q-1000000007".into()),
+        ] {
+            let big = IdSource::with_prefix("q".into());
+            big.next.store(n, Ordering::Relaxed);
+            let mut buf = Vec::new();
+            big.write_id(&mut buf, big.take(1)).expect("id");
+            let mut want = Vec::new();
+            msgpack::str(&mut want, &id).expect("str");
+            assert_eq!((buf, big.id(n)), (want, id));
+        }
         let random = IdSource::new();
         assert_eq!(random.prefix.len(), 16);
         assert_ne!(random.prefix, IdSource::new().prefix);
-        assert!(random.next_id().len() <= MAX_ID_LEN);
+        assert!(random.id(u64::MAX).len() <= MAX_ID_LEN);
         // Ids are checked before sending: a bad one fails alone.
+        let (producer, _rx) = unspawned_producer(16);
         let too_long = NewMessage {
             id: Some("x".repeat(MAX_ID_LEN + 1)),
             ..msg(1)

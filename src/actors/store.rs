@@ -783,8 +783,9 @@ impl Handler<GetSyncStats> for StoreActor {
     type Result = MessageResult<GetSyncStats>;
     fn handle(&mut self, _: GetSyncStats, _: &mut Context<Self>) -> Self::Result {
         let mut stats = lock(&self.ledger).timing.clone();
-        let (ids, _) = self.storage.dedup_counts();
+        let (ids, entries) = self.storage.dedup_counts();
         stats.dedup_ids = ids;
+        stats.dedup_entries = entries;
         stats.dedup_ids_forgotten = self.limits.dedup_ids_forgotten;
         stats.waiting_groups = self.storage.waiting_groups() as u64;
         stats.waiting_groups_refused = self.limits.waiting_groups_refused;

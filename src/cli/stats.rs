@@ -228,8 +228,8 @@ pub fn render(stats: &BrokerStats) -> String {
     }
     if let Some(s) = &stats.syncs {
         out.push_str(&format!(
-            "store  dedup ids {} (forgotten early {})  groups waiting for their topic {} (refused {})\n",
-            s.dedup_ids, s.dedup_ids_forgotten, s.waiting_groups, s.waiting_groups_refused
+            "store  dedup ids {} in {} entries (forgotten early {})  groups waiting for their topic {} (refused {})\n",
+            s.dedup_ids, s.dedup_entries, s.dedup_ids_forgotten, s.waiting_groups, s.waiting_groups_refused
         ));
     }
     if let Some(l) = &stats.limits {
@@ -429,7 +429,7 @@ mod tests {
             "CONSUMERS (1)",
             "0-32767,49152-65535",
             "events lost 0",
-            "store  dedup ids 0 (forgotten early 0)",
+            "store  dedup ids 0 in 0 entries (forgotten early 0)",
         ] {
             assert!(out.contains(needle), "missing {needle} in\n{out}");
         }

@@ -73,8 +73,12 @@ pub struct SyncStats {
     /// The store's bounds: ids its dedup indexes remember now.
     #[serde(default)]
     pub dedup_ids: u64,
-    /// Ids forgotten before their `dedup_window` ended (a topic's index was full, or every
-    /// topic's together: broker setting `dedup_max_ids`).
+    /// The entries holding them: an id alone, or a run of a producer's consecutive ids
+    /// (what `dedup_max_ids` bounds).
+    #[serde(default)]
+    pub dedup_entries: u64,
+    /// Entries forgotten before their `dedup_window` ended (a topic's index was full, or
+    /// every topic's together: broker setting `dedup_max_ids`).
     #[serde(default)]
     pub dedup_ids_forgotten: u64,
     /// Group records kept in memory for topics that do not exist yet.

@@ -3,22 +3,28 @@
 //! has them (the segments it is otherwise rebuilt from are gone). See `store/retention.md`,
 //! "The dedup index".
 //!
-//! Format: a header `SLID` `u8` version (1), then entries `stored_ms u64 | seq u64 | id_len u8 |
-//! id`, oldest first, then a CRC-32 (`u32`, big endian like everything else) of everything
-//! before it. The file is only ever replaced whole (tmp + fsync + rename + fsync of the
-//! directory), so a power cut leaves the old file or the new; one failing its CRC is ignored.
+//! Format: a header `SLID` `u8` version, then entries, oldest first, then a CRC-32 (`u32`, big
+//! endian like everything else) of everything before it. Version 2 entries: `kind u8` (0: one
+//! id, 1: a run) `| stored_ms u64 | seq u64 |` then for one id `id_len u8 | id`, for a run
+//! `n u64 | len u64 | producer_len u8 | producer` (the ids `<producer>-<n>` …
+//! `<producer>-<n + len - 1>` stored as `seq` … `seq + len - 1`; see `dedup`). Version 1 (read
+//! only): entries `stored_ms u64 | seq u64 | id_len u8 | id`. The file is only ever replaced
+//! whole (tmp + fsync + rename + fsync of the directory), so a power cut leaves the old file or
+//! the new; one failing its CRC is ignored.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::dedup::{Held, HeldIds};
+
 /// The file's name in a topic's directory.
 pub const FILE: &str = "dedup.ids";
 const MAGIC: &[u8; 4] = b"SLID";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
-/// One remembered id: (store time in ms, seq, id).
-pub type Entry = (u64, u64, Arc<str>);
+/// One entry: an id, or a run of a producer's ids.
+pub type Entry = Held;
 
 fn path(dir: &Path) -> PathBuf {
     dir.join(FILE)
@@ -33,31 +39,72 @@ pub fn load(dir: &Path) -> std::io::Result<Vec<Entry>> {
         Err(e) => return Err(e),
     };
     let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
-    if buf.len() < MAGIC.len() + 1 + 4 || &buf[..4] != MAGIC || buf[4] != VERSION {
+    if buf.len() < MAGIC.len() + 1 + 4 || &buf[..4] != MAGIC || !(1..=VERSION).contains(&buf[4]) {
         return Err(bad("bad header"));
     }
+    let version = buf[4];
     let (body, crc) = buf.split_at(buf.len() - 4);
     if crc32fast::hash(body).to_be_bytes() != crc {
         return Err(bad("CRC mismatch"));
     }
+    let mut r = Cursor {
+        body,
+        pos: MAGIC.len() + 1,
+    };
     let mut out = Vec::new();
-    let mut pos = MAGIC.len() + 1;
-    while pos < body.len() {
-        let Some(head) = body.get(pos..pos + 17) else {
-            return Err(bad("truncated entry"));
+    while r.pos < body.len() {
+        let kind = if version == 1 { 0 } else { r.u8()? };
+        let at_ms = r.u64()?;
+        let seq = r.u64()?;
+        let ids = match kind {
+            0 => HeldIds::One(r.name()?),
+            1 => {
+                let (n, len) = (r.u64()?, r.u64()?);
+                HeldIds::Run {
+                    n,
+                    len,
+                    producer: r.name()?,
+                }
+            }
+            _ => return Err(bad("unknown entry kind")),
         };
-        let at = u64::from_be_bytes(head[..8].try_into().map_err(|_| bad("entry"))?);
-        let seq = u64::from_be_bytes(head[8..16].try_into().map_err(|_| bad("entry"))?);
-        let len = head[16] as usize;
-        pos += 17;
-        let Some(id) = body.get(pos..pos + len) else {
-            return Err(bad("truncated id"));
-        };
-        let id = std::str::from_utf8(id).map_err(|_| bad("id not UTF-8"))?;
-        out.push((at, seq, Arc::from(id)));
-        pos += len;
+        out.push(Held { at_ms, seq, ids });
     }
     Ok(out)
+}
+
+/// Reads the entries of a file's body.
+struct Cursor<'a> {
+    body: &'a [u8],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> std::io::Result<&[u8]> {
+        let s = self.body.get(self.pos..self.pos + n).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "truncated entry")
+        })?;
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> std::io::Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u64(&mut self) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(b))
+    }
+
+    /// `len u8 | UTF-8 bytes`.
+    fn name(&mut self) -> std::io::Result<Arc<str>> {
+        let len = self.u8()? as usize;
+        let s = std::str::from_utf8(self.take(len)?)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "id not UTF-8"))?;
+        Ok(Arc::from(s))
+    }
 }
 
 /// Replaces `dir`'s file with `entries` (oldest first; ids over 255 bytes are left out),
@@ -74,14 +121,23 @@ pub fn store(dir: &Path, entries: &[Entry]) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(5 + entries.len() * 40 + 4);
     buf.extend_from_slice(MAGIC);
     buf.push(VERSION);
-    for (at, seq, id) in entries {
-        let Ok(len) = u8::try_from(id.len()) else {
+    for Held { at_ms, seq, ids } in entries {
+        let name = match ids {
+            HeldIds::One(id) => id,
+            HeldIds::Run { producer, .. } => producer,
+        };
+        let Ok(len) = u8::try_from(name.len()) else {
             continue;
         };
-        buf.extend_from_slice(&at.to_be_bytes());
+        buf.push(u8::from(matches!(ids, HeldIds::Run { .. })));
+        buf.extend_from_slice(&at_ms.to_be_bytes());
         buf.extend_from_slice(&seq.to_be_bytes());
+        if let HeldIds::Run { n, len, .. } = ids {
+            buf.extend_from_slice(&n.to_be_bytes());
+            buf.extend_from_slice(&len.to_be_bytes());
+        }
         buf.push(len);
-        buf.extend_from_slice(id.as_bytes());
+        buf.extend_from_slice(name.as_bytes());
     }
     let crc = crc32fast::hash(&buf);
     buf.extend_from_slice(&crc.to_be_bytes());
@@ -117,7 +173,7 @@ pub fn add(
         }
         Err(e) => return Err(e),
     };
-    let live = |(at, _, _): &&Entry| at.saturating_add(window_ms) > now_ms;
+    let live = |h: &&Entry| h.at_ms.saturating_add(window_ms) > now_ms;
     let mut all: Vec<Entry> = old.iter().chain(new).filter(live).cloned().collect();
     if all.len() > max {
         all.drain(..all.len() - max);
@@ -130,7 +186,50 @@ mod tests {
     use super::*;
 
     fn e(at: u64, seq: u64, id: &str) -> Entry {
-        (at, seq, Arc::from(id))
+        Held {
+            at_ms: at,
+            seq,
+            ids: HeldIds::One(Arc::from(id)),
+        }
+    }
+
+    fn run(at: u64, seq: u64, producer: &str, n: u64, len: u64) -> Entry {
+        Held {
+            at_ms: at,
+            seq,
+            ids: HeldIds::Run {
+                producer: Arc::from(producer),
+                n,
+                len,
+            },
+        }
+    }
+
+    #[test]
+    fn runs_and_ids_are_read_back_and_version_1_files_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = vec![
+            e(100, 1, "a"),
+            run(100, 2, "p", 7, 500),
+            e(200, 502, "b-01"),
+        ];
+        store(dir.path(), &entries).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), entries);
+        // A version 1 file (one id per entry, no kind byte).
+        let mut v1 = b"SLID\x01".to_vec();
+        for (at, seq, id) in [(100u64, 1u64, "a"), (200, 2, "bb")] {
+            v1.extend_from_slice(&at.to_be_bytes());
+            v1.extend_from_slice(&seq.to_be_bytes());
+            v1.push(id.len() as u8);
+            v1.extend_from_slice(id.as_bytes());
+        }
+        let crc = crc32fast::hash(&v1);
+        v1.extend_from_slice(&crc.to_be_bytes());
+        std::fs::write(dir.path().join(FILE), v1).unwrap();
+        assert_eq!(
+            load(dir.path()).unwrap(),
+            vec![e(100, 1, "a"), e(200, 2, "bb")]
+        );
     }
 
     #[test]

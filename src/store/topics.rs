@@ -3,7 +3,7 @@
 //! seqs by time, retention's cuts and the idempotent-publish index. The design is in
 //! `store/retention.md`.
 
-use super::dedup::{Dedup, Forgot, IdKey, IdMap};
+use super::dedup::{Dedup, Forgot, IdForm, IdMap, Runs};
 use super::ids_file;
 use super::record::{decode_id, StoredMessage};
 use super::retention::{plan, Limits};
@@ -431,86 +431,155 @@ impl Storage {
         now_ms: u64,
     ) -> Result<(Vec<StoredMessage>, Appended, Forgot), StoreError> {
         let window = self.settings(topic).dedup_window_ms.unwrap_or(0);
-        // Where each message's seq comes from: the index, a message kept earlier in this
-        // call, or its own place among the kept ones.
-        enum Seq {
-            Known(u64),
-            Kept(usize),
-        }
         let n = messages.len();
-        let mut from = Vec::with_capacity(n);
-        let mut kept = Vec::with_capacity(n);
-        let mut kept_ids: Vec<Option<String>> = Vec::with_capacity(n);
-        // The key of each kept id (`kept_ids` order, ids only), computed once per message.
-        let mut kept_keys: Vec<IdKey> = Vec::with_capacity(if window > 0 { n } else { 0 });
-        let mut duplicate = false;
-        {
+        // What each repeat is a repeat of: a seq the index knows, or an earlier message of
+        // this call (by index in the call).
+        enum Repeat {
+            Known(u64),
+            Of(usize),
+        }
+        // The repeats, by index (usually none: then the messages are stored as they came).
+        let mut repeats: Vec<(usize, Repeat)> = Vec::new();
+        // The form of each id to remember (call order, kept ids only), found once per message.
+        let mut forms: Vec<IdForm> = Vec::with_capacity(if window > 0 { n } else { 0 });
+        if window > 0 {
             let dedup = &self.dedup;
-            // The topic's index, looked up once for the request.
-            let index = if window > 0 { dedup.topic(topic) } else { None };
-            let mut seen: IdMap<usize> =
-                IdMap::with_capacity_and_hasher(if window > 0 { n } else { 0 }, Default::default());
-            for (m, id) in messages.into_iter().zip(ids) {
-                if let (Some(id), true) = (&id, window > 0) {
-                    let key = dedup.key(id);
-                    if let Some(seq) = index.and_then(|ix| ix.get(key, now_ms, window)) {
-                        from.push(Seq::Known(seq));
-                        duplicate = true;
-                        continue;
+            // The topic's index, looked up once for the call, and the runs of the producer
+            // looked up last (a request's ids are usually one producer's).
+            let index = dedup.topic(topic);
+            // With them, numbers known not to be held: (lo, hi), from the last look-up.
+            let mut runs: Option<(&str, Option<&Runs>, (u64, u64))> = None;
+            // Repeats inside the call: while every id is a run id of one producer, each above
+            // the one before, none can repeat (nothing to look up); past that, every id kept
+            // goes in `seen` by its full key.
+            let mut rising: Option<(&str, u64)> = None;
+            let mut seen: Option<IdMap<usize>> = None;
+            for (i, id) in ids.iter().enumerate() {
+                let Some(id) = id.as_deref() else { continue };
+                let form = dedup.form(id);
+                let known = match form {
+                    IdForm::Run { split, n } => {
+                        let producer = id.get(..split).unwrap_or_default();
+                        if runs.is_none_or(|(p, _, _)| p != producer) {
+                            let found = index.and_then(|ix| ix.runs_of(producer));
+                            runs = Some((producer, found, (0, 0)));
+                        }
+                        match &mut runs {
+                            Some((_, Some(r), gap)) if !(gap.0..gap.1).contains(&n) => {
+                                match r.probe(n, now_ms, window) {
+                                    Ok(seq) => Some(seq),
+                                    Err(g) => {
+                                        *gap = g;
+                                        None
+                                    }
+                                }
+                            }
+                            _ => None,
+                        }
                     }
-                    match seen.entry(key) {
+                    IdForm::One(_) => index.and_then(|ix| ix.get(id, form, now_ms, window)),
+                };
+                if let Some(seq) = known {
+                    repeats.push((i, Repeat::Known(seq)));
+                    continue;
+                }
+                let still_rising = seen.is_none()
+                    && match (form, &mut rising) {
+                        (IdForm::Run { split, n }, None) => {
+                            rising = Some((id.get(..split).unwrap_or_default(), n));
+                            true
+                        }
+                        (IdForm::Run { split, n }, Some((producer, last))) => {
+                            let up = id.get(..split) == Some(*producer) && n > *last;
+                            *last = n;
+                            up
+                        }
+                        (IdForm::One(_), _) => false,
+                    };
+                if !still_rising {
+                    let seen = seen.get_or_insert_with(|| {
+                        // Every id kept so far (all ids before this one but the repeats).
+                        let mut s = IdMap::with_capacity_and_hasher(n, Default::default());
+                        let mut r = repeats.iter().map(|(j, _)| *j).peekable();
+                        for (j, k) in ids.iter().enumerate().take(i) {
+                            if r.next_if_eq(&j).is_some() {
+                                continue;
+                            }
+                            if let Some(k) = k {
+                                s.insert(dedup.key(k), j);
+                            }
+                        }
+                        s
+                    });
+                    match seen.entry(dedup.key(id)) {
                         Entry::Occupied(k) => {
-                            from.push(Seq::Kept(*k.get()));
-                            duplicate = true;
+                            repeats.push((i, Repeat::Of(*k.get())));
                             continue;
                         }
                         Entry::Vacant(v) => {
-                            v.insert(kept.len());
+                            v.insert(i);
                         }
                     }
-                    kept_keys.push(key);
                 }
-                from.push(Seq::Kept(kept.len()));
-                kept.push(m);
-                kept_ids.push(id);
+                forms.push(form);
             }
         }
+        // Without repeats the call's messages are stored as they are; with some, the others.
+        let (mut kept, kept_ids, place) = if repeats.is_empty() {
+            (messages, ids, None)
+        } else {
+            // Each message's place among the kept ones (repeats: none).
+            let mut place: Vec<Option<usize>> = Vec::with_capacity(n);
+            let mut kept = Vec::with_capacity(n - repeats.len());
+            let mut kept_ids = Vec::with_capacity(n - repeats.len());
+            let mut r = repeats.iter().map(|(j, _)| *j).peekable();
+            for (i, (m, id)) in messages.into_iter().zip(ids).enumerate() {
+                if r.next_if_eq(&i).is_some() {
+                    place.push(None);
+                } else {
+                    place.push(Some(kept.len()));
+                    kept.push(m);
+                    kept_ids.push(id);
+                }
+            }
+            (kept, kept_ids, Some(place))
+        };
         let mut forgotten = Forgot::default();
         if !kept.is_empty() {
             let first = self.append_ids(topic, &kept, Some(&kept_ids))?;
             for (i, m) in kept.iter_mut().enumerate() {
                 m.seq = first + i as u64;
             }
-            if window > 0 && !kept_keys.is_empty() {
-                // The ids move into the index (no copy), with the keys computed above.
+            if window > 0 && !forms.is_empty() {
+                // With the forms found above: a producer's consecutive ids go in as one run.
                 let stored = kept
                     .iter()
-                    .zip(kept_ids)
-                    .filter_map(|(m, id)| id.map(|id| (id, m.seq, m.timestamp_ms)))
-                    .zip(kept_keys)
-                    .map(|((id, seq, at), key)| (key, id, seq, at));
+                    .zip(&kept_ids)
+                    .filter_map(|(m, id)| id.as_deref().map(|id| (id, m.seq, m.timestamp_ms)))
+                    .zip(forms)
+                    .map(|((id, seq, at), form)| (id, form, seq, at));
                 forgotten = self.dedup.insert_all(topic, stored);
             }
         }
-        let seqs: Vec<u64> = from
-            .iter()
-            .map(|s| match s {
-                Seq::Known(seq) => *seq,
-                Seq::Kept(k) => kept.get(*k).map_or(0, |m| m.seq),
+        let Some(place) = place else {
+            let first = kept.first().map_or(0, |m| m.seq);
+            let last = kept.last().map_or(0, |m| m.seq);
+            return Ok((kept, Appended::stored(first, last), forgotten));
+        };
+        let seq_of_kept = |i: usize| place.get(i).copied().flatten().and_then(|k| kept.get(k));
+        let mut repeats = repeats.into_iter().peekable();
+        let seqs: Vec<u64> = (0..n)
+            .map(|i| match repeats.next_if(|(j, _)| *j == i) {
+                Some((_, Repeat::Known(seq))) => seq,
+                Some((_, Repeat::Of(j))) => seq_of_kept(j).map_or(0, |m| m.seq),
+                None => seq_of_kept(i).map_or(0, |m| m.seq),
             })
             .collect();
-        let appended = if duplicate {
-            Appended {
-                first_seq: seqs.iter().copied().min().unwrap_or(0),
-                last_seq: seqs.iter().copied().max().unwrap_or(0),
-                duplicate: true,
-                seqs,
-            }
-        } else {
-            Appended::stored(
-                seqs.first().copied().unwrap_or(0),
-                seqs.last().copied().unwrap_or(0),
-            )
+        let appended = Appended {
+            first_seq: seqs.iter().copied().min().unwrap_or(0),
+            last_seq: seqs.iter().copied().max().unwrap_or(0),
+            duplicate: true,
+            seqs,
         };
         Ok((kept, appended, forgotten))
     }
@@ -527,9 +596,9 @@ impl Storage {
         self.dedup.expire(window, now_ms, max)
     }
 
-    /// Ids remembered (every topic) and ids forgotten early for want of room.
+    /// Ids remembered (every topic) and the entries holding them.
     pub fn dedup_counts(&self) -> (u64, u64) {
-        (self.dedup.len() as u64, self.dedup.forgotten())
+        (self.dedup.ids() as u64, self.dedup.len() as u64)
     }
 
     /// Rebuilds every topic's dedup index from its log at `now_ms`: the ids of the messages
@@ -558,13 +627,11 @@ impl Storage {
             });
             let live: Vec<ids_file::Entry> = kept
                 .iter()
-                .filter(|(at, seq, _)| at.saturating_add(window) > now_ms && *seq < floor)
+                .filter(|h| h.at_ms.saturating_add(window) > now_ms && h.seq < floor)
                 .cloned()
                 .collect();
-            for (at, seq, id) in &live {
-                found += 1;
-                forgot.add(self.dedup.insert(&topic, id, *seq, *at));
-            }
+            found += live.iter().map(|h| h.count() as usize).sum::<usize>();
+            forgot.add(self.dedup.insert_held(&topic, &live));
             if live.len() != kept.len() || (kept.is_empty() && dir.join(ids_file::FILE).exists()) {
                 // Pruned (or damaged): written again with what is left.
                 if let Err(e) = ids_file::store(&dir, &live) {
@@ -577,14 +644,19 @@ impl Storage {
                 let Ok(records) = chunk_records(&body) else {
                     return;
                 };
-                for (i, r) in records.into_iter().enumerate() {
-                    if let Some((ts, id)) = decode_id(&body[r]) {
-                        if ts.saturating_add(window) > now_ms {
-                            found += 1;
-                            forgot.add(dedup.insert(&topic, id, first + i as u64, ts));
-                        }
-                    }
-                }
+                // One insert per chunk, so that a producer's consecutive ids go back in as
+                // the run they were.
+                let ids: Vec<_> = records
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| {
+                        let (ts, id) = decode_id(body.get(r)?)?;
+                        (ts.saturating_add(window) > now_ms)
+                            .then(|| (id, dedup.form(id), first + i as u64, ts))
+                    })
+                    .collect();
+                found += ids.len();
+                forgot.add(dedup.insert_all(&topic, ids));
             })?;
         }
         Ok((found, forgot))
@@ -872,6 +944,55 @@ mod tests {
         let r = s.read("t", 1, 10, usize::MAX).unwrap();
         assert_eq!(r.messages.len(), 4);
         assert_eq!(r.messages[0].payload, Bytes::from("a"));
+    }
+
+    #[test]
+    fn producer_ids_repeat_inside_a_request_and_across_a_reopen_as_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
+        s.set_defaults(TopicSettings {
+            dedup_window_ms: Some(10_000),
+            ..Default::default()
+        });
+        let ids = |v: &[&str]| v.iter().map(|i| Some(i.to_string())).collect();
+        let msgs = |n: usize| {
+            (0..n)
+                .map(|i| msg(1000, &format!("m{i}")))
+                .collect::<Vec<_>>()
+        };
+        // Rising ids of one producer: stored, one entry.
+        let (kept, a, _) = s
+            .append_dedup("t", msgs(3), ids(&["p-1", "p-2", "p-3"]), 1000)
+            .unwrap();
+        assert_eq!((kept.len(), a), (3, Appended::stored(1, 3)));
+        assert_eq!(s.dedup.len(), 1);
+        // Repeats inside a request after rising ones (p-5 again, p-4 below the last), of
+        // another producer, of an id held alone, and of the first request.
+        let (kept, a, _) = s
+            .append_dedup(
+                "t",
+                msgs(8),
+                ids(&["p-4", "p-5", "p-5", "q-9", "p-4", "x", "x", "p-2"]),
+                1000,
+            )
+            .unwrap();
+        assert_eq!(kept.len(), 4);
+        assert!(a.duplicate);
+        assert_eq!(a.seqs, vec![4, 5, 5, 6, 4, 7, 7, 2]);
+        s.sync().unwrap();
+        drop(s);
+        let mut s = Storage::open(dir.path(), 1 << 20).unwrap();
+        s.set_defaults(TopicSettings {
+            dedup_window_ms: Some(10_000),
+            ..Default::default()
+        });
+        assert_eq!(s.rebuild_dedup(5000).unwrap().0, 7);
+        assert_eq!(s.dedup.len(), 4, "p-1..3, p-4..5, q-9, x");
+        let (kept, a, _) = s
+            .append_dedup("t", msgs(3), ids(&["p-3", "p-5", "p-6"]), 5000)
+            .unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(a.seqs, vec![3, 5, 8]);
     }
 
     impl Storage {
