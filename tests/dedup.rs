@@ -17,7 +17,7 @@ async fn admin(b: &TestBroker) -> Admin {
 
 fn with_id(id: Option<&str>, payload: &str) -> NewMessage {
     NewMessage {
-        id: id.map(str::to_string),
+        id: id.map(Into::into),
         payload: Bytes::from(payload.to_string()),
         ..Default::default()
     }

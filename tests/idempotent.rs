@@ -156,7 +156,7 @@ async fn a_broker_killed_mid_run_stores_each_id_exactly_once() {
         while next < N && (pending.len() as u64) < IN_FLIGHT {
             let id = format!("order-{next}");
             let message = NewMessage {
-                id: Some(id.clone()),
+                id: Some(id.as_str().into()),
                 payload: id.into(),
                 ..Default::default()
             };

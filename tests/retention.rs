@@ -358,7 +358,7 @@ async fn ids_of_messages_a_size_limit_removed_are_remembered_across_a_restart() 
             topic: "ids".into(),
             messages: (0..100)
                 .map(|i| NewMessage {
-                    id: Some(format!("id-{k}-{i}")),
+                    id: Some(format!("id-{k}-{i}").into()),
                     payload: Bytes::from(vec![b'x'; 400]),
                     ..Default::default()
                 })
@@ -388,7 +388,7 @@ async fn ids_of_messages_a_size_limit_removed_are_remembered_across_a_restart() 
         messages: resend
             .iter()
             .map(|id| NewMessage {
-                id: Some(id.to_string()),
+                id: Some((*id).into()),
                 payload: Bytes::from_static(b"again"),
                 ..Default::default()
             })

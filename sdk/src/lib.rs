@@ -46,8 +46,8 @@ pub use producer::{Producer, ProducerOptions};
 pub use sluice_protocol as protocol;
 pub use sluice_protocol::{
     BrokerEvent, BrokerStats, DeliveredMessage, ErrorCode, FaultReply, GroupMode, NewMessage,
-    PublishReply, ResetNotice, SeekTo, StatusUpdate, SyncStats, TopicInfo, TopicSettings,
-    WireError,
+    PublishReply, ResetNotice, SeekTo, SharedStr, StatusUpdate, SyncStats, TopicInfo,
+    TopicSettings, WireError,
 };
 
 #[cfg(test)]

@@ -1615,11 +1615,11 @@ mod tests {
         }
         for id_len in [1, 31, 32, 128] {
             cases.push(NewMessage {
-                id: Some("i".repeat(id_len)),
+                id: Some("i".repeat(id_len).into()),
                 ..message(None, 0, 0, 5)
             });
             cases.push(NewMessage {
-                id: Some("j".repeat(id_len)),
+                id: Some("j".repeat(id_len).into()),
                 ..message(Some(3), 2, 4, 5)
             });
         }
@@ -1822,13 +1822,13 @@ mod tests {
         // Ids are checked before sending: a bad one fails alone.
         let (producer, _rx) = unspawned_producer(16);
         let too_long = NewMessage {
-            id: Some("x".repeat(MAX_ID_LEN + 1)),
+            id: Some("x".repeat(MAX_ID_LEN + 1).into()),
             ..msg(1)
         };
         assert!(producer.validate_message(&too_long).is_err());
         assert!(producer
             .validate_message(&NewMessage {
-                id: Some(String::new()),
+                id: Some(String::new().into()),
                 ..msg(1)
             })
             .is_err());

@@ -22,7 +22,7 @@ use crate::store::commit::{
 use crate::store::record::StoredMessage;
 use crate::store::{Appended, GroupRecord, ReadResult, Storage, StoreError};
 use actix::prelude::*;
-use sluice_protocol::{event_kind, BrokerEvent, SyncStats};
+use sluice_protocol::{event_kind, BrokerEvent, SharedStr, SyncStats};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
@@ -120,7 +120,7 @@ struct PendingAppend {
     topic: String,
     msgs: Vec<StoredMessage>,
     /// Each message's id, when some has one.
-    ids: Option<Vec<Option<String>>>,
+    ids: Option<Vec<Option<SharedStr>>>,
     reply: AppendReply,
 }
 
@@ -243,7 +243,7 @@ impl StoreActor {
         &mut self,
         topic: &str,
         mut msgs: Vec<StoredMessage>,
-        ids: Option<Vec<Option<String>>>,
+        ids: Option<Vec<Option<SharedStr>>>,
     ) -> Result<(Vec<StoredMessage>, Option<Appended>), StoreError> {
         let Some(ids) = ids else {
             let first = self.storage.append(topic, &msgs)?;
@@ -571,7 +571,7 @@ impl Handler<AppendMessages> for StoreActor {
         let ts = now_ms();
         let n = msg.messages.len();
         // Ids cost nothing to publishes without them: the list exists only once one has one.
-        let mut ids: Option<Vec<Option<String>>> = None;
+        let mut ids: Option<Vec<Option<SharedStr>>> = None;
         let mut stored = Vec::with_capacity(n);
         for (i, m) in msg.messages.into_iter().enumerate() {
             if let Some(id) = m.id {

@@ -174,7 +174,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         };
         let producer = Producer::connect(args.conn.client_config("publish")).await?;
         let message = NewMessage {
-            id: args.id.clone(),
+            id: args.id.as_deref().map(Into::into),
             payload,
             ..template(&args)
         };

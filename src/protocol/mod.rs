@@ -22,6 +22,7 @@ pub mod mpread;
 pub mod publish;
 pub mod route;
 pub mod setup;
+pub mod shared_str;
 pub mod subscribe;
 pub mod version;
 
@@ -42,6 +43,7 @@ pub use publish::{
     NewMessage, NewMessageRef, PublishReply, PublishRequest, PublishRequestRef, MAX_ID_LEN,
 };
 pub use setup::SetupRequest;
+pub use shared_str::SharedStr;
 pub use subscribe::{
     dlq_topic, parse_backoff, validate_name, Batch, DeliveredMessage, GroupMode, ResetNotice,
     StatusUpdate, StreamEvent, SubscribeRequest, MAX_BACKOFF_STEPS, MAX_BATCH_SIZE, MAX_NAME_LEN,

@@ -112,6 +112,19 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// `nil` (read) or a `str`, as a slice of the frame (no copy).
+    pub fn opt_shared_str(&mut self) -> Option<Option<crate::SharedStr>> {
+        if self.frame.get(self.pos) == Some(&0xc0) {
+            self.pos += 1;
+            return Some(None);
+        }
+        let n = self.str_bytes()?.len();
+        let start = self.pos.checked_sub(n)?;
+        crate::SharedStr::from_utf8(self.frame.slice(start..self.pos))
+            .ok()
+            .map(Some)
+    }
+
     /// A non-negative integer.
     pub fn uint(&mut self) -> Option<u64> {
         Some(match self.byte()? {

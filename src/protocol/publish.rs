@@ -1,5 +1,6 @@
 //! `publish`: store one or many messages on a topic.
 
+use crate::SharedStr;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -11,7 +12,7 @@ pub struct NewMessage {
     /// `dedup_window` a message whose id was stored already is not stored again; the reply
     /// gives the original sequence number and `duplicate: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
+    pub id: Option<SharedStr>,
     /// Optional key: keyed state keeps the latest message per key.
     #[serde(default)]
     pub key: Option<String>,
@@ -89,7 +90,7 @@ impl PublishRequestRef<'_> {
                 .messages
                 .into_iter()
                 .map(|m| NewMessage {
-                    id: m.id,
+                    id: m.id.map(SharedStr::from),
                     key: m.key,
                     headers: m.headers,
                     priority: m.priority,
@@ -132,7 +133,7 @@ mod fast {
             (None, None, None, None, None);
         for _ in 0..r.map_len()? {
             match r.str_bytes()? {
-                b"id" => once(&mut id, r.opt_string())?,
+                b"id" => once(&mut id, r.opt_shared_str())?,
                 b"key" => once(&mut key, r.opt_string())?,
                 b"headers" => once(&mut headers, r.headers())?,
                 b"priority" => {
@@ -263,6 +264,7 @@ mod tests {
         let req = PublishRequest {
             topic: "t".into(),
             messages: vec![NewMessage {
+                id: Some("producer-1".into()),
                 key: Some("k".into()),
                 payload: Bytes::from_static(b"payload"),
                 ..Default::default()
@@ -271,12 +273,14 @@ mod tests {
         let data = crate::encode(&req).unwrap();
         let shared = PublishRequestRef::decode_shared(&data).unwrap();
         assert_eq!(shared, req);
-        let p = &shared.messages[0].payload;
+        let m = &shared.messages[0];
         let inside = data.as_ptr() as usize..data.as_ptr() as usize + data.len();
         assert!(
-            inside.contains(&(p.as_ptr() as usize)),
+            inside.contains(&(m.payload.as_ptr() as usize)),
             "payload points into the frame"
         );
+        let id = m.id.as_ref().map(|i| i.as_ptr() as usize);
+        assert!(id.is_some_and(|i| inside.contains(&i)), "so does the id");
     }
 
     fn sample_requests() -> Vec<PublishRequest> {
@@ -286,7 +290,7 @@ mod tests {
         let mut many = Vec::new();
         for i in 0..70u32 {
             many.push(NewMessage {
-                id: (i % 4 == 0).then(|| format!("id-{i}")),
+                id: (i % 4 == 0).then(|| format!("id-{i}").into()),
                 key: (i % 3 == 0).then(|| format!("key-{i}")),
                 headers: if i % 5 == 0 {
                     headers.clone()

@@ -89,8 +89,13 @@ pub type IdMap<V> = HashMap<IdKey, V, BuildHasherDefault<PassThrough>>;
 /// `n` in decimal without leading zeros (at most 19 digits, so it fits a `u64` with room for
 /// any run after it). Such ids are held as runs; `None` for any other id.
 pub fn split_id(id: &str) -> Option<(&str, u64)> {
+    let (producer, n) = split_id_bytes(id.as_bytes())?;
+    Some((id.get(..producer.len())?, n))
+}
+
+/// [`split_id`] of an id's bytes.
+pub fn split_id_bytes(b: &[u8]) -> Option<(&[u8], u64)> {
     // The digits at the end, then the dash before them (one pass from the end).
-    let b = id.as_bytes();
     let digits = b.iter().rev().take_while(|c| c.is_ascii_digit()).count();
     let dash = b.len().checked_sub(digits + 1)?;
     if dash == 0
@@ -105,7 +110,7 @@ pub fn split_id(id: &str) -> Option<(&str, u64)> {
         .get(dash + 1..)?
         .iter()
         .fold(0u64, |n, c| n * 10 + u64::from(c - b'0'));
-    Some((id.get(..dash)?, n))
+    Some((b.get(..dash)?, n))
 }
 
 /// How the index holds an id ([`Dedup::form`]): alone, by its key, or in a run, by its

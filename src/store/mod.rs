@@ -42,7 +42,7 @@ use bytes::Bytes;
 use record::StoredMessage;
 use segment::SegmentLog;
 use serde::{Deserialize, Serialize};
-use sluice_protocol::{GroupMode, TopicSettings};
+use sluice_protocol::{GroupMode, SharedStr, TopicSettings};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -312,7 +312,7 @@ impl Storage {
         &mut self,
         topic: &str,
         messages: &[StoredMessage],
-        ids: Option<&[Option<String>]>,
+        ids: Option<&[Option<SharedStr>]>,
     ) -> Result<u64, StoreError> {
         #[cfg(test)]
         let chunks_ok = std::fs::read_to_string(self.dir.join("fail-writes-after"))
@@ -336,7 +336,7 @@ impl Storage {
     fn append_chunks(
         log: &mut SegmentLog,
         messages: &[StoredMessage],
-        ids: Option<&[Option<String>]>,
+        ids: Option<&[Option<SharedStr>]>,
     ) -> Result<u64, StoreError> {
         let first = log.last_seq() + 1;
         // Chunks holding an id say so in their version, so that rebuilding the dedup index
@@ -357,7 +357,10 @@ impl Storage {
                 with_ids = false;
                 chunk_ms = m.timestamp_ms;
             }
-            let id = ids.and_then(|ids| ids.get(i)).and_then(|id| id.as_deref());
+            // As bytes: checked UTF-8 when decoded, not checked again.
+            let id = ids
+                .and_then(|ids| ids.get(i))
+                .and_then(|id| id.as_ref().map(SharedStr::as_bytes));
             with_ids |= id.is_some();
             let at = cur.len();
             cur.extend_from_slice(&[0; 4]);

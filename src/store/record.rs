@@ -69,14 +69,14 @@ impl StoredMessage {
 
     /// [`StoredMessage::encode_head_into`] with an idempotency id (at most
     /// [`MAX_STORED_ID`] bytes; longer ones are cut, publish refuses them first).
-    pub fn encode_head_with_id(&self, id: Option<&str>, buf: &mut Vec<u8>) -> RecordCrc {
+    pub fn encode_head_with_id(&self, id: Option<&[u8]>, buf: &mut Vec<u8>) -> RecordCrc {
         let start = buf.len();
         buf.extend_from_slice(&[0; 4]);
         buf.extend_from_slice(&self.timestamp_ms.to_be_bytes());
         match id {
             None => buf.push(self.priority & !ID_FLAG),
             Some(id) => {
-                let id = &id.as_bytes()[..id.len().min(MAX_STORED_ID)];
+                let id = &id[..id.len().min(MAX_STORED_ID)];
                 buf.push(self.priority | ID_FLAG);
                 buf.push(id.len() as u8);
                 buf.extend_from_slice(id);
@@ -231,7 +231,7 @@ mod tests {
         );
         // With an id: read back without it, the id where the index looks.
         let mut with_id = Vec::new();
-        let crc = m.encode_head_with_id(Some("order-17"), &mut with_id);
+        let crc = m.encode_head_with_id(Some(b"order-17"), &mut with_id);
         with_id.extend_from_slice(&m.payload);
         with_id[..4].copy_from_slice(&crc.finalize().to_be_bytes());
         assert_eq!(

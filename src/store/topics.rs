@@ -3,7 +3,7 @@
 //! seqs by time, retention's cuts and the idempotent-publish index. The design is in
 //! `store/retention.md`.
 
-use super::dedup::{Dedup, Forgot, IdForm, IdMap, Runs};
+use super::dedup::{split_id_bytes, Dedup, Forgot, IdForm, IdMap, Runs};
 use super::ids_file;
 use super::record::{decode_id, StoredMessage};
 use super::retention::{plan, Limits};
@@ -12,7 +12,7 @@ use super::{
     chunk_records, settings, sync_dir, Appended, GroupRecord, Storage, StoreError,
     CHUNK_VERSION_IDS, TRASH,
 };
-use sluice_protocol::TopicSettings;
+use sluice_protocol::{SharedStr, TopicSettings};
 use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
 
@@ -427,7 +427,7 @@ impl Storage {
         &mut self,
         topic: &str,
         messages: Vec<StoredMessage>,
-        ids: Vec<Option<String>>,
+        ids: Vec<Option<SharedStr>>,
         now_ms: u64,
     ) -> Result<(Vec<StoredMessage>, Appended, Forgot), StoreError> {
         let window = self.settings(topic).dedup_window_ms.unwrap_or(0);
@@ -440,8 +440,11 @@ impl Storage {
         }
         // The repeats, by index (usually none: then the messages are stored as they came).
         let mut repeats: Vec<(usize, Repeat)> = Vec::new();
-        // The form of each id to remember (call order, kept ids only), found once per message.
-        let mut forms: Vec<IdForm> = Vec::with_capacity(if window > 0 { n } else { 0 });
+        // Each id to remember (call order, kept ids only) with its form, found once, and its
+        // message's place among the kept ones. (The id as a `&str` is taken once here: each
+        // `SharedStr` deref checks its UTF-8 again.)
+        let mut forms: Vec<(&str, IdForm, usize)> =
+            Vec::with_capacity(if window > 0 { n } else { 0 });
         if window > 0 {
             let dedup = &self.dedup;
             // The topic's index, looked up once for the call, and the runs of the producer
@@ -454,9 +457,28 @@ impl Storage {
             // goes in `seen` by its full key.
             let mut rising: Option<(&str, u64)> = None;
             let mut seen: Option<IdMap<usize>> = None;
-            for (i, id) in ids.iter().enumerate() {
-                let Some(id) = id.as_deref() else { continue };
-                let form = dedup.form(id);
+            // The producer of the last run id, as bytes and as text: its UTF-8 is checked once
+            // per request, not once per id (ids were checked when decoded; a `SharedStr`
+            // deref checks again).
+            let mut text_of: Option<(&[u8], &str)> = None;
+            for (i, full) in ids.iter().enumerate() {
+                let Some(full) = full.as_ref() else { continue };
+                // `id`: the producer for a run id (all the index needs of it), else the id.
+                let (id, form) = match split_id_bytes(full.as_bytes()) {
+                    Some((producer, n)) => {
+                        let text = match text_of {
+                            Some((b, t)) if b == producer => t,
+                            _ => {
+                                let t = std::str::from_utf8(producer).unwrap_or_default();
+                                text_of = Some((producer, t));
+                                t
+                            }
+                        };
+                        let split = producer.len();
+                        (text, IdForm::Run { split, n })
+                    }
+                    None => (full.as_str(), IdForm::One(dedup.key(full))),
+                };
                 let known = match form {
                     IdForm::Run { split, n } => {
                         let producer = id.get(..split).unwrap_or_default();
@@ -511,7 +533,7 @@ impl Storage {
                         }
                         s
                     });
-                    match seen.entry(dedup.key(id)) {
+                    match seen.entry(dedup.key(full)) {
                         Entry::Occupied(k) => {
                             repeats.push((i, Repeat::Of(*k.get())));
                             continue;
@@ -521,43 +543,41 @@ impl Storage {
                         }
                     }
                 }
-                forms.push(form);
+                forms.push((id, form, i - repeats.len()));
             }
         }
         // Without repeats the call's messages are stored as they are; with some, the others.
         let (mut kept, kept_ids, place) = if repeats.is_empty() {
-            (messages, ids, None)
+            (messages, None, None)
         } else {
             // Each message's place among the kept ones (repeats: none).
             let mut place: Vec<Option<usize>> = Vec::with_capacity(n);
             let mut kept = Vec::with_capacity(n - repeats.len());
             let mut kept_ids = Vec::with_capacity(n - repeats.len());
             let mut r = repeats.iter().map(|(j, _)| *j).peekable();
-            for (i, (m, id)) in messages.into_iter().zip(ids).enumerate() {
+            for (i, (m, id)) in messages.into_iter().zip(&ids).enumerate() {
                 if r.next_if_eq(&i).is_some() {
                     place.push(None);
                 } else {
                     place.push(Some(kept.len()));
                     kept.push(m);
-                    kept_ids.push(id);
+                    kept_ids.push(id.clone());
                 }
             }
-            (kept, kept_ids, Some(place))
+            (kept, Some(kept_ids), Some(place))
         };
         let mut forgotten = Forgot::default();
         if !kept.is_empty() {
-            let first = self.append_ids(topic, &kept, Some(&kept_ids))?;
+            let first = self.append_ids(topic, &kept, Some(kept_ids.as_deref().unwrap_or(&ids)))?;
             for (i, m) in kept.iter_mut().enumerate() {
                 m.seq = first + i as u64;
             }
             if window > 0 && !forms.is_empty() {
                 // With the forms found above: a producer's consecutive ids go in as one run.
-                let stored = kept
-                    .iter()
-                    .zip(&kept_ids)
-                    .filter_map(|(m, id)| id.as_deref().map(|id| (id, m.seq, m.timestamp_ms)))
-                    .zip(forms)
-                    .map(|((id, seq, at), form)| (id, form, seq, at));
+                let at = |k: usize| kept.get(k).map_or(now_ms, |m| m.timestamp_ms);
+                let stored = forms
+                    .into_iter()
+                    .map(|(id, form, k)| (id, form, first + k as u64, at(k)));
                 forgotten = self.dedup.insert_all(topic, stored);
             }
         }
@@ -900,7 +920,7 @@ mod tests {
             dedup_window_ms: Some(10_000),
             ..Default::default()
         });
-        let ids = |v: &[Option<&str>]| v.iter().map(|i| i.map(str::to_string)).collect();
+        let ids = |v: &[Option<&str>]| v.iter().map(|i| i.map(SharedStr::from)).collect();
         let (kept, a, _) = s
             .append_dedup(
                 "t",
@@ -954,7 +974,7 @@ mod tests {
             dedup_window_ms: Some(10_000),
             ..Default::default()
         });
-        let ids = |v: &[&str]| v.iter().map(|i| Some(i.to_string())).collect();
+        let ids = |v: &[&str]| v.iter().map(|i| Some(SharedStr::from(*i))).collect();
         let msgs = |n: usize| {
             (0..n)
                 .map(|i| msg(1000, &format!("m{i}")))

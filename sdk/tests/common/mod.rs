@@ -156,7 +156,11 @@ impl FakeBroker {
         lock(&self.data)
             .topics
             .get(topic)
-            .map(|v| v.iter().filter_map(|s| s.message.id.clone()).collect())
+            .map(|v| {
+                v.iter()
+                    .filter_map(|s| s.message.id.as_deref().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -413,7 +417,7 @@ fn request_response(ctx: &Ctx, route: &str, data: &[u8]) -> Result<Bytes, WireEr
             let mut duplicates = 0;
             for m in req.messages {
                 if let Some(id) = &m.id {
-                    if let Some(&seq) = ids.get(&(req.topic.clone(), id.clone())) {
+                    if let Some(&seq) = ids.get(&(req.topic.clone(), id.to_string())) {
                         seqs.push(seq);
                         duplicates += 1;
                         continue;
@@ -421,7 +425,7 @@ fn request_response(ctx: &Ctx, route: &str, data: &[u8]) -> Result<Bytes, WireEr
                 }
                 let seq = log.len() as u64 + 1;
                 if let Some(id) = &m.id {
-                    ids.insert((req.topic.clone(), id.clone()), seq);
+                    ids.insert((req.topic.clone(), id.to_string()), seq);
                 }
                 seqs.push(seq);
                 log.push(Stored {
