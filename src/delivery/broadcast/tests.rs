@@ -218,3 +218,72 @@ fn members_at_different_positions_read_what_they_need() {
     assert_eq!(seqs_of(&b, c(1)), (101..=150).collect::<Vec<_>>());
     assert_eq!(seqs_of(&b, c(2)), (101..=150).collect::<Vec<_>>());
 }
+
+#[test]
+fn members_share_each_message_encoding_and_deliver_its_own_attempts() {
+    // A message with every field set, from the tail and from a read.
+    let full = |seq: u64| StoredMessage {
+        seq,
+        timestamp_ms: 1_700_000_000_000 + seq,
+        key: Some(format!("key-{seq}")),
+        headers: [
+            ("a".to_string(), "1".to_string()),
+            ("b".into(), "x".repeat(40)),
+        ]
+        .into_iter()
+        .collect(),
+        priority: 3,
+        payload: Bytes::from(vec![seq as u8; 300]),
+    };
+    let want = |seq: u64, attempt: u32| {
+        let m = full(seq);
+        sluice_protocol::DeliveredMessage {
+            seq,
+            timestamp_ms: m.timestamp_ms,
+            key: m.key,
+            headers: m.headers,
+            priority: m.priority,
+            attempt,
+            payload: m.payload,
+        }
+    };
+    let mut g = group();
+    join(&mut g, 1);
+    join(&mut g, 2);
+    g.offer_tail(&[Arc::new(full(1)), Arc::new(full(2))]);
+    let from = g.start_read();
+    assert!(g.finish_read(from, Some((vec![full(3)], vec![]))));
+    let b = form(&mut g);
+    for who in [1, 2] {
+        let got: Vec<_> = b
+            .iter()
+            .filter(|(w, _)| *w == c(who))
+            .flat_map(|(_, b)| b.messages.clone())
+            .collect();
+        assert_eq!(
+            got,
+            vec![want(1, 1), want(2, 1), want(3, 1)],
+            "member {who}"
+        );
+    }
+    // One encoding of each message's head, shared by the members' copies.
+    let bc = g.bc.as_ref().unwrap();
+    let head = |i: usize, seq: u64| {
+        bc.members[i]
+            .1
+            .in_flight
+            .values()
+            .find_map(|b| b.msgs.get(&seq))
+            .and_then(|p| p.head.clone())
+            .unwrap()
+    };
+    for seq in 1..=3 {
+        assert!(Arc::ptr_eq(&head(0, seq), &head(1, seq)), "seq {seq}");
+    }
+    // Member 1 nacks: its redelivery says attempt 2 (the shared head has no attempt in it).
+    let mine = b.iter().find(|(w, _)| *w == c(1)).unwrap().1.batch_id;
+    g.nack(1, mine, Some(vec![2]), false, 5);
+    let b = form(&mut g);
+    assert_eq!(b.len(), 1);
+    assert_eq!((b[0].0, b[0].1.messages.clone()), (c(1), vec![want(2, 2)]));
+}
