@@ -163,8 +163,10 @@ impl GroupState {
         let Some((messages, corrupt)) = result else {
             return true;
         };
-        let shared = shared_fresh(bc.members.len());
-        let fresh: Vec<Pending> = messages.into_iter().map(|m| shared(Arc::new(m))).collect();
+        let fresh: Vec<Pending> = messages
+            .into_iter()
+            .map(|m| Pending::fresh(Arc::new(m)))
+            .collect();
         for (_, m) in bc.members.iter_mut() {
             m.take_shared_read(from, &fresh, &corrupt);
         }
@@ -222,18 +224,12 @@ impl GroupState {
         };
         let (first, last) = (first.seq, last.seq);
         let mut fresh: Option<Vec<Pending>> = None;
-        let shared = shared_fresh(
-            bc.members
-                .iter()
-                .filter(|(_, m)| m.takes_tail(first))
-                .count(),
-        );
         for (_, m) in bc.members.iter_mut() {
             if !m.takes_tail(first) {
                 continue;
             }
-            let fresh =
-                fresh.get_or_insert_with(|| msgs.iter().map(|m| shared(m.clone())).collect());
+            let fresh = fresh
+                .get_or_insert_with(|| msgs.iter().map(|m| Pending::fresh(m.clone())).collect());
             for p in fresh.iter() {
                 if !m.is_settled(p.msg.seq) {
                     m.push_ready(p.clone());
@@ -424,17 +420,6 @@ impl GroupState {
             self.above = above;
             self.dirty = true;
         }
-    }
-}
-
-/// How to make the [`Pending`]s of messages that `takers` members will each get a copy of:
-/// with their heads encoded once, to be shared by every copy's delivery, when more than one
-/// member takes them (one member encodes each message into its batch directly).
-fn shared_fresh(takers: usize) -> fn(Arc<StoredMessage>) -> Pending {
-    if takers > 1 {
-        Pending::fresh_encoded
-    } else {
-        Pending::fresh
     }
 }
 

@@ -8,7 +8,7 @@ use crate::store::record::StoredMessage;
 use crate::store::GroupRecord;
 use broadcast::Broadcast;
 use key_shared::KeyShared;
-use sluice_protocol::mpwrite::{self, BatchWriter, MessageHead};
+use sluice_protocol::mpwrite::{BatchWriter, MessageFields};
 use sluice_protocol::{AckOutcome, ConsumerStats, ErrorCode, GroupMode, GroupStats, WireError};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -63,10 +63,6 @@ pub struct Pending {
     pub size: usize,
     /// `broadcast`: the member whose copy this is (its dead letters carry `x-dlq-consumer`).
     pub member: Option<ConsumerId>,
-    /// The message's encoded fields before `attempt` ([`mpwrite::message_head`]), when they
-    /// were encoded ahead to be shared: a `broadcast` group encodes them once per message for
-    /// all its members. `None`: encoded into each batch.
-    pub head: Option<Arc<[u8]>>,
 }
 
 impl Pending {
@@ -78,26 +74,6 @@ impl Pending {
             deliveries: 0,
             failures: 0,
             member: None,
-            head: None,
-        }
-    }
-
-    /// A message never delivered, with its head encoded ahead (to be cloned for several
-    /// deliveries at once: one encoding, shared).
-    pub fn fresh_encoded(msg: Arc<StoredMessage>) -> Self {
-        // `wire_size` bounds the head too, less the payload.
-        let mut head = Vec::with_capacity(wire_size(&msg).saturating_sub(msg.payload.len()));
-        mpwrite::message_head(
-            &mut head,
-            msg.seq,
-            msg.timestamp_ms,
-            msg.key.as_deref(),
-            &msg.headers,
-            msg.priority,
-        );
-        Pending {
-            head: Some(Arc::from(head)),
-            ..Pending::fresh(msg)
         }
     }
 }
@@ -825,17 +801,14 @@ impl GroupState {
             }
             min_attempt = min_attempt.min(p.deliveries);
             let m = &p.msg;
-            let head = match &p.head {
-                Some(h) => MessageHead::Encoded(h),
-                None => MessageHead::Fields {
-                    seq: m.seq,
-                    timestamp_ms: m.timestamp_ms,
-                    key: m.key.as_deref(),
-                    headers: &m.headers,
-                    priority: m.priority,
-                },
+            let fields = MessageFields {
+                seq: m.seq,
+                timestamp_ms: m.timestamp_ms,
+                key: m.key.as_deref(),
+                headers: &m.headers,
+                priority: m.priority,
             };
-            w.message(head, p.deliveries, &m.payload);
+            w.message(fields, p.deliveries, &m.payload);
             self.seq_batch.insert(p.msg.seq, batch_id);
             self.key_shared_hold(consumer, &p);
             map.insert(p.msg.seq, p);

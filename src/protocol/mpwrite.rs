@@ -1,14 +1,14 @@
 //! A small MessagePack writer for the broker's hottest encoding, the delivered batch: it writes
 //! exactly the bytes `codec::encode(&StreamEvent::Batch(..))` writes (rmp-serde, structs as
-//! maps, every integer and length in its shortest form), without building the
-//! [`DeliveredMessage`](crate::DeliveredMessage)s first, and lets a message's fields before
-//! `attempt` be encoded once and reused for every delivery of it ([`message_head`]).
+//! maps, every integer and length in its shortest form), straight from the broker's stored
+//! messages, without building [`DeliveredMessage`](crate::DeliveredMessage)s (copies of each
+//! key and header map) for serde first.
 //!
 //! A batch is written as:
 //!
 //! ```text
 //! {"batch": {"batch_id": u, "topic": s, "group": s, "messages": [
-//!     {"seq": u, "timestamp_ms": u, "key": s|nil, "headers": {s: s}, "priority": u,   <- head
+//!     {"seq": u, "timestamp_ms": u, "key": s|nil, "headers": {s: s}, "priority": u,
 //!      "attempt": u, "payload": bin}, ...]}}
 //! ```
 //!
@@ -74,35 +74,18 @@ fn array_len(buf: &mut Vec<u8>, n: usize) {
     len(buf, n, Some((0x90, 16)), None, 0xdc, 0xdd);
 }
 
-/// Appends a delivered message's fields that do not change between its deliveries: the map
-/// header and `seq`, `timestamp_ms`, `key`, `headers`, `priority`. [`BatchWriter::message`]
-/// completes it with `attempt` and `payload`.
-pub fn message_head(
-    buf: &mut Vec<u8>,
-    seq: u64,
-    timestamp_ms: u64,
-    key: Option<&str>,
-    headers: &BTreeMap<String, String>,
-    priority: u8,
-) {
-    map_len(buf, 7);
-    str(buf, "seq");
-    uint(buf, seq);
-    str(buf, "timestamp_ms");
-    uint(buf, timestamp_ms);
-    str(buf, "key");
-    match key {
-        Some(k) => str(buf, k),
-        None => buf.push(0xc0),
-    }
-    str(buf, "headers");
-    map_len(buf, headers.len());
-    for (k, v) in headers {
-        str(buf, k);
-        str(buf, v);
-    }
-    str(buf, "priority");
-    uint(buf, u64::from(priority));
+/// A delivered message's fields besides `attempt` and `payload`, borrowed.
+pub struct MessageFields<'a> {
+    /// `seq`.
+    pub seq: u64,
+    /// `timestamp_ms`.
+    pub timestamp_ms: u64,
+    /// `key`.
+    pub key: Option<&'a str>,
+    /// `headers`.
+    pub headers: &'a BTreeMap<String, String>,
+    /// `priority`.
+    pub priority: u8,
 }
 
 /// Writes one `StreamEvent::Batch`: [`BatchWriter::new`] with the message count, then each
@@ -130,48 +113,37 @@ impl BatchWriter {
         BatchWriter { buf }
     }
 
-    /// Appends a message: `head` (what [`message_head`] wrote, or `None` to write it now from
-    /// `fields`), then `attempt` and `payload`.
-    pub fn message(&mut self, head: MessageHead<'_>, attempt: u32, payload: &[u8]) {
-        match head {
-            MessageHead::Encoded(h) => self.buf.extend_from_slice(h),
-            MessageHead::Fields {
-                seq,
-                timestamp_ms,
-                key,
-                headers,
-                priority,
-            } => message_head(&mut self.buf, seq, timestamp_ms, key, headers, priority),
+    /// Appends a message.
+    pub fn message(&mut self, m: MessageFields<'_>, attempt: u32, payload: &[u8]) {
+        let buf = &mut self.buf;
+        map_len(buf, 7);
+        str(buf, "seq");
+        uint(buf, m.seq);
+        str(buf, "timestamp_ms");
+        uint(buf, m.timestamp_ms);
+        str(buf, "key");
+        match m.key {
+            Some(k) => str(buf, k),
+            None => buf.push(0xc0),
         }
-        str(&mut self.buf, "attempt");
-        uint(&mut self.buf, u64::from(attempt));
-        str(&mut self.buf, "payload");
-        bin(&mut self.buf, payload);
+        str(buf, "headers");
+        map_len(buf, m.headers.len());
+        for (k, v) in m.headers {
+            str(buf, k);
+            str(buf, v);
+        }
+        str(buf, "priority");
+        uint(buf, u64::from(m.priority));
+        str(buf, "attempt");
+        uint(buf, u64::from(attempt));
+        str(buf, "payload");
+        bin(buf, payload);
     }
 
     /// The encoded batch.
     pub fn finish(self) -> Bytes {
         Bytes::from(self.buf)
     }
-}
-
-/// A message's head for [`BatchWriter::message`]: already encoded, or its fields.
-pub enum MessageHead<'a> {
-    /// Bytes [`message_head`] wrote.
-    Encoded(&'a [u8]),
-    /// The fields, encoded into the batch directly.
-    Fields {
-        /// `seq`.
-        seq: u64,
-        /// `timestamp_ms`.
-        timestamp_ms: u64,
-        /// `key`.
-        key: Option<&'a str>,
-        /// `headers`.
-        headers: &'a BTreeMap<String, String>,
-        /// `priority`.
-        priority: u8,
-    },
 }
 
 #[cfg(test)]
@@ -199,38 +171,24 @@ mod tests {
         }
     }
 
-    fn write(b: &Batch, cached: bool) -> Bytes {
+    fn write(b: &Batch) -> Bytes {
         let mut w = BatchWriter::new(b.batch_id, &b.topic, &b.group, b.messages.len(), 0);
         for m in &b.messages {
-            if cached {
-                let mut h = Vec::new();
-                message_head(
-                    &mut h,
-                    m.seq,
-                    m.timestamp_ms,
-                    m.key.as_deref(),
-                    &m.headers,
-                    m.priority,
-                );
-                w.message(MessageHead::Encoded(&h), m.attempt, &m.payload);
-            } else {
-                let head = MessageHead::Fields {
-                    seq: m.seq,
-                    timestamp_ms: m.timestamp_ms,
-                    key: m.key.as_deref(),
-                    headers: &m.headers,
-                    priority: m.priority,
-                };
-                w.message(head, m.attempt, &m.payload);
-            }
+            let fields = MessageFields {
+                seq: m.seq,
+                timestamp_ms: m.timestamp_ms,
+                key: m.key.as_deref(),
+                headers: &m.headers,
+                priority: m.priority,
+            };
+            w.message(fields, m.attempt, &m.payload);
         }
         w.finish()
     }
 
     fn same_as_serde(b: Batch) {
         let want = encode(&StreamEvent::Batch(b.clone())).expect("encode");
-        assert_eq!(write(&b, false), want, "fields: {b:?}");
-        assert_eq!(write(&b, true), want, "cached head");
+        assert_eq!(write(&b), want, "{b:?}");
     }
 
     #[test]

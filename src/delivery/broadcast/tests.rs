@@ -220,7 +220,7 @@ fn members_at_different_positions_read_what_they_need() {
 }
 
 #[test]
-fn members_share_each_message_encoding_and_deliver_its_own_attempts() {
+fn every_member_gets_every_field_of_each_message_and_its_own_attempts() {
     // A message with every field set, from the tail and from a read.
     let full = |seq: u64| StoredMessage {
         seq,
@@ -266,24 +266,84 @@ fn members_share_each_message_encoding_and_deliver_its_own_attempts() {
             "member {who}"
         );
     }
-    // One encoding of each message's head, shared by the members' copies.
-    let bc = g.bc.as_ref().unwrap();
-    let head = |i: usize, seq: u64| {
-        bc.members[i]
-            .1
-            .in_flight
-            .values()
-            .find_map(|b| b.msgs.get(&seq))
-            .and_then(|p| p.head.clone())
-            .unwrap()
-    };
-    for seq in 1..=3 {
-        assert!(Arc::ptr_eq(&head(0, seq), &head(1, seq)), "seq {seq}");
-    }
-    // Member 1 nacks: its redelivery says attempt 2 (the shared head has no attempt in it).
+    // Member 1 nacks: its redelivery says attempt 2; member 2's copy is not redelivered.
     let mine = b.iter().find(|(w, _)| *w == c(1)).unwrap().1.batch_id;
     g.nack(1, mine, Some(vec![2]), false, 5);
     let b = form(&mut g);
     assert_eq!(b.len(), 1);
     assert_eq!((b[0].0, b[0].1.messages.clone()), (c(1), vec![want(2, 2)]));
+}
+
+/// Not a test: the delivery work of one broadcast group of 4 against 4 groups of 1 (tail
+/// offered, batches formed and encoded, every batch acked), timed. `cargo test --release --lib
+/// delivery_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn delivery_cost_broadcast_against_groups() {
+    let payload = Bytes::from(vec![7u8; 256]);
+    let chunk = |from: u64, n: u64| -> Vec<Arc<StoredMessage>> {
+        (from..from + n)
+            .map(|seq| {
+                Arc::new(StoredMessage {
+                    seq,
+                    timestamp_ms: 1_700_000_000_000,
+                    key: None,
+                    headers: BTreeMap::new(),
+                    priority: 0,
+                    payload: payload.clone(),
+                })
+            })
+            .collect()
+    };
+    let run = |groups: &mut Vec<GroupState>, conns: &[Vec<u64>]| {
+        let t = std::time::Instant::now();
+        let (n, per) = (200_000u64, 400u64);
+        let mut seq = 1;
+        while seq <= n {
+            let msgs = chunk(seq, per);
+            seq += per;
+            for (g, conns) in groups.iter_mut().zip(conns) {
+                g.offer_tail(&msgs);
+                let b = g.form_batches("topic", "group", LIMITS, next_id);
+                for o in b.batches {
+                    let conn = o.consumer.conn;
+                    assert!(conns.contains(&conn));
+                    let s = g.ack(conn, o.batch_id, None);
+                    assert_eq!(s.count, o.count);
+                }
+            }
+        }
+        t.elapsed().as_nanos() as f64 / (n * 4) as f64
+    };
+    for round in 0..3 {
+        let joining = |conn: u64, mode: GroupMode| Joining {
+            consumer: c(conn),
+            mode,
+            filters: BTreeMap::new(),
+            window: 100,
+            batch_size: 1000,
+            credits: 1_000_000,
+            max_in_flight_bytes: usize::MAX,
+        };
+        let mut one = vec![group()];
+        for conn in 1..=4 {
+            one[0].join(joining(conn, GroupMode::Broadcast)).unwrap();
+        }
+        let bc = run(&mut one, &[vec![1, 2, 3, 4]]);
+        let mut four: Vec<GroupState> = (1..=4)
+            .map(|conn| {
+                let mut g = GroupState::from_record(GroupState::new_record(
+                    GroupMode::Shared,
+                    BTreeMap::new(),
+                ));
+                g.join(joining(conn, GroupMode::Shared)).unwrap();
+                g
+            })
+            .collect();
+        let g4 = run(&mut four, &[vec![1], vec![2], vec![3], vec![4]]);
+        println!(
+            "round {round}: ns per delivery: broadcast {bc:.1}, 4 groups {g4:.1}, ratio {:.3}",
+            bc / g4
+        );
+    }
 }
