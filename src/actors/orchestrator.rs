@@ -10,12 +10,12 @@ use super::messages::{
     ReadRange, StoreLinks, TopicListener,
 };
 use super::{ActorCounters, ConsumerId, GetActorStats, InjectFault};
-use crate::delivery::group::{Limits, Pending, READ_AHEAD_BYTES};
+use crate::delivery::group::{Limits, Outgoing, Pending, READ_AHEAD_BYTES};
 use crate::delivery::{GroupState, Joining};
 use crate::store::{GroupRecord, StoreError};
 use actix::prelude::*;
 use sluice_protocol::{
-    AckOutcome, AckReply, BrokerEvent, ErrorCode, GroupStats, NewMessage, StreamEvent, WireError,
+    AckOutcome, AckReply, BrokerEvent, ErrorCode, GroupStats, NewMessage, WireError,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -197,13 +197,17 @@ impl OrchestratorActor {
         let timeouts: Vec<Duration> = formed
             .batches
             .iter()
-            .map(|o| g.redelivery_timeout(&o.batch).unwrap_or(batch_timeout))
+            .map(|o| g.redelivery_timeout(o.min_attempt).unwrap_or(batch_timeout))
             .collect();
         let pressure = g.take_pressure_event();
         for (out, timeout) in formed.batches.into_iter().zip(timeouts) {
-            let batch_id = out.batch.batch_id;
-            let count = out.batch.messages.len() as u32;
-            let consumer = out.consumer;
+            let Outgoing {
+                consumer,
+                batch_id,
+                count,
+                data,
+                ..
+            } = out;
             let timer = ctx.notify_later(
                 BatchTimedOut {
                     topic: topic.to_string(),
@@ -219,18 +223,14 @@ impl OrchestratorActor {
                 tracing::error!(topic, group, batch_id, %consumer, "no recipient for a batch");
                 continue;
             };
-            match sluice_protocol::encode(&StreamEvent::Batch(out.batch)) {
-                Ok(data) => {
-                    tracing::debug!(topic, group, batch_id, count, %consumer, "batch delivered");
-                    recipient.do_send(DeliverBatch {
-                        consumer,
-                        batch_id,
-                        count,
-                        data,
-                    });
-                }
-                Err(e) => tracing::error!(error = %e, "cannot encode batch"),
-            }
+            // Encoded by the group as it formed the batch.
+            tracing::debug!(topic, group, batch_id, count, %consumer, "batch delivered");
+            recipient.do_send(DeliverBatch {
+                consumer,
+                batch_id,
+                count,
+                data,
+            });
         }
         if !formed.undeliverable.is_empty() {
             self.dead_letter(

@@ -8,9 +8,8 @@ use crate::store::record::StoredMessage;
 use crate::store::GroupRecord;
 use broadcast::Broadcast;
 use key_shared::KeyShared;
-use sluice_protocol::{
-    AckOutcome, Batch, ConsumerStats, DeliveredMessage, ErrorCode, GroupMode, GroupStats, WireError,
-};
+use sluice_protocol::mpwrite::{BatchWriter, MessageFields};
+use sluice_protocol::{AckOutcome, ConsumerStats, ErrorCode, GroupMode, GroupStats, WireError};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -120,8 +119,27 @@ impl ConsumerSlot {
 pub struct Outgoing {
     /// Who gets it.
     pub consumer: ConsumerId,
-    /// The batch (ids and messages).
-    pub batch: Batch,
+    /// The batch's id.
+    pub batch_id: u64,
+    /// Its messages.
+    pub count: u32,
+    /// The smallest `attempt` of its messages (its redelivery timer follows it).
+    pub min_attempt: u32,
+    /// The batch encoded (`StreamEvent::Batch`, see [`sluice_protocol::mpwrite`]), ready for
+    /// the wire.
+    pub data: bytes::Bytes,
+}
+
+impl Outgoing {
+    /// The batch, decoded (for tests and logs).
+    pub fn batch(&self) -> Result<sluice_protocol::Batch, sluice_protocol::CodecError> {
+        match sluice_protocol::decode(&self.data)? {
+            sluice_protocol::StreamEvent::Batch(b) => Ok(b),
+            _ => Err(sluice_protocol::CodecError::Decode(
+                rmp_serde::decode::Error::Syntax("not a batch".into()),
+            )),
+        }
+    }
 }
 
 /// What forming batches produced.
@@ -765,22 +783,32 @@ impl GroupState {
         c.in_flight += 1;
         c.in_flight_bytes += bytes;
         let consumer = c.id;
-        let mut delivered = Vec::with_capacity(msgs.len());
+        let count = msgs.len();
+        // `size` bounds each message's encoding; the batch's own fields come on top.
+        let mut w = BatchWriter::new(
+            batch_id,
+            topic,
+            group,
+            count,
+            bytes + batch_overhead(topic, group),
+        );
+        let mut min_attempt = u32::MAX;
         let mut map = BTreeMap::new();
         for mut p in msgs {
             p.deliveries += 1;
             if p.deliveries > 1 {
                 self.redeliveries += 1;
             }
-            delivered.push(DeliveredMessage {
-                seq: p.msg.seq,
-                timestamp_ms: p.msg.timestamp_ms,
-                key: p.msg.key.clone(),
-                headers: p.msg.headers.clone(),
-                priority: p.msg.priority,
-                attempt: p.deliveries,
-                payload: p.msg.payload.clone(),
-            });
+            min_attempt = min_attempt.min(p.deliveries);
+            let m = &p.msg;
+            let fields = MessageFields {
+                seq: m.seq,
+                timestamp_ms: m.timestamp_ms,
+                key: m.key.as_deref(),
+                headers: &m.headers,
+                priority: m.priority,
+            };
+            w.message(fields, p.deliveries, &m.payload);
             self.seq_batch.insert(p.msg.seq, batch_id);
             self.key_shared_hold(consumer, &p);
             map.insert(p.msg.seq, p);
@@ -796,12 +824,10 @@ impl GroupState {
         );
         Outgoing {
             consumer,
-            batch: Batch {
-                batch_id,
-                topic: topic.to_string(),
-                group: group.to_string(),
-                messages: delivered,
-            },
+            batch_id,
+            count: count as u32,
+            min_attempt: if count == 0 { 1 } else { min_attempt },
+            data: w.finish(),
         }
     }
 

@@ -8,6 +8,7 @@
 //! | [`route`]   | route names carried in `message/x.rsocket.routing.v0` metadata |
 //! | [`error`]   | [`ErrorCode`] (stable numbers) and the `"<code> <NAME>: <text>"` error text |
 //! | [`codec`]   | `encode` / `decode` (MessagePack, structs as maps) |
+//! | [`mpread`], [`mpwrite`] | hand-written MessagePack for the hot paths (same bytes as serde's) |
 //! | [`setup`], [`publish`], [`subscribe`], [`ack`], [`admin`] | one file per request family |
 //!
 //! `docs/protocol.md` is the normative description of all of this for non-Rust clients.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod events;
 pub mod manage;
 pub mod mpread;
+pub mod mpwrite;
 pub mod publish;
 pub mod route;
 pub mod setup;

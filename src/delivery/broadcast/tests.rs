@@ -55,7 +55,7 @@ fn form(g: &mut GroupState) -> Vec<(ConsumerId, Batch)> {
     g.form_batches("t", "g", LIMITS, next_id)
         .batches
         .into_iter()
-        .map(|o| (o.consumer, o.batch))
+        .map(|o| (o.consumer, o.batch().unwrap()))
         .collect()
 }
 
@@ -217,4 +217,133 @@ fn members_at_different_positions_read_what_they_need() {
     let b = form(&mut g);
     assert_eq!(seqs_of(&b, c(1)), (101..=150).collect::<Vec<_>>());
     assert_eq!(seqs_of(&b, c(2)), (101..=150).collect::<Vec<_>>());
+}
+
+#[test]
+fn every_member_gets_every_field_of_each_message_and_its_own_attempts() {
+    // A message with every field set, from the tail and from a read.
+    let full = |seq: u64| StoredMessage {
+        seq,
+        timestamp_ms: 1_700_000_000_000 + seq,
+        key: Some(format!("key-{seq}")),
+        headers: [
+            ("a".to_string(), "1".to_string()),
+            ("b".into(), "x".repeat(40)),
+        ]
+        .into_iter()
+        .collect(),
+        priority: 3,
+        payload: Bytes::from(vec![seq as u8; 300]),
+    };
+    let want = |seq: u64, attempt: u32| {
+        let m = full(seq);
+        sluice_protocol::DeliveredMessage {
+            seq,
+            timestamp_ms: m.timestamp_ms,
+            key: m.key,
+            headers: m.headers,
+            priority: m.priority,
+            attempt,
+            payload: m.payload,
+        }
+    };
+    let mut g = group();
+    join(&mut g, 1);
+    join(&mut g, 2);
+    g.offer_tail(&[Arc::new(full(1)), Arc::new(full(2))]);
+    let from = g.start_read();
+    assert!(g.finish_read(from, Some((vec![full(3)], vec![]))));
+    let b = form(&mut g);
+    for who in [1, 2] {
+        let got: Vec<_> = b
+            .iter()
+            .filter(|(w, _)| *w == c(who))
+            .flat_map(|(_, b)| b.messages.clone())
+            .collect();
+        assert_eq!(
+            got,
+            vec![want(1, 1), want(2, 1), want(3, 1)],
+            "member {who}"
+        );
+    }
+    // Member 1 nacks: its redelivery says attempt 2; member 2's copy is not redelivered.
+    let mine = b.iter().find(|(w, _)| *w == c(1)).unwrap().1.batch_id;
+    g.nack(1, mine, Some(vec![2]), false, 5);
+    let b = form(&mut g);
+    assert_eq!(b.len(), 1);
+    assert_eq!((b[0].0, b[0].1.messages.clone()), (c(1), vec![want(2, 2)]));
+}
+
+/// Not a test: the delivery work of one broadcast group of 4 against 4 groups of 1 (tail
+/// offered, batches formed and encoded, every batch acked), timed. `cargo test --release --lib
+/// delivery_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn delivery_cost_broadcast_against_groups() {
+    let payload = Bytes::from(vec![7u8; 256]);
+    let chunk = |from: u64, n: u64| -> Vec<Arc<StoredMessage>> {
+        (from..from + n)
+            .map(|seq| {
+                Arc::new(StoredMessage {
+                    seq,
+                    timestamp_ms: 1_700_000_000_000,
+                    key: None,
+                    headers: BTreeMap::new(),
+                    priority: 0,
+                    payload: payload.clone(),
+                })
+            })
+            .collect()
+    };
+    let run = |groups: &mut Vec<GroupState>, conns: &[Vec<u64>]| {
+        let t = std::time::Instant::now();
+        let (n, per) = (200_000u64, 400u64);
+        let mut seq = 1;
+        while seq <= n {
+            let msgs = chunk(seq, per);
+            seq += per;
+            for (g, conns) in groups.iter_mut().zip(conns) {
+                g.offer_tail(&msgs);
+                let b = g.form_batches("topic", "group", LIMITS, next_id);
+                for o in b.batches {
+                    let conn = o.consumer.conn;
+                    assert!(conns.contains(&conn));
+                    let s = g.ack(conn, o.batch_id, None);
+                    assert_eq!(s.count, o.count);
+                }
+            }
+        }
+        t.elapsed().as_nanos() as f64 / (n * 4) as f64
+    };
+    for round in 0..3 {
+        let joining = |conn: u64, mode: GroupMode| Joining {
+            consumer: c(conn),
+            mode,
+            filters: BTreeMap::new(),
+            window: 100,
+            batch_size: 1000,
+            credits: 1_000_000,
+            max_in_flight_bytes: usize::MAX,
+        };
+        let mut one = vec![group()];
+        for conn in 1..=4 {
+            one[0].join(joining(conn, GroupMode::Broadcast)).unwrap();
+        }
+        let bc = run(&mut one, &[vec![1, 2, 3, 4]]);
+        let mut four: Vec<GroupState> = (1..=4)
+            .map(|conn| {
+                let mut g = GroupState::from_record(GroupState::new_record(
+                    GroupMode::Shared,
+                    BTreeMap::new(),
+                ));
+                g.join(joining(conn, GroupMode::Shared)).unwrap();
+                g
+            })
+            .collect();
+        let g4 = run(&mut four, &[vec![1], vec![2], vec![3], vec![4]]);
+        println!(
+            "round {round}: ns per delivery: broadcast {bc:.1}, 4 groups {g4:.1}, ratio {:.3}",
+            bc / g4
+        );
+    }
 }

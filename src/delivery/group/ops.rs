@@ -200,14 +200,14 @@ impl GroupState {
         s.get((n.max(1) as usize - 1).min(last)).copied()
     }
 
-    /// How long `batch` may stay unacked before it is redelivered, by the schedule: the entry
-    /// of the smallest delivery count in it. `None`: the broker's `batch_timeout`.
-    pub fn redelivery_timeout(&self, batch: &Batch) -> Option<Duration> {
+    /// How long a batch may stay unacked before it is redelivered, by the schedule: the entry
+    /// of the smallest delivery count in it (`min_attempt`, [`super::Outgoing::min_attempt`]).
+    /// `None`: the broker's `batch_timeout`.
+    pub fn redelivery_timeout(&self, min_attempt: u32) -> Option<Duration> {
         if self.ops.backoff.is_empty() {
             return None;
         }
-        let k = batch.messages.iter().map(|m| m.attempt).min().unwrap_or(1);
-        self.step(k).map(ms)
+        self.step(min_attempt).map(ms)
     }
 
     /// Drops restored counts (and failed seqs) that are settled (after loading).

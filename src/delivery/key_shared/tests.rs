@@ -62,7 +62,7 @@ fn form(g: &mut GroupState) -> Vec<(ConsumerId, Batch)> {
     g.form_batches("t", "g", LIMITS, next_id)
         .batches
         .into_iter()
-        .map(|o| (o.consumer, o.batch))
+        .map(|o| (o.consumer, o.batch().unwrap()))
         .collect()
 }
 

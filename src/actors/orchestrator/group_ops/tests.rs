@@ -9,7 +9,7 @@ use crate::actors::messages::{
 use crate::store::record::StoredMessage;
 use crate::store::ReadResult;
 use bytes::Bytes;
-use sluice_protocol::{event_kind, ActorStats, BrokerEvent, GroupMode, SyncStats};
+use sluice_protocol::{event_kind, ActorStats, BrokerEvent, GroupMode, StreamEvent, SyncStats};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 

@@ -3,6 +3,7 @@
 use super::super::*;
 use super::{MAX_ATTEMPTS, MAX_WAITING};
 use bytes::Bytes;
+use sluice_protocol::Batch;
 use std::time::{Duration, Instant};
 
 const LIMITS: Limits = Limits {
@@ -83,7 +84,7 @@ fn form(g: &mut GroupState) -> Vec<Batch> {
     g.form_batches("t", "g", LIMITS, next_id)
         .batches
         .into_iter()
-        .map(|o| o.batch)
+        .map(|o| o.batch().unwrap())
         .collect()
 }
 
@@ -93,6 +94,10 @@ fn seqs(b: &Batch) -> Vec<u64> {
 
 fn attempts(b: &Batch) -> Vec<u32> {
     b.messages.iter().map(|m| m.attempt).collect()
+}
+
+fn min_attempt(b: &Batch) -> u32 {
+    b.messages.iter().map(|m| m.attempt).min().unwrap()
 }
 
 fn secs(s: u64) -> Duration {
@@ -105,14 +110,18 @@ fn an_unacked_batch_waits_the_schedule_entry_of_its_delivery_count_the_last_repe
     for (attempt, wait) in [(1, 1), (2, 2), (3, 3), (4, 3), (5, 3)] {
         let b = form(&mut g);
         assert_eq!(attempts(&b[0]), vec![attempt]);
-        assert_eq!(g.redelivery_timeout(&b[0]), Some(secs(wait)), "{attempt}");
+        assert_eq!(
+            g.redelivery_timeout(min_attempt(&b[0])),
+            Some(secs(wait)),
+            "{attempt}"
+        );
         // The timeout is the wait: redelivered at once.
         assert!(g.fail_batch(b[0].batch_id, true, 10).unwrap().is_empty());
     }
     // Without a schedule: the broker's batch timeout.
     let mut g = group(&[], 1, 1, 1);
     let b = form(&mut g);
-    assert_eq!(g.redelivery_timeout(&b[0]), None);
+    assert_eq!(g.redelivery_timeout(min_attempt(&b[0])), None);
     // A batch's smallest delivery count decides.
     let mut g = group(&[1000, 5000], 2, 1, 2);
     let b = form(&mut g);
@@ -122,7 +131,7 @@ fn an_unacked_batch_waits_the_schedule_entry_of_its_delivery_count_the_last_repe
     let b = form(&mut g);
     assert_eq!(seqs(&b[0]), vec![1, 3]);
     assert_eq!(attempts(&b[0]), vec![2, 1]);
-    assert_eq!(g.redelivery_timeout(&b[0]), Some(secs(1)));
+    assert_eq!(g.redelivery_timeout(min_attempt(&b[0])), Some(secs(1)));
 }
 
 #[test]
@@ -487,7 +496,7 @@ fn batches_of(g: &mut GroupState) -> Vec<(ConsumerId, Batch)> {
     g.form_batches("t", "g", LIMITS, next_id)
         .batches
         .into_iter()
-        .map(|o| (o.consumer, o.batch))
+        .map(|o| (o.consumer, o.batch().unwrap()))
         .collect()
 }
 
@@ -504,7 +513,7 @@ fn broadcast_members_have_their_own_delayed_retries_attempts_and_stale_flags() {
     assert_eq!(b.len(), 2, "each member gets every message");
     let mine = b.iter().find(|(c, _)| *c == consumer(1)).unwrap();
     let theirs = b.iter().find(|(c, _)| *c == consumer(2)).unwrap();
-    assert_eq!(g.redelivery_timeout(&mine.1), Some(secs(1)));
+    assert_eq!(g.redelivery_timeout(min_attempt(&mine.1)), Some(secs(1)));
     // Member 1 nacks: only its copies wait (the schedule's 1s); member 2 acks.
     let s = g.nack_delayed(1, mine.1.batch_id, None, false, 3, None, t0);
     assert_eq!(s.count, 3);
