@@ -317,6 +317,11 @@ pub fn render(stats: &BrokerStats) -> String {
     out
 }
 
+/// Bytes as MiB with one decimal.
+fn mib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1024.0 * 1024.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,9 +461,4 @@ mod tests {
         let empty = render(&BrokerStats::default());
         assert!(empty.contains("ACTORS (0)\nKIND"));
     }
-}
-
-/// Bytes as MiB with one decimal.
-fn mib(b: u64) -> String {
-    format!("{:.1}", b as f64 / (1024.0 * 1024.0))
 }
