@@ -559,21 +559,19 @@ async fn removed_segments_are_freed_in_paced_steps_and_the_disk_shrinks() {
     .expect("alter");
     // Out of the topic at once; freed step by step (some poll sees it part way).
     info_until(&a, "big", |i| i.segments == 1).await;
-    let (mut part_way, mut last) = (false, None);
-    loop {
+    let mut part_way = false;
+    let s = loop {
         let s = a.stats().await.expect("stats").syncs.expect("sync stats");
         if s.removed_bytes > 0 && s.removed_bytes < bytes && s.remove_pending_bytes > 0 {
             part_way = true;
         }
         if s.removed_files == files && s.remove_pending_bytes == 0 {
-            last = Some(s);
-            break;
+            break s;
         }
         assert!(started.elapsed() < T, "not freed in time: {s:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    };
     let took = started.elapsed();
-    let s = last.expect("stats");
     assert_eq!(
         (s.removed_files, s.removed_bytes, s.remove_steps),
         (files, bytes, steps),
