@@ -134,7 +134,7 @@ pub struct Config {
     pub retention_interval: Duration,
     /// Most bytes a second the files retention and topic deletions removed give back to the
     /// disk (an integer or a size with a unit; `0`: each file at once). A removed file leaves
-    /// its topic at once (renamed into the trash) and is cut down in 8 MiB steps at this
+    /// its topic at once (renamed into the trash) and is cut down in 2 MiB steps at this
     /// rate, so that freeing a gigabyte does not stall the publishes' fsyncs. Keep it above
     /// the rate the broker writes at, or removed files pile up in the trash.
     #[serde(with = "byte_size")]

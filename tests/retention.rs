@@ -498,10 +498,10 @@ fn seg_lens(dir: &Path) -> std::collections::BTreeMap<String, u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_segments_are_freed_in_paced_steps_and_the_disk_shrinks() {
     const MIB: u64 = 1024 * 1024;
-    const STEP: u64 = 8 * MIB;
+    const STEP: u64 = 2 * MIB;
     let cfg = tempfile::tempdir().expect("tempdir");
     let path = cfg.path().join("sluice.toml");
-    // Segments of 20 MiB (three 8 MiB steps each), freed at 40 MiB/s.
+    // Segments of 20 MiB (ten 2 MiB steps each), freed at 40 MiB/s.
     std::fs::write(
         &path,
         "segment_bytes = \"20MiB\"\nretention_remove_rate = \"40MiB\"\n",

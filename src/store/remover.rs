@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Bytes freed per step by default ([`Pace::step`]).
-pub const DEFAULT_STEP: u64 = 8 * 1024 * 1024;
+pub const DEFAULT_STEP: u64 = 2 * 1024 * 1024;
 
 /// How fast removed files give their blocks back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
