@@ -131,6 +131,8 @@ pub(crate) fn spawn(
                         for r in batch {
                             remove(r, &synced, &mut freer, &report);
                         }
+                        // A step that fell due meanwhile (a stream of batches never times out).
+                        freer.step();
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => freer.step(),
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
