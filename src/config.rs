@@ -132,6 +132,13 @@ pub struct Config {
     /// How often the retention sweep runs over every topic.
     #[serde(with = "humantime_serde")]
     pub retention_interval: Duration,
+    /// Most bytes a second the files retention and topic deletions removed give back to the
+    /// disk (an integer or a size with a unit; `0`: each file at once). A removed file leaves
+    /// its topic at once (renamed into the trash) and is cut down in 2 MiB steps at this
+    /// rate, so that freeing a gigabyte does not stall the publishes' fsyncs. Keep it above
+    /// the rate the broker writes at, or removed files pile up in the trash.
+    #[serde(with = "byte_size")]
+    pub retention_remove_rate: u64,
     /// Retention of topics with no override (`sluice topic create|alter` sets per-topic ones).
     pub retention: RetentionConfig,
     /// A segment is closed (a new one started) once its first message is this old, so that a
@@ -165,6 +172,9 @@ pub struct Config {
     #[serde(with = "byte_size")]
     pub segment_bytes: u64,
 }
+
+/// Default `retention_remove_rate`: 256 MiB a second.
+pub const DEFAULT_REMOVE_RATE: u64 = 256 * 1024 * 1024;
 
 /// Default retention of every topic (`[retention]` in the config file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -312,6 +322,7 @@ impl Default for Config {
             enable_fault_injection: false,
             auto_create_topics: true,
             retention_interval: Duration::from_secs(10),
+            retention_remove_rate: DEFAULT_REMOVE_RATE,
             retention: RetentionConfig::default(),
             segment_max_age: Duration::from_secs(3600),
             dedup_window: Duration::from_secs(120),

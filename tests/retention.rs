@@ -481,3 +481,108 @@ async fn under_fsync_never_a_power_cut_after_a_removal_keeps_the_groups() {
     let j = info(&a, "keep").await;
     assert_eq!(j.groups, vec!["g".to_string()], "{j:?}");
 }
+
+/// The `.seg` files of `dir` and their lengths, by name.
+fn seg_lens(dir: &Path) -> std::collections::BTreeMap<String, u64> {
+    std::fs::read_dir(dir)
+        .expect("topic dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        .map(|e| {
+            let len = e.metadata().expect("metadata").len();
+            (e.file_name().to_string_lossy().into_owned(), len)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_segments_are_freed_in_paced_steps_and_the_disk_shrinks() {
+    const MIB: u64 = 1024 * 1024;
+    const STEP: u64 = 2 * MIB;
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let path = cfg.path().join("sluice.toml");
+    // Segments of 20 MiB (ten 2 MiB steps each), freed at 40 MiB/s.
+    std::fs::write(
+        &path,
+        "segment_bytes = \"20MiB\"\nretention_remove_rate = \"40MiB\"\n",
+    )
+    .expect("config");
+    let path = path.to_str().expect("utf-8 path").to_string();
+    let b = TestBroker::start_with(&["--config", &path, "--retention-interval", "200ms"]);
+    let a = admin(&b).await;
+    a.create_topic("big", TopicSettings::default())
+        .await
+        .expect("create");
+    // 50 MiB in messages of 100 KiB: closed segments and the one taking appends.
+    for _ in 0..25 {
+        let req = PublishRequest {
+            topic: "big".into(),
+            messages: (0..20)
+                .map(|_| NewMessage {
+                    payload: Bytes::from(vec![b'x'; 100 * 1024]),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let _: PublishReply = a
+            .client()
+            .request(route::PUBLISH, &req)
+            .await
+            .expect("publish");
+    }
+    let dir = b.data_dir().join("topics/big");
+    let lens = seg_lens(&dir);
+    let i = info(&a, "big").await;
+    assert_eq!(i.segments as usize, lens.len(), "{i:?} {lens:?}");
+    assert!(lens.len() >= 3, "{lens:?}");
+    // Every closed one (all but the last by seq) goes under max_bytes = 1 KiB.
+    let mut by_seq: Vec<(u64, u64)> = lens
+        .iter()
+        .map(|(n, l)| (n.trim_end_matches(".seg").parse().expect("seq name"), *l))
+        .collect();
+    by_seq.sort();
+    let closed = &by_seq[..by_seq.len() - 1];
+    let files = closed.len() as u64;
+    let bytes: u64 = closed.iter().map(|(_, l)| l).sum();
+    let steps: u64 = closed.iter().map(|(_, l)| l.div_ceil(STEP)).sum();
+    assert!(closed.iter().any(|(_, l)| *l > 2 * STEP), "{closed:?}");
+    let before = du(&dir);
+    let started = std::time::Instant::now();
+    a.alter_topic(
+        "big",
+        TopicSettings {
+            max_bytes: Some(1024),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("alter");
+    // Out of the topic at once; freed step by step (some poll sees it part way).
+    info_until(&a, "big", |i| i.segments == 1).await;
+    let mut part_way = false;
+    let s = loop {
+        let s = a.stats().await.expect("stats").syncs.expect("sync stats");
+        if s.removed_bytes > 0 && s.removed_bytes < bytes && s.remove_pending_bytes > 0 {
+            part_way = true;
+        }
+        if s.removed_files == files && s.remove_pending_bytes == 0 {
+            break s;
+        }
+        assert!(started.elapsed() < T, "not freed in time: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let took = started.elapsed();
+    assert_eq!(
+        (s.removed_files, s.removed_bytes, s.remove_steps),
+        (files, bytes, steps),
+        "{s:?}"
+    );
+    assert!(part_way, "never seen part way");
+    // At most 40 MiB a second: every step but the first waits for its budget.
+    let floor = Duration::from_secs_f64((bytes - STEP) as f64 / (40 * MIB) as f64);
+    assert!(took >= floor, "took {took:?}, paced: at least {floor:?}");
+    let trash = b.data_dir().join("trash");
+    assert_eq!(std::fs::read_dir(&trash).expect("trash").count(), 0);
+    let after = du(&dir);
+    assert!(before - after >= bytes / 10 * 9, "du {before} -> {after}");
+}

@@ -536,8 +536,9 @@ struct Swept {
     quiet: u64,
     /// The first poll that saw the floor moved (the segments out of the topic's log).
     detached: Option<u64>,
-    /// The first poll at which `du` of the topic's directory had dropped by 90% of the bytes
-    /// taken out (the files unlinked); None without the data dir (broker not started here).
+    /// The first poll at which `du` of the topic's directory and the trash had dropped by 90%
+    /// of the bytes taken out (the blocks freed); None without the data dir (broker not
+    /// started here).
     unlinked: Option<u64>,
     before: sluice_sdk::protocol::TopicInfo,
     after: sluice_sdk::protocol::TopicInfo,
@@ -562,7 +563,12 @@ async fn watch_sweep(s: Arc<Sluice>, o: Opts, t0: u64) -> Result<Swept> {
     tokio::time::sleep(Duration::from_nanos(due.saturating_sub(now_ns()))).await;
     let before = admin.topic_info(topic.clone()).await?;
     let dir = s.topic_dir(&topic);
-    let du_before = dir.as_deref().map(sys::dir_bytes);
+    // The topic's files and the trash: a broker that moves removed segments into the trash
+    // and frees them later (in steps) has freed them only once both shrank.
+    let trash = s.data_dir.as_ref().map(|d| d.join("trash"));
+    let du_of =
+        |d: &std::path::Path| sys::dir_bytes(d) + trash.as_deref().map_or(0, sys::dir_bytes);
+    let du_before = dir.as_deref().map(du_of);
     let cut = now_ns();
     let one_second = TopicSettings {
         max_age_ms: Some(1000),
@@ -590,7 +596,7 @@ async fn watch_sweep(s: Arc<Sluice>, o: Opts, t0: u64) -> Result<Swept> {
         let taken = before.bytes.saturating_sub(info.bytes);
         after = info;
         if let (Some(d), Some(b0)) = (dir.as_deref(), du_before) {
-            let du = sys::dir_bytes(d);
+            let du = du_of(d);
             du_after = Some(du);
             if unlinked.is_none() && detached.is_some() && b0.saturating_sub(du) >= taken / 10 * 9 {
                 unlinked = Some(t);

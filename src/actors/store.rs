@@ -24,6 +24,7 @@ use crate::store::{Appended, GroupRecord, ReadResult, Storage, StoreError};
 use actix::prelude::*;
 use sluice_protocol::{event_kind, BrokerEvent, SharedStr, SyncStats};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
@@ -140,6 +141,8 @@ pub struct StoreActor {
     topic_listeners: Vec<super::messages::TopicListener>,
     /// The remover thread was started (once: it outlives restarts of the actor).
     remover_started: bool,
+    /// What the remover thread freed (shared with it).
+    free_stats: Arc<crate::store::remover::FreeStats>,
     /// Limits hit, for `admin.stats` and events.
     limits: topics::StoreLimits,
     commit_scheduled: bool,
@@ -200,6 +203,7 @@ impl StoreActor {
             deleting: HashSet::new(),
             topic_listeners: Vec::new(),
             remover_started: false,
+            free_stats: Arc::default(),
             limits: topics::StoreLimits::default(),
             commit_scheduled: false,
             written: Written::default(),
@@ -789,6 +793,11 @@ impl Handler<GetSyncStats> for StoreActor {
         stats.dedup_ids_forgotten = self.limits.dedup_ids_forgotten;
         stats.waiting_groups = self.storage.waiting_groups() as u64;
         stats.waiting_groups_refused = self.limits.waiting_groups_refused;
+        let f = &self.free_stats;
+        stats.remove_pending_bytes = f.pending_bytes.load(Ordering::Relaxed);
+        stats.removed_bytes = f.freed_bytes.load(Ordering::Relaxed);
+        stats.removed_files = f.files_freed.load(Ordering::Relaxed);
+        stats.remove_steps = f.steps.load(Ordering::Relaxed);
         MessageResult(stats)
     }
 }

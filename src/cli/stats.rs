@@ -231,6 +231,13 @@ pub fn render(stats: &BrokerStats) -> String {
             "store  dedup ids {} in {} entries (forgotten early {})  groups waiting for their topic {} (refused {})\n",
             s.dedup_ids, s.dedup_entries, s.dedup_ids_forgotten, s.waiting_groups, s.waiting_groups_refused
         ));
+        out.push_str(&format!(
+            "removed  {} MiB freed in {} files ({} steps), {} MiB still to free\n",
+            mib(s.removed_bytes),
+            s.removed_files,
+            s.remove_steps,
+            mib(s.remove_pending_bytes)
+        ));
     }
     if let Some(l) = &stats.limits {
         out.push_str(&format!(
@@ -308,6 +315,11 @@ pub fn render(stats: &BrokerStats) -> String {
         &rows,
     ));
     out
+}
+
+/// Bytes as MiB with one decimal.
+fn mib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1024.0 * 1024.0))
 }
 
 #[cfg(test)]

@@ -87,6 +87,19 @@ pub struct SyncStats {
     /// Subscribes to missing topics refused (too many groups waiting).
     #[serde(default)]
     pub waiting_groups_refused: u64,
+    /// Bytes of files retention and topic deletions removed whose blocks are not freed yet
+    /// (in the trash, freed at `retention_remove_rate`).
+    #[serde(default)]
+    pub remove_pending_bytes: u64,
+    /// Bytes freed since the start by removing such files.
+    #[serde(default)]
+    pub removed_bytes: u64,
+    /// Files freed and unlinked since the start.
+    #[serde(default)]
+    pub removed_files: u64,
+    /// `ftruncate` steps those files were freed in.
+    #[serde(default)]
+    pub remove_steps: u64,
 }
 
 /// One bucket of [`SyncStats::buckets`].

@@ -205,6 +205,11 @@ impl Storage {
         })
     }
 
+    /// Where removed files wait to be freed (emptied at open).
+    pub fn trash_dir(&self) -> PathBuf {
+        self.dir.join(TRASH)
+    }
+
     /// Takes `topic` out of the store: its directory is renamed into the trash (the caller
     /// fsyncs [`RemovedTopic::dirs`] and removes the files once no sync job holds them), its
     /// settings, groups and ids are forgotten. Nothing changes on an error.
@@ -769,6 +774,65 @@ mod tests {
         let s = Storage::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.topic_stats("t").unwrap().floor, floor);
         assert_eq!(s.last_seq("t"), 201);
+        assert_eq!(s.group("t", "g").unwrap().unwrap().acked_floor, 7);
+    }
+
+    #[test]
+    fn a_crash_while_a_removed_segment_is_cut_down_leaves_it_in_the_trash_never_in_the_log() {
+        use crate::store::remover::{FreeStats, Freer, Pace};
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = filled(dir.path(), 1_000);
+        s.append("t", &[msg(50_000, "new")]).unwrap();
+        s.sync().unwrap();
+        s.create_topic_settings_for_test("t", age(10_000));
+        let t = s
+            .retention_step("t", 55_000, 3_600_000, 201, None, 1000)
+            .unwrap()
+            .expect("removes");
+        let floor = t.floor;
+        let stats = std::sync::Arc::new(FreeStats::default());
+        let mut freer = Freer::new(
+            s.trash_dir(),
+            Pace {
+                rate: 1,
+                step: 1024,
+            },
+            stats.clone(),
+        );
+        let total: u64 = t
+            .removed
+            .iter()
+            .map(|d| std::fs::metadata(&d.path).unwrap().len())
+            .sum();
+        for d in &t.removed {
+            freer.take(&d.path).unwrap();
+            assert!(!d.path.exists(), "out of the topic's directory at once");
+        }
+        // One step: the first file is cut down by 1 KiB, then the broker dies.
+        freer.step();
+        assert_eq!(stats.steps.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let cut: Vec<u64> = std::fs::read_dir(s.trash_dir())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .collect();
+        assert_eq!(cut.len(), t.removed.len());
+        assert_eq!(
+            cut.iter().sum::<u64>(),
+            total - 1024,
+            "one cut down: {cut:?}"
+        );
+        drop(freer);
+        drop(s);
+        let s = Storage::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            std::fs::read_dir(s.trash_dir()).unwrap().count(),
+            0,
+            "the trash is emptied at open"
+        );
+        let st = s.topic_stats("t").unwrap();
+        assert_eq!((st.floor, st.last_seq), (floor, 201));
+        let r = s.read("t", 1, 5, usize::MAX).unwrap();
+        assert_eq!((r.floor, r.messages[0].seq), (floor, floor));
         assert_eq!(s.group("t", "g").unwrap().unwrap().acked_floor, 7);
     }
 

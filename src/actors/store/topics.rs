@@ -163,7 +163,13 @@ impl StoreActor {
             return;
         }
         let me = ctx.address().recipient::<FilesRemoved>();
-        match crate::store::remover::spawn(Box::new(move |r| me.do_send(FilesRemoved(r)))) {
+        let pace = crate::store::remover::Pace::rate(self.config.retention_remove_rate);
+        match crate::store::remover::spawn(
+            self.storage.trash_dir(),
+            pace,
+            self.free_stats.clone(),
+            Box::new(move |r| me.do_send(FilesRemoved(r))),
+        ) {
             Ok(tx) => {
                 self.remover_started = true;
                 lock(&self.ledger).retire = Some(Box::new(move |batch, synced| {
