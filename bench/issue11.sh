@@ -13,7 +13,9 @@
 #                    has no ids), new with a retention sweep every second ($RETENTION) and an
 #                    id on every message (--ids on, the SDK's default)
 #   W3 broadcast     new only: 1 group x 4 consumers in broadcast mode vs 4 groups x 1
-#                    consumer (the same 4N deliveries), alternated
+#                    consumer (the same 4N deliveries), alternated, $BCAST_PAIRS pairs a round
+#                    (both sides do the same work, so the per-pair ratio is this machine's
+#                    noise around 1: 0.76-1.12 in 12 pairs; its median needs more pairs)
 #   W4 + sweep       new only: --sweep-gib $SWEEP_GIB (a second topic filled before the run,
 #                    removed by a sweep $SWEEP_AFTER s into it)
 # and prints the per-round ratios and their medians (`sluice-bench ab`), judged against:
@@ -21,7 +23,7 @@
 # W4 p99 <= 2 ms in every round whose sweep overlapped the run.
 #
 # Env knobs:
-#   ROUNDS=3  BASE=0f49207  SWEEP_GIB=1  SWEEP_AFTER=3  W4_BOUND_US=2000
+#   ROUNDS=3  BASE=0f49207  SWEEP_GIB=1  SWEEP_AFTER=3  W4_BOUND_US=2000  BCAST_PAIRS=3
 #   RETENTION="--retention-interval 1s --retention-max-age 1h"   (new's broker config)
 #   EXTRA=""           extra flags for every run (e.g. "--n 20000" for a quick try)
 #   W4_EXTRA=""        extra flags for the W4 runs only, after EXTRA (e.g. "--n 20000")
@@ -35,6 +37,7 @@ ROUNDS=${ROUNDS:-3}
 SWEEP_GIB=${SWEEP_GIB:-1}
 SWEEP_AFTER=${SWEEP_AFTER:-3}
 W4_BOUND_US=${W4_BOUND_US:-2000}
+BCAST_PAIRS=${BCAST_PAIRS:-3}
 RETENTION=${RETENTION:-"--retention-interval 1s --retention-max-age 1h"}
 EXTRA=${EXTRA:-}
 W4_EXTRA=${W4_EXTRA:-}
@@ -86,7 +89,7 @@ CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
   echo "base: commit ${BASE_COMMIT:0:12} (git worktree, built apart) -> $OUT/sluice-base"
   echo "new: $NEW -> $OUT/sluice-new"
   echo "machine: $(nproc) cores ($CPU_MODEL), data dirs on $(df -T "${TMPDIR:-/tmp}" | awk 'NR==2{print $2}')"
-  echo "rounds: $ROUNDS; parts: $PARTS; new's broker: $RETENTION, --ids on; base: --ids off"
+  echo "rounds: $ROUNDS ($BCAST_PAIRS broadcast pairs each); parts: $PARTS; new's broker: $RETENTION, --ids on; base: --ids off"
   echo "sweep: $SWEEP_GIB GiB, cut $SWEEP_AFTER s into w4; extra: $EXTRA; w4 extra: $W4_EXTRA"
 } > "$OUT/meta.txt"
 log "results -> $RES"
@@ -127,14 +130,18 @@ for ((r = 1; r <= ROUNDS; r++)); do
   if [[ " $PARTS " == *" bcast "* ]]; then
     BCAST="--groups 1 --consumers 4 --mode broadcast"
     GROUPS4="--groups 4 --consumers 1"
-    # shellcheck disable=SC2086
-    if ((r % 2)); then
-      run_one bcast "$OUT/sluice-new" "$r" w3 --ids on $RETENTION $BCAST
-      run_one groups4 "$OUT/sluice-new" "$r" w3 --ids on $RETENTION $GROUPS4
-    else
-      run_one groups4 "$OUT/sluice-new" "$r" w3 --ids on $RETENTION $GROUPS4
-      run_one bcast "$OUT/sluice-new" "$r" w3 --ids on $RETENTION $BCAST
-    fi
+    # BCAST_PAIRS pairs per round (numbered apart), the order alternated pair by pair.
+    for ((k = 1; k <= BCAST_PAIRS; k++)); do
+      p=$(((r - 1) * BCAST_PAIRS + k))
+      # shellcheck disable=SC2086
+      if ((p % 2)); then
+        run_one bcast "$OUT/sluice-new" "$p" w3 --ids on $RETENTION $BCAST
+        run_one groups4 "$OUT/sluice-new" "$p" w3 --ids on $RETENTION $GROUPS4
+      else
+        run_one groups4 "$OUT/sluice-new" "$p" w3 --ids on $RETENTION $GROUPS4
+        run_one bcast "$OUT/sluice-new" "$p" w3 --ids on $RETENTION $BCAST
+      fi
+    done
   fi
   if [[ " $PARTS " == *" sweep "* ]]; then
     # shellcheck disable=SC2086
