@@ -23,7 +23,7 @@
 # W4 p99 <= 2 ms in every round whose sweep overlapped the run.
 #
 # Env knobs:
-#   ROUNDS=3  BASE=0f49207  SWEEP_GIB=1  SWEEP_AFTER=3  W4_BOUND_US=2000  BCAST_PAIRS=3
+#   ROUNDS=5  BASE=0f49207  SWEEP_GIB=1  SWEEP_AFTER=3  W4_BOUND_US=2000  BCAST_PAIRS=3
 #   RETENTION="--retention-interval 1s --retention-max-age 1h"   (new's broker config)
 #   EXTRA=""           extra flags for every run (e.g. "--n 20000" for a quick try)
 #   W4_EXTRA=""        extra flags for the W4 runs only, after EXTRA (e.g. "--n 20000")
@@ -33,7 +33,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BASE=${1:-${BASE:-0f49207}}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 SWEEP_GIB=${SWEEP_GIB:-1}
 SWEEP_AFTER=${SWEEP_AFTER:-3}
 W4_BOUND_US=${W4_BOUND_US:-2000}
