@@ -15,7 +15,7 @@ use crate::delivery::{GroupState, Joining};
 use crate::store::{GroupRecord, StoreError};
 use actix::prelude::*;
 use sluice_protocol::{
-    AckOutcome, AckReply, BrokerEvent, ErrorCode, GroupStats, NewMessage, WireError,
+    AckOutcome, AckReply, BrokerEvent, ErrorCode, GroupMode, GroupStats, NewMessage, WireError,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -800,11 +800,16 @@ impl OrchestratorActor {
         // An ack that says "acked" (now or already) waits for a durable cursor: the one it
         // changed, or, for a repeat, a commit after the one that settled it (it may still be
         // on its way to disk, and commits are durable in order).
+        // A broadcast member's ack that did not move the group's cursor stores nothing: only
+        // the group's cursor is durable (after a restart every member starts there, §6.8), so
+        // there is no commit to wait for (N members would otherwise commit N times what one
+        // group commits once).
+        let member_only = g.mode() == GroupMode::Broadcast && s.outcome == AckOutcome::Settled;
         let claims_acked = kind == Settle::Ack
             && matches!(s.outcome, AckOutcome::Settled | AckOutcome::AlreadyAcked);
         let record = match g.take_dirty_record() {
             Some(r) => Some(r),
-            None if claims_acked => Some(g.record()),
+            None if claims_acked && !member_only => Some(g.record()),
             None => None,
         };
         if !s.rejected.is_empty() {

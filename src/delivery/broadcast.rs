@@ -28,7 +28,9 @@
 //!   affected. [`Pending::member`] carries the member through the orchestrator.
 //! * **Acks** go to the member whose batch it is (batch ids are unique); an ack of a batch no
 //!   member holds is answered as in the other modes (already acked if the group settled the
-//!   seqs, else unknown batch).
+//!   seqs, else unknown batch). Only an ack that moves the group's cursor makes the
+//!   orchestrator commit (the members' own cursors are not stored), so N members commit about
+//!   as often as one group, not N times.
 
 use super::{
     Formed, GroupState, Joining, Limits, Pending, Settlement, READ_AHEAD, READ_AHEAD_BYTES,

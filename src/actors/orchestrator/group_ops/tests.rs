@@ -245,3 +245,79 @@ async fn a_floor_move_persists_tells_the_consumer_and_a_topic_removal_kicks_it()
     );
     assert!(orch.send(GetGroupStats).await.expect("mailbox").is_empty());
 }
+
+/// A broadcast member's ack that does not move the group's cursor commits nothing (only the
+/// group's cursor is durable); the ack that moves it commits the new cursor once, and is
+/// answered only after that commit.
+#[actix_rt::test]
+async fn a_broadcast_member_ack_commits_only_when_it_moves_the_groups_cursor() {
+    let commits = Arc::new(Mutex::new(Vec::new()));
+    let store = Store {
+        head: 3,
+        commits: commits.clone(),
+    }
+    .start();
+    let orch = OrchestratorActor::new(
+        0,
+        DeliveryConfig::default(),
+        StoreLinks::of(&store),
+        None,
+        Arc::new(AtomicU64::new(1)),
+    )
+    .start();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let conn = Conn(seen.clone()).start();
+    for c in [7, 8] {
+        let joined = orch
+            .send(JoinGroup {
+                consumer: ConsumerId { conn: c, stream: 1 },
+                topic: "t".into(),
+                group: "g".into(),
+                mode: GroupMode::Broadcast,
+                filters: BTreeMap::new(),
+                window: 1,
+                batch_size: 3,
+                credits: 10,
+                recipient: conn.clone().recipient(),
+                backoff_ms: None,
+                kick: conn.clone().recipient(),
+                notice: conn.clone().recipient(),
+            })
+            .await
+            .expect("mailbox");
+        assert!(joined.is_ok(), "{joined:?}");
+    }
+    // Each member gets 1..=3 in one batch.
+    until(|| seen.lock().is_ok_and(|s| s.batches.len() == 2)).await;
+    let batch_of = |c: u64| {
+        seen.lock()
+            .ok()
+            .and_then(|s| {
+                let b = s.batches.iter().find(|b| b.consumer.conn == c)?;
+                Some((b.batch_id, b.count))
+            })
+            .expect("a batch")
+    };
+    let (a, b) = (batch_of(7), batch_of(8));
+    assert_eq!((a.1, b.1), (3, 3));
+    let before = commits.lock().map(|c| c.len()).unwrap_or(0);
+    let ack = |conn: u64, batch_id: u64| AckBatch {
+        conn,
+        topic: "t".into(),
+        group: "g".into(),
+        batch_id,
+        seqs: None,
+    };
+    // The first member's ack: settled for it, the group's cursor stays (the other has not).
+    let r = orch.send(ack(7, a.0)).await.expect("mailbox").expect("ack");
+    assert_eq!((r.outcome, r.count), (AckOutcome::Settled, 3));
+    assert_eq!(commits.lock().map(|c| c.len()).unwrap_or(0), before);
+    // The second's moves the cursor to 3: one commit, made before the reply.
+    let r = orch.send(ack(8, b.0)).await.expect("mailbox").expect("ack");
+    assert_eq!((r.outcome, r.count), (AckOutcome::Settled, 3));
+    let floors: Vec<u64> = commits
+        .lock()
+        .map(|c| c[before..].iter().map(|r| r.acked_floor).collect())
+        .unwrap_or_default();
+    assert_eq!(floors, vec![3]);
+}
