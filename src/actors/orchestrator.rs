@@ -115,7 +115,7 @@ pub struct OrchestratorActor {
     /// handled meanwhile removes them here, and the join then does not add them.
     joining: HashSet<ConsumerId>,
     /// Redelivery timer of each batch in flight (batch ids are unique across groups).
-    timers: HashMap<u64, SpawnHandle>,
+    timers: crate::delivery::SeqMap<SpawnHandle>,
     batch_ids: Arc<AtomicU64>,
     counters: ActorCounters,
     /// Lifecycle events.
@@ -146,7 +146,7 @@ impl OrchestratorActor {
             topics: HashMap::new(),
             recipients: HashMap::new(),
             joining: HashSet::new(),
-            timers: HashMap::new(),
+            timers: Default::default(),
             batch_ids,
             counters: ActorCounters::default(),
             events: crate::events::EventBus::default(),

@@ -3,7 +3,7 @@
 //! orchestrator actor owns one per (topic, group) and only moves messages around it.
 
 use super::ranges::SeqRanges;
-use super::ConsumerId;
+use super::{ConsumerId, SeqMap, SeqSet};
 use crate::store::record::StoredMessage;
 use crate::store::GroupRecord;
 use broadcast::Broadcast;
@@ -204,10 +204,10 @@ pub struct GroupState {
     ready_bytes: usize,
     /// Messages to deliver again, by seq.
     retry: BTreeMap<u64, Pending>,
-    in_flight: HashMap<u64, InFlight>,
-    seq_batch: HashMap<u64, u64>,
+    in_flight: SeqMap<InFlight>,
+    seq_batch: SeqMap<u64>,
     /// On their way to the dead-letter topic.
-    dead_lettering: HashSet<u64>,
+    dead_lettering: SeqSet,
     consumers: Vec<ConsumerSlot>,
     rr: usize,
     redeliveries: u64,
@@ -241,9 +241,9 @@ impl GroupState {
             ready: VecDeque::new(),
             ready_bytes: 0,
             retry: BTreeMap::new(),
-            in_flight: HashMap::new(),
-            seq_batch: HashMap::new(),
-            dead_lettering: HashSet::new(),
+            in_flight: SeqMap::default(),
+            seq_batch: SeqMap::default(),
+            dead_lettering: SeqSet::default(),
             consumers: Vec::new(),
             rr: 0,
             redeliveries: 0,

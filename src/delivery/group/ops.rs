@@ -116,19 +116,19 @@ pub(super) struct GroupOps {
     /// Retries not due yet, by (due, seq).
     waiting: BTreeMap<(Instant, u64), Parked>,
     /// seq → due, of `waiting`.
-    waiting_due: HashMap<u64, Instant>,
+    waiting_due: SeqMap<Instant>,
     /// Retries due, to read back from the log (then they go to `retry`), by seq.
     due: BTreeMap<u64, Parked>,
     /// A read of due retries from this seq is under way, of this many messages at most.
     retry_read: Option<(u64, usize)>,
     /// Attempt counts from the record loaded, `(deliveries, failures)` by seq, until settled.
-    restored: HashMap<u64, (u32, u32)>,
+    restored: SeqMap<(u32, u32)>,
     /// Unsettled seqs that have failed since the group was loaded (their messages are in
     /// `retry`, waiting, in flight or on their way to the dead letters, never in `ready`):
     /// bounded by [`MAX_ATTEMPTS`]; a seq leaves it when it is settled. Seqs known only from
     /// the record loaded (`restored`) do not count: after a restart their messages are read
     /// back as fresh ones, and holding fresh messages back for them would hold them forever.
-    failed: HashSet<u64>,
+    failed: SeqSet,
     activity: HashMap<ConsumerId, Activity>,
     /// Last ack by any consumer.
     last_ack: Option<Instant>,
@@ -149,7 +149,7 @@ impl GroupOps {
     /// From a durable record's schedule and attempt counts. (Records of earlier versions may
     /// list up to 65,536: all are kept, until their messages settle.)
     pub(super) fn load(backoff: Vec<u64>, attempts: Vec<(u64, u32, u32)>) -> Self {
-        let restored: HashMap<u64, (u32, u32)> =
+        let restored: SeqMap<(u32, u32)> =
             attempts.into_iter().map(|(s, d, f)| (s, (d, f))).collect();
         GroupOps {
             backoff,
