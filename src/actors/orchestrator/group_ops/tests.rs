@@ -115,6 +115,34 @@ impl Handler<KickConsumer> for Conn {
     }
 }
 
+/// `consumer` joins group `g` of topic `t` (window 1, batches of 3, 10 credits), its batches,
+/// notices and kicks going to `conn`.
+async fn join(
+    orch: &Addr<OrchestratorActor>,
+    conn: &Addr<Conn>,
+    consumer: ConsumerId,
+    mode: GroupMode,
+) {
+    let joined = orch
+        .send(JoinGroup {
+            consumer,
+            topic: "t".into(),
+            group: "g".into(),
+            mode,
+            filters: BTreeMap::new(),
+            window: 1,
+            batch_size: 3,
+            credits: 10,
+            recipient: conn.clone().recipient(),
+            backoff_ms: None,
+            kick: conn.clone().recipient(),
+            notice: conn.clone().recipient(),
+        })
+        .await
+        .expect("mailbox");
+    assert!(joined.is_ok(), "{joined:?}");
+}
+
 async fn until(mut f: impl FnMut() -> bool) {
     for _ in 0..500 {
         if f() {
@@ -163,24 +191,7 @@ async fn a_floor_move_persists_tells_the_consumer_and_a_topic_removal_kicks_it()
     let seen = Arc::new(Mutex::new(Seen::default()));
     let conn = Conn(seen.clone()).start();
     let consumer = ConsumerId { conn: 7, stream: 1 };
-    let joined = orch
-        .send(JoinGroup {
-            consumer,
-            topic: "t".into(),
-            group: "g".into(),
-            mode: GroupMode::Shared,
-            filters: BTreeMap::new(),
-            window: 1,
-            batch_size: 3,
-            credits: 10,
-            recipient: conn.clone().recipient(),
-            backoff_ms: None,
-            kick: conn.clone().recipient(),
-            notice: conn.clone().recipient(),
-        })
-        .await
-        .expect("mailbox");
-    assert!(joined.is_ok(), "{joined:?}");
+    join(&orch, &conn, consumer, GroupMode::Shared).await;
     assert_eq!(
         next_event(&mut rx, event_kind::GROUP_CREATED)
             .await
@@ -268,24 +279,8 @@ async fn a_broadcast_member_ack_commits_only_when_it_moves_the_groups_cursor() {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let conn = Conn(seen.clone()).start();
     for c in [7, 8] {
-        let joined = orch
-            .send(JoinGroup {
-                consumer: ConsumerId { conn: c, stream: 1 },
-                topic: "t".into(),
-                group: "g".into(),
-                mode: GroupMode::Broadcast,
-                filters: BTreeMap::new(),
-                window: 1,
-                batch_size: 3,
-                credits: 10,
-                recipient: conn.clone().recipient(),
-                backoff_ms: None,
-                kick: conn.clone().recipient(),
-                notice: conn.clone().recipient(),
-            })
-            .await
-            .expect("mailbox");
-        assert!(joined.is_ok(), "{joined:?}");
+        let consumer = ConsumerId { conn: c, stream: 1 };
+        join(&orch, &conn, consumer, GroupMode::Broadcast).await;
     }
     // Each member gets 1..=3 in one batch.
     until(|| seen.lock().is_ok_and(|s| s.batches.len() == 2)).await;
